@@ -1,0 +1,541 @@
+"""Declarative gating templates (YAML), validated on load.
+
+See ``gating/README.md`` for the file format. A :class:`Template` is plain data:
+a topologically ordered list of :class:`Population`, each with one gate whose
+dimensions name markers (not channels).
+"""
+
+from __future__ import annotations
+
+import difflib
+import graphlib
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+from .transforms import DEFAULT_FLUORESCENCE, TransformError, normalize_spec
+
+__all__ = [
+    "TemplateError",
+    "Dim",
+    "ThresholdRef",
+    "RectGate",
+    "PolygonGate",
+    "EllipseGate",
+    "BooleanGate",
+    "Population",
+    "Template",
+    "load_template",
+    "parse_template",
+    "THRESHOLD_METHODS",
+]
+
+ROOT = "root"
+THRESHOLD_METHODS = {"valley", "tail", "quantile", "gmm"}
+_QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "neg": ("pos", False),
+               "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
+               "lo": ("hi", False), "dim": ("hi", False)}
+
+
+class TemplateError(ValueError):
+    """A template is malformed; the message names the file, the population and the fix."""
+
+
+@dataclass(frozen=True)
+class ThresholdRef:
+    """A cut point defined in the template's ``thresholds`` section (``marker.cut``)."""
+
+    marker: str
+    cut: str  # "pos" or "hi"
+
+    def __str__(self) -> str:
+        return f"{self.marker}.{self.cut}"
+
+
+Bound = Union[float, ThresholdRef, None]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One gating dimension.
+
+    Attributes
+    ----------
+    marker
+        Marker or channel name (resolved per file by :meth:`FCSData.find_channel`);
+        for a ratio dimension, the ratio's name.
+    transform
+        Normalised transform spec (see :mod:`immuneprofile.transforms`), ``None`` = linear raw scale.
+    compensated
+        Use compensated values (default) or the uncompensated ones.
+    ratio
+        ``(numerator, denominator, A, B, C)`` for a Gating-ML ratio dimension
+        ``A * (x - B) / (y - C)``; ``None`` otherwise.
+    """
+
+    marker: str
+    transform: Mapping[str, Any] | None = None
+    compensated: bool = True
+    ratio: tuple[str, str, float, float, float] | None = None
+
+    def __hash__(self) -> int:  # transform dicts are not hashable
+        return hash((self.marker, tuple(sorted((self.transform or {}).items())), self.compensated, self.ratio))
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return (self.ratio[0], self.ratio[1]) if self.ratio else (self.marker,)
+
+
+@dataclass(frozen=True)
+class RectGate:
+    """Hyper-rectangle: per dimension ``lo <= v < hi`` (``None`` = unbounded).
+
+    ``kind`` records how the template wrote it (range, rectangle, threshold, quadrant).
+    For quadrants ``quadrant`` is ``(group name, {population: (x sign, y sign)})``.
+    """
+
+    dims: tuple[Dim, ...]
+    bounds: tuple[tuple[Bound, Bound], ...]
+    complement: bool = False
+    kind: str = "rectangle"
+    quadrant: tuple[str, tuple[tuple[str, str], ...]] | None = None
+
+
+@dataclass(frozen=True)
+class PolygonGate:
+    """Polygon in two dimensions; winding-number membership (odd = inside), edges inclusive."""
+
+    dims: tuple[Dim, Dim]
+    vertices: tuple[tuple[float, float], ...]
+    complement: bool = False
+
+
+@dataclass(frozen=True)
+class EllipseGate:
+    """Ellipse/ellipsoid: ``(v - c)^T Σ^-1 (v - c) <= distance_square``."""
+
+    dims: tuple[Dim, ...]
+    center: tuple[float, ...]
+    covariance: tuple[tuple[float, ...], ...]
+    distance_square: float
+
+
+@dataclass(frozen=True)
+class BooleanGate:
+    """``and``/``or``/``not`` of other populations; refs are ``(name, complement)``."""
+
+    op: str
+    refs: tuple[tuple[str, bool], ...]
+
+
+Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate]
+
+
+@dataclass(frozen=True)
+class Population:
+    """A named population: its parent (``None`` = all events) and its gate."""
+
+    name: str
+    parent: str | None
+    gate: Gate
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        return getattr(self.gate, "dims", ())
+
+
+@dataclass
+class Template:
+    """A validated gating template.
+
+    Attributes
+    ----------
+    name, description, path
+        Identification.
+    populations
+        Topologically ordered: every parent (and boolean operand) precedes its users.
+    thresholds
+        ``{marker: {"pos"|"hi": number or rule dict}}``.
+    transforms
+        The template's ``transforms`` section as written (for export).
+    """
+
+    name: str
+    populations: list[Population]
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transforms: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: str = "<template>"
+
+    def __post_init__(self) -> None:
+        self._by_name = {p.name: p for p in self.populations}
+
+    def __getitem__(self, name: str) -> Population:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.populations]
+
+    def children(self, name: str | None) -> list[Population]:
+        return [p for p in self.populations if p.parent == name]
+
+    def path_of(self, name: str) -> tuple[str, ...]:
+        """Ancestors of ``name`` from the root, excluding ``name`` itself."""
+        out: list[str] = []
+        p = self._by_name[name].parent
+        while p is not None:
+            out.append(p)
+            p = self._by_name[p].parent
+        return tuple(reversed(out))
+
+    @property
+    def markers(self) -> list[str]:
+        """Every marker/channel the template gates on, in first-use order."""
+        seen: dict[str, None] = {}
+        for p in self.populations:
+            for d in p.dims:
+                for c in d.channels:
+                    seen.setdefault(c, None)
+        return list(seen)
+
+    def with_thresholds(self, values: Mapping[tuple[str, str], float]) -> "Template":
+        """Copy with the given ``(marker, cut)`` thresholds fixed to numbers."""
+        th = {m: dict(c) for m, c in self.thresholds.items()}
+        for (m, c), v in values.items():
+            th.setdefault(m, {})[c] = float(v)
+        return replace(self, thresholds=th)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _err(src: str, pop: str | None, problem: str, fix: str) -> TemplateError:
+    where = f"population {pop!r}: " if pop else ""
+    return TemplateError(f"{src}: {where}{problem}. Fix: {fix}")
+
+
+def _is_scatter(marker: str) -> bool:
+    m = marker.strip().upper()
+    return m.startswith("FSC") or m.startswith("SSC") or m in ("TIME",)
+
+
+class _Parser:
+    def __init__(self, doc: Mapping[str, Any], src: str):
+        self.doc = doc
+        self.src = src
+        tr = doc.get("transforms") or {}
+        if not isinstance(tr, Mapping):
+            raise _err(src, None, "'transforms' must be a mapping", "see gating/README.md")
+        try:
+            self.default = normalize_spec(tr.get("default", DEFAULT_FLUORESCENCE))
+            self.scatter = normalize_spec(tr.get("scatter", None))
+            self.per_marker = {str(k): normalize_spec(v) for k, v in (tr.get("channels") or {}).items()}
+        except TransformError as exc:
+            raise _err(src, None, f"bad transform: {exc}", "see the Transforms section of gating/README.md")
+        self.transforms = dict(tr)
+        self.thresholds = self._parse_thresholds(doc.get("thresholds") or {})
+
+    # -- pieces
+    def _parse_thresholds(self, th: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(th, Mapping):
+            raise _err(self.src, None, "'thresholds' must map markers to {pos: ..., hi: ...}",
+                       "write e.g. `CD3: {pos: 0.4}`")
+        out: dict[str, dict[str, Any]] = {}
+        for marker, cuts in th.items():
+            if isinstance(cuts, (int, float)):
+                cuts = {"pos": cuts}
+            if not isinstance(cuts, Mapping):
+                raise _err(self.src, None, f"threshold for {marker!r} must be a mapping, got {cuts!r}",
+                           f"write `{marker}: {{pos: 0.5}}`")
+            out[str(marker)] = {}
+            for cut, value in cuts.items():
+                if cut not in ("pos", "hi"):
+                    raise _err(self.src, None, f"threshold {marker}.{cut} is not a known cut",
+                               "use `pos` (for +/-) or `hi` (for hi/lo/++)")
+                out[str(marker)][cut] = self._parse_threshold_value(f"{marker}.{cut}", value)
+        return out
+
+    def _parse_threshold_value(self, label: str, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, Mapping):
+            method = value.get("method")
+            if method not in THRESHOLD_METHODS:
+                raise _err(self.src, None, f"threshold {label}: unknown method {method!r}",
+                           f"use one of {sorted(THRESHOLD_METHODS)}")
+            rule = dict(value)
+            if rule.get("scope", "sample") not in ("sample", "batch"):
+                raise _err(self.src, None, f"threshold {label}: scope must be 'sample' or 'batch'",
+                           "write `scope: sample` or `scope: batch`")
+            return rule
+        raise _err(self.src, None, f"threshold {label} must be a number or a rule, got {value!r}",
+                   "write a number in transformed units or {method: valley|tail|quantile|gmm}")
+
+    def dim(self, marker: Any, pop: str) -> Dim:
+        if not isinstance(marker, str) or not marker.strip():
+            raise _err(self.src, pop, f"marker must be a non-empty string, got {marker!r}",
+                       "name the marker (e.g. CD4) or the scatter channel (e.g. FSC-A)")
+        marker = marker.strip()
+        if marker in self.per_marker:
+            spec = self.per_marker[marker]
+        elif _is_scatter(marker):
+            spec = self.scatter
+        else:
+            spec = self.default
+        return Dim(marker=marker, transform=spec)
+
+    def number(self, v: Any, pop: str, what: str, allow_ref: bool = False) -> Bound:
+        if v is None:
+            return None
+        if allow_ref and isinstance(v, str) and "." in v:
+            m, _, c = v.rpartition(".")
+            if c not in ("pos", "hi"):
+                raise _err(self.src, pop, f"{what} {v!r} refers to an unknown cut {c!r}",
+                           "refer to a threshold as MARKER.pos or MARKER.hi")
+            self.require_threshold(m, c, pop)
+            return ThresholdRef(m, c)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise _err(self.src, pop, f"{what} must be a number, got {v!r}",
+                       "write a number in transformed units" + (" or MARKER.pos" if allow_ref else ""))
+        if math.isnan(f):
+            raise _err(self.src, pop, f"{what} is NaN", "write a finite number")
+        return f
+
+    def require_threshold(self, marker: str, cut: str, pop: str) -> None:
+        cuts = self.thresholds.get(marker)
+        if cuts is None:
+            close = difflib.get_close_matches(marker, list(self.thresholds), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _err(self.src, pop, f"marker {marker!r} has no entry in `thresholds`{hint}",
+                       f"add `{marker}: {{{cut}: <value>}}` under thresholds")
+        if cut not in cuts and not (cut == "hi" and "pos" in cuts):
+            raise _err(self.src, pop, f"threshold {marker}.{cut} is not defined",
+                       f"add `{cut}: <value>` to thresholds.{marker}")
+
+    def cut_ref(self, marker: str, cut: str) -> ThresholdRef:
+        cuts = self.thresholds[marker]
+        return ThresholdRef(marker, cut if cut in cuts else "pos")
+
+    # -- gates
+    def gate(self, pop: str, g: Any) -> list[Population] | Gate:
+        if not isinstance(g, Mapping) or "type" not in g:
+            raise _err(self.src, pop, "gate must be a mapping with a 'type'",
+                       "write e.g. `gate: {type: range, marker: CD3, min: 0.4}`")
+        kind = str(g["type"]).lower()
+        comp = bool(g.get("complement", False))
+        if kind == "range":
+            d = self.dim(g.get("marker"), pop)
+            lo = self.number(g.get("min"), pop, "min", True)
+            hi = self.number(g.get("max"), pop, "max", True)
+            if lo is None and hi is None:
+                raise _err(self.src, pop, "range gate has neither min nor max", "give min, max or both")
+            self._check_order(pop, lo, hi, d.marker)
+            return RectGate((d,), ((lo, hi),), comp, "range")
+        if kind == "rectangle":
+            dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
+            b = []
+            for axis, d in (("x", dx), ("y", dy)):
+                lo = self.number(g.get(f"{axis}min"), pop, f"{axis}min", True)
+                hi = self.number(g.get(f"{axis}max"), pop, f"{axis}max", True)
+                self._check_order(pop, lo, hi, d.marker)
+                b.append((lo, hi))
+            return RectGate((dx, dy), tuple(b), comp, "rectangle")
+        if kind == "threshold":
+            markers = g.get("markers")
+            if not isinstance(markers, Mapping) or not markers:
+                raise _err(self.src, pop, "threshold gate needs `markers: {MARKER: +|-|hi|lo}`",
+                           "write e.g. `markers: {CD4: '+', CD8: '-'}`")
+            dims, bounds = [], []
+            for m, q in markers.items():
+                q = str(q).strip().lower() if q is not None else ""
+                if q not in _QUALIFIERS:
+                    raise _err(self.src, pop, f"marker {m!r} has qualifier {q!r}",
+                               "use one of '+', '-', 'hi', 'lo', '++'")
+                cut, positive = _QUALIFIERS[q]
+                self.require_threshold(str(m), cut, pop)
+                ref = self.cut_ref(str(m), cut)
+                dims.append(self.dim(str(m), pop))
+                bounds.append((ref, None) if positive else (None, ref))
+            return RectGate(tuple(dims), tuple(bounds), comp, "threshold")
+        if kind == "polygon":
+            dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
+            verts = g.get("vertices")
+            try:
+                arr = np.asarray(verts, dtype=float)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 3:
+                raise _err(self.src, pop, f"polygon vertices must be a list of at least 3 [x, y] pairs, got {verts!r}",
+                           "write `vertices: [[x1, y1], [x2, y2], [x3, y3], ...]` with numbers")
+            if not np.isfinite(arr).all():
+                raise _err(self.src, pop, "polygon vertices contain non-finite numbers", "use finite numbers")
+            return PolygonGate((dx, dy), tuple(map(tuple, arr.tolist())), comp)
+        if kind == "ellipse":
+            dims = tuple(self.dim(m, pop) for m in (g.get("dims") or [g.get("x"), g.get("y")]))
+            try:
+                c = np.asarray(g.get("center"), dtype=float)
+                cov = np.asarray(g.get("covariance"), dtype=float)
+                d2 = float(g.get("distance_square", 1.0))
+            except (TypeError, ValueError):
+                c = cov = None
+            n = len(dims)
+            if c is None or c.shape != (n,) or cov.shape != (n, n):
+                raise _err(self.src, pop, f"ellipse needs center ({n} numbers) and a {n}x{n} covariance",
+                           "write `center: [cx, cy]`, `covariance: [[a, b], [b, c]]`, `distance_square: 1`")
+            if np.linalg.matrix_rank(cov) < n or d2 <= 0:
+                raise _err(self.src, pop, "ellipse covariance is singular or distance_square <= 0",
+                           "use a positive-definite covariance and a positive distance_square")
+            return EllipseGate(dims, tuple(c.tolist()), tuple(map(tuple, cov.tolist())), d2)
+        if kind == "boolean":
+            op = str(g.get("op", "")).lower()
+            of = g.get("of")
+            if op not in ("and", "or", "not"):
+                raise _err(self.src, pop, f"boolean op {op!r}", "use op: and | or | not")
+            if not isinstance(of, Sequence) or isinstance(of, str) or not of:
+                raise _err(self.src, pop, "boolean gate needs `of: [population, ...]`", "list the populations to combine")
+            if op == "not" and len(of) != 1:
+                raise _err(self.src, pop, "'not' takes exactly one population", "write `op: not, of: [NAME]`")
+            refs = tuple((str(r)[1:], True) if str(r).startswith("!") else (str(r), False) for r in of)
+            return BooleanGate(op, refs)
+        if kind == "quadrant":
+            return self.quadrant(pop, g)
+        raise _err(self.src, pop, f"unknown gate type {kind!r}",
+                   "use range, rectangle, polygon, ellipse, quadrant, threshold or boolean")
+
+    def quadrant(self, group: str, g: Mapping[str, Any]) -> list[Population]:
+        dx, dy = self.dim(g.get("x"), group), self.dim(g.get("y"), group)
+        xc = self.number(g.get("x_cut"), group, "x_cut", True)
+        yc = self.number(g.get("y_cut"), group, "y_cut", True)
+        if xc is None or yc is None:
+            raise _err(self.src, group, "quadrant needs x_cut and y_cut", "give both cuts (numbers or MARKER.pos)")
+        names = g.get("names")
+        keys = ("++", "+-", "-+", "--")
+        if not isinstance(names, Mapping) or set(map(str, names)) != set(keys):
+            raise _err(self.src, group, f"quadrant names must map exactly {list(keys)} to population names, got {names!r}",
+                       "write `names: {'++': A, '+-': B, '-+': C, '--': D}` (first sign: x)")
+        signs = tuple((str(names[k]), k) for k in keys)
+        out = []
+        for pname, k in signs:
+            bx = (xc, None) if k[0] == "+" else (None, xc)
+            by = (yc, None) if k[1] == "+" else (None, yc)
+            out.append(Population(pname, None, RectGate((dx, dy), (bx, by), False, "quadrant", (group, signs))))
+        return out
+
+    def _check_order(self, pop: str, lo: Bound, hi: Bound, marker: str) -> None:
+        if isinstance(lo, float) and isinstance(hi, float) and lo >= hi:
+            raise _err(self.src, pop, f"{marker}: min {lo} is not below max {hi}", "swap or correct the bounds")
+
+    # -- tree
+    def populations(self) -> list[Population]:
+        items = self.doc.get("populations")
+        if not isinstance(items, Sequence) or isinstance(items, str) or not items:
+            raise _err(self.src, None, "no `populations` list", "add `populations:` with at least one entry")
+        pops: list[Population] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping) or "name" not in item:
+                raise _err(self.src, None, f"entry #{i + 1} of populations has no name",
+                           "give every population `name:`, `parent:` and `gate:`")
+            name = str(item["name"]).strip()
+            parent = item.get("parent", ROOT)
+            parent = None if parent in (None, ROOT, "") else str(parent).strip()
+            unknown = set(item) - {"name", "parent", "gate", "description"}
+            if unknown:
+                raise _err(self.src, name, f"unknown key(s) {sorted(unknown)}", "use name, parent, gate, description")
+            g = self.gate(name, item.get("gate"))
+            new = g if isinstance(g, list) else [Population(name, parent, g)]
+            for p in new:
+                if isinstance(g, list):
+                    p = replace(p, parent=parent)
+                if p.name in seen or p.name == ROOT:
+                    raise _err(self.src, p.name, "duplicate population name" if p.name != ROOT else "'root' is reserved",
+                               "give every population (and quadrant) a unique name")
+                seen[p.name] = i
+                pops.append(p)
+        names = [p.name for p in pops]
+        for p in pops:
+            deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
+            for d in deps:
+                if d not in seen:
+                    close = difflib.get_close_matches(d, names, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    what = "parent" if d == p.parent else "boolean operand"
+                    raise _err(self.src, p.name, f"unknown {what} {d!r}{hint}",
+                               f"define {d!r} as a population or correct the name")
+        order = {p.name: i for i, p in enumerate(pops)}
+        ts = graphlib.TopologicalSorter()
+        for p in pops:
+            deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
+            ts.add(p.name, *deps)
+        try:
+            topo = list(ts.static_order())
+        except graphlib.CycleError as exc:
+            cycle = exc.args[1]
+            raise _err(self.src, cycle[0], f"cycle in the gate tree: {' -> '.join(cycle)}",
+                       "a population cannot be its own ancestor; change one parent")
+        # stable: keep file order where possible
+        rank = {n: i for i, n in enumerate(topo)}
+        done: list[Population] = []
+        placed: set[str] = set()
+        remaining = sorted(pops, key=lambda p: order[p.name])
+        while remaining:
+            for p in remaining:
+                deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
+                if all(d in placed for d in deps):
+                    done.append(p)
+                    placed.add(p.name)
+                    remaining.remove(p)
+                    break
+            else:  # pragma: no cover - guarded by the cycle check above
+                remaining.sort(key=lambda p: rank[p.name])
+                done.extend(remaining)
+                break
+        return done
+
+
+def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Template:
+    """Validate a template given as a mapping (parsed YAML) and build a :class:`Template`."""
+    if not isinstance(doc, Mapping):
+        raise TemplateError(f"{source}: a template must be a mapping with `populations`, got {type(doc).__name__}")
+    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "populations"}
+    if unknown:
+        raise _err(source, None, f"unknown top-level key(s) {sorted(unknown)}",
+                   "use name, description, transforms, thresholds, populations")
+    p = _Parser(doc, source)
+    pops = p.populations()
+    name = str(doc.get("name") or Path(source).stem)
+    return Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
+                    description=str(doc.get("description", "")), path=source)
+
+
+def load_template(path: str | os.PathLike) -> Template:
+    """Load and validate a YAML gating template.
+
+    Raises
+    ------
+    TemplateError
+        For unreadable YAML, unknown parents or operands, cycles, duplicate names,
+        malformed gates or undefined thresholds; the message names the file, the
+        population and the fix.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise TemplateError(f"{path}: template file not found") from None
+    except yaml.YAMLError as exc:
+        raise TemplateError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_template(doc, path)

@@ -1,0 +1,123 @@
+"""Data-driven thresholds for "+"/"-"/"hi"/"lo" populations.
+
+Each rule is fitted on the transformed values of one population (per sample, or
+pooled over a batch) and returns the cut point it chose, so the choice can be
+audited; a rule that cannot find what it looks for falls back, with a warning,
+to the number the template gives as ``fallback``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
+
+_MAX_FIT_EVENTS = 20_000
+_GRID = 512
+
+
+class ThresholdWarning(UserWarning):
+    """A data-driven threshold fell back to its template value."""
+
+
+class ThresholdError(ValueError):
+    """A data-driven threshold could not be fitted and has no fallback."""
+
+
+def _subsample(values: np.ndarray, seed: int = 0) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size > _MAX_FIT_EVENTS:
+        v = np.random.default_rng(seed).choice(v, _MAX_FIT_EVENTS, replace=False)
+    return v
+
+
+def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.stats import gaussian_kde
+
+    lo, hi = np.quantile(v, [0.001, 0.999])
+    pad = 0.05 * (hi - lo if hi > lo else 1.0)
+    grid = np.linspace(lo - pad, hi + pad, _GRID)
+    return grid, gaussian_kde(v, bw_method=bw)(grid)
+
+
+def density_peaks(values: np.ndarray, *, min_height: float = 0.05, bw: Any = None):
+    """Grid, density and indices of local maxima at least ``min_height`` x the highest."""
+    v = _subsample(values)
+    grid, dens = _kde(v, bw)
+    interior = (dens[1:-1] > dens[:-2]) & (dens[1:-1] >= dens[2:])
+    peaks = np.flatnonzero(interior) + 1
+    peaks = peaks[dens[peaks] >= min_height * dens.max()]
+    return grid, dens, peaks
+
+
+def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "threshold") -> tuple[float, bool, str]:
+    """Fit one data-driven threshold.
+
+    Parameters
+    ----------
+    values
+        Transformed intensities of the population the threshold is fitted on.
+    rule
+        ``{method: valley|tail|quantile|gmm, ...}``; options: ``fraction`` (tail, default 0.05),
+        ``q`` (quantile, default 0.95), ``min_height`` (valley/gmm peak detection, default 0.05),
+        ``bw`` (KDE bandwidth), ``fallback`` (number used, with a :class:`ThresholdWarning`,
+        when the rule finds no answer).
+    label
+        Names the sample and threshold in warnings and errors.
+
+    Returns
+    -------
+    value, fell_back, note
+    """
+    method = rule["method"]
+    v = _subsample(values)
+    note = ""
+    value: float | None = None
+    if v.size < 20:
+        note = f"only {v.size} events to fit on"
+    elif method == "quantile":
+        value = float(np.quantile(v, float(rule.get("q", 0.95))))
+    elif method == "tail":
+        grid, dens = _kde(v, rule.get("bw"))
+        top = int(np.argmax(dens))
+        frac = float(rule.get("fraction", 0.05))
+        below = np.flatnonzero(dens[top:] < frac * dens[top])
+        if below.size:
+            value = float(grid[top + below[0]])
+        else:
+            note = f"density never falls to {frac} of its peak"
+    elif method in ("valley", "gmm"):
+        grid, dens, peaks = density_peaks(v, min_height=float(rule.get("min_height", 0.05)), bw=rule.get("bw"))
+        if peaks.size < 2:
+            note = "no second peak in the density"
+        else:
+            two = np.sort(peaks[np.argsort(dens[peaks])[-2:]])
+            if method == "valley":
+                seg = slice(two[0], two[1] + 1)
+                value = float(grid[seg][np.argmin(dens[seg])])
+            else:
+                from sklearn.mixture import GaussianMixture
+
+                gm = GaussianMixture(2, random_state=0, means_init=grid[two].reshape(-1, 1)).fit(v.reshape(-1, 1))
+                lo_c, hi_c = np.argsort(gm.means_.ravel())
+                xs = np.linspace(gm.means_.ravel()[lo_c], gm.means_.ravel()[hi_c], 2001)
+                post = gm.predict_proba(xs.reshape(-1, 1))
+                switch = np.flatnonzero(post[:, hi_c] >= post[:, lo_c])
+                if switch.size:
+                    value = float(xs[switch[0]])
+                else:
+                    note = "mixture components do not separate"
+    else:
+        raise ThresholdError(f"{label}: unknown method {method!r}")
+    if value is not None and np.isfinite(value):
+        return value, False, note
+    if "fallback" not in rule:
+        raise ThresholdError(f"{label}: {method} threshold failed ({note}) and the template gives no `fallback`; "
+                             f"add `fallback: <value>` to the rule")
+    fb = float(rule["fallback"])
+    warnings.warn(f"{label}: {method} threshold failed ({note}); using fallback {fb}", ThresholdWarning, stacklevel=2)
+    return fb, True, note
