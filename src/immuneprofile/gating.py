@@ -451,3 +451,102 @@ def gate_sample(
         thresholds=list(eng.fits.values()),
         data=data,
     )
+
+
+@dataclass
+class Batch:
+    """Results of gating many files with one template.
+
+    Attributes
+    ----------
+    results
+        One :class:`GatingResult` per file that gated (with event data when gated in-process).
+    table
+        The population table of all those samples (:func:`immuneprofile.population_table`).
+    thresholds
+        Every threshold used, per sample (:func:`immuneprofile.thresholds_table`).
+    errors
+        ``{path: message}`` for every file that could not be read or gated.
+    """
+
+    results: list[GatingResult]
+    table: Any
+    thresholds: Any
+    errors: dict[str, str]
+
+
+def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool):
+    from .io import FCSError, load_fcs
+    from .stats import population_table, thresholds_table
+    from .thresholds import ThresholdError
+
+    try:
+        res = gate_sample(load_fcs(path, compensation), template)
+    except (FCSError, MarkerError, GatingError, ThresholdError) as exc:
+        return path, None, None, None, str(exc)
+    except Exception as exc:  # a file must never take the batch down
+        return path, None, None, None, f"{path}: {type(exc).__name__}: {exc}"
+    table = population_table([res])
+    th = thresholds_table([res])
+    if not keep_data:
+        res.data = None
+    return path, res, table, th, None
+
+
+def gate_files(
+    paths: Iterable[str],
+    template: Template,
+    *,
+    compensation: Any = "auto",
+    jobs: int = 1,
+    progress: Any = None,
+) -> Batch:
+    """Gate a batch of FCS files with one template; bad files are reported, not fatal.
+
+    Parameters
+    ----------
+    paths
+        FCS files.
+    template
+        The gating template.
+    compensation
+        As for :func:`immuneprofile.load_fcs` (``"auto"``: each file's own spillover).
+    jobs
+        Worker processes (``1``: in-process, results keep their event data for
+        AnnData export; ``0`` or negative: all cores).
+    progress
+        Optional callable ``progress(path, error_or_None)`` called after each file.
+
+    Returns
+    -------
+    Batch
+    """
+    import os
+
+    import pandas as pd
+
+    paths = [os.fspath(p) for p in paths]
+    if jobs <= 0:
+        jobs = os.cpu_count() or 1
+    outs = []
+    if jobs == 1 or len(paths) <= 1:
+        for p in paths:
+            out = _gate_path(p, template, compensation, True)
+            outs.append(out)
+            if progress:
+                progress(p, out[4])
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
+            futs = [pool.submit(_gate_path, p, template, compensation, False) for p in paths]
+            for fut in futs:
+                out = fut.result()
+                outs.append(out)
+                if progress:
+                    progress(out[0], out[4])
+    ok = [o for o in outs if o[4] is None]
+    table = pd.concat([o[2] for o in ok], ignore_index=True) if ok else pd.DataFrame()
+    th = pd.concat([o[3] for o in ok], ignore_index=True) if ok else pd.DataFrame()
+    return Batch(results=[o[1] for o in ok], table=table, thresholds=th,
+                 errors={o[0]: o[4] for o in outs if o[4] is not None})

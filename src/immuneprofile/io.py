@@ -154,9 +154,11 @@ class FCSData:
         hits = [i for i, m in enumerate(full) if m and m == norm]
         if len(hits) == 1:
             return hits[0]
-        first = [normalize_marker(_SPLIT.split(m.strip())[0]) if m.strip() else "" for m in self.markers]
-        if not hits:
-            hits = [i for i, m in enumerate(first) if m and m == norm]
+        words = [[normalize_marker(w) for w in _SPLIT.split(m.strip())] if m.strip() else [] for m in self.markers]
+        first = [w[0] if w else "" for w in words]
+        if not hits:  # the name's words start the label: "CD4" ~ "CD4 BV605", "CD8 B" ~ "CD8 B PE"
+            nw = [normalize_marker(w) for w in _SPLIT.split(name.strip())]
+            hits = [i for i, w in enumerate(words) if len(w) >= len(nw) and w[:len(nw)] == nw]
         if not hits:
             group = _alias_group(norm)
             hits = [i for i in range(len(self.channels))

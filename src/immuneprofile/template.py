@@ -206,6 +206,11 @@ class Template:
                     seen.setdefault(c, None)
         return list(seen)
 
+    def transform_for(self, marker: str, scatter: bool | None = None) -> dict[str, Any] | None:
+        """The transform spec this template applies to ``marker`` (``scatter`` overrides name-based detection)."""
+        p = _Parser({"transforms": self.transforms}, self.path)
+        return p.spec_for(marker, scatter)
+
     def with_thresholds(self, values: Mapping[tuple[str, str], float]) -> "Template":
         """Copy with the given ``(marker, cut)`` thresholds fixed to numbers."""
         th = {m: dict(c) for m, c in self.thresholds.items()}
@@ -280,17 +285,48 @@ class _Parser:
                    "write a number in transformed units or {method: valley|tail|quantile|gmm}")
 
     def dim(self, marker: Any, pop: str) -> Dim:
+        if isinstance(marker, Mapping):
+            return self._dim_mapping(marker, pop)
         if not isinstance(marker, str) or not marker.strip():
             raise _err(self.src, pop, f"marker must be a non-empty string, got {marker!r}",
                        "name the marker (e.g. CD4) or the scatter channel (e.g. FSC-A)")
         marker = marker.strip()
-        if marker in self.per_marker:
-            spec = self.per_marker[marker]
-        elif _is_scatter(marker):
-            spec = self.scatter
+        return Dim(marker=marker, transform=self.spec_for(marker))
+
+    def _dim_mapping(self, m: Mapping[str, Any], pop: str) -> Dim:
+        """``{marker: X, transform: ..., compensated: false}`` or ``{ratio: [X, Y], A:, B:, C:, name:}``."""
+        unknown = set(m) - {"marker", "transform", "compensated", "ratio", "A", "B", "C", "name"}
+        if unknown:
+            raise _err(self.src, pop, f"dimension has unknown key(s) {sorted(unknown)}",
+                       "use marker, transform, compensated (or ratio, A, B, C, name)")
+        ratio = None
+        if "ratio" in m:
+            r = m["ratio"]
+            if not isinstance(r, Sequence) or isinstance(r, str) or len(r) != 2:
+                raise _err(self.src, pop, f"ratio must be [numerator, denominator], got {r!r}",
+                           "write `ratio: [FL2-H, FL3-H]`")
+            try:
+                ratio = (str(r[0]), str(r[1]), float(m.get("A", 1)), float(m.get("B", 0)), float(m.get("C", 0)))
+            except (TypeError, ValueError):
+                raise _err(self.src, pop, "ratio parameters A, B, C must be numbers", "write numbers")
+            marker = str(m.get("name") or f"{r[0]}/{r[1]}")
         else:
-            spec = self.default
-        return Dim(marker=marker, transform=spec)
+            marker = m.get("marker")
+            if not isinstance(marker, str) or not marker.strip():
+                raise _err(self.src, pop, f"dimension needs a marker, got {m!r}", "write `marker: CD4`")
+            marker = marker.strip()
+        try:
+            spec = normalize_spec(m["transform"]) if "transform" in m else (None if ratio else self.spec_for(marker))
+        except TransformError as exc:
+            raise _err(self.src, pop, f"bad transform: {exc}", "see the Transforms section of gating/README.md")
+        return Dim(marker=marker, transform=spec, compensated=bool(m.get("compensated", True)), ratio=ratio)
+
+    def spec_for(self, marker: str, scatter: bool | None = None) -> dict[str, Any] | None:
+        if marker in self.per_marker:
+            return self.per_marker[marker]
+        if _is_scatter(marker) if scatter is None else scatter:
+            return self.scatter
+        return self.default
 
     def number(self, v: Any, pop: str, what: str, allow_ref: bool = False) -> Bound:
         if v is None:

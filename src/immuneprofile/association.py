@@ -1,0 +1,562 @@
+"""Association between immune subsets and clinical response (PASI).
+
+Three complementary analyses are run for every population:
+
+``spearman_delta``
+    Spearman rank correlation between the subset's change from baseline
+    (``delta_pct_parent``, percentage points) and the PASI change from baseline
+    (``delta_pasi``), pooling all post-baseline visits of all patients.
+    Baseline visits are excluded (both deltas are 0 by construction).  The
+    observations are *not* independent (repeated visits per patient), so the
+    p-value is optimistic; it is reported for orientation only.
+``rmcorr``
+    Repeated-measures correlation (Bakdash & Marusich 2017, Front Psychol
+    8:456) between ``pct_parent`` and ``pasi``: the common within-patient
+    linear association, obtained from the ANCOVA ``y ~ C(patient) + x``.
+    Equivalent to a Pearson correlation of patient-mean-centred values with
+    ``dof = N - k - 1`` (N observations, k patients).  The 95 % CI uses the
+    Fisher z transform with ``se = 1 / sqrt(dof - 1)`` (as the R ``rmcorr``
+    package and ``pingouin.rm_corr``).
+``lmm``
+    Linear mixed model ``pct_parent ~ pasi + (1 | patient)`` fitted by REML
+    with :class:`statsmodels.regression.mixed_linear_model.MixedLM`; the fixed
+    slope (percentage points per PASI point), Wald 95 % CI and p-value are
+    reported.  Convergence / boundary warnings are caught and reported in the
+    ``fit_warnings`` column.
+
+All coefficients have a common, unit-free companion ``std_coef`` (rho, r, and
+the LMM slope standardised by ``sd(pasi) / sd(pct_parent)``) used for the
+heatmap.  With fewer than :data:`MIN_PATIENTS_FOR_INFERENCE` patients (the
+published series has 3) a :class:`UserWarning` is emitted and every row's
+``warning`` column says that the results are exploratory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from immuneprofile.clinical import (
+    DEFAULT_PSEUDOCOUNT,
+    PathLike,
+    _as_clinical,
+    _feature_keys,
+    join_clinical,
+    pasi_response,
+    read_populations,
+    subset_changes,
+)
+
+__all__ = [
+    "MIN_PATIENTS_FOR_INFERENCE",
+    "METHODS",
+    "rmcorr",
+    "spearman_changes",
+    "mixed_model",
+    "associate",
+    "correlate",
+]
+
+#: Below this many patients, inference is flagged as unreliable.
+MIN_PATIENTS_FOR_INFERENCE: int = 10
+
+#: Methods run by :func:`associate`, in output order.
+METHODS: tuple[str, ...] = ("spearman_delta", "rmcorr", "lmm")
+
+RESULT_COLUMNS = [
+    "method", "x", "y", "coef", "std_coef", "ci_low", "ci_high", "p_value", "q_value",
+    "statistic", "dof", "n_patients", "n_observations", "converged", "fit_warnings", "warning",
+]
+
+
+def _nan_result(**extra: Any) -> dict[str, Any]:
+    res = {
+        "coef": np.nan, "std_coef": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+        "p_value": np.nan, "statistic": np.nan, "dof": np.nan,
+        "n_patients": 0, "n_observations": 0, "converged": pd.NA, "fit_warnings": "",
+    }
+    res.update(extra)
+    return res
+
+
+# --------------------------------------------------------------------------- rmcorr
+
+
+def rmcorr(
+    data: pd.DataFrame,
+    x: str,
+    y: str,
+    subject: str,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Repeated-measures correlation (Bakdash & Marusich 2017).
+
+    Parameters
+    ----------
+    data
+        Long table, one row per observation.
+    x, y
+        Numeric columns.
+    subject
+        Subject identifier column.
+    confidence
+        Confidence level of the interval.
+
+    Returns
+    -------
+    dict
+        ``r`` (signed, within-subject correlation), ``dof`` (N - k - 1),
+        ``p_value`` (two-sided t test with ``dof``), ``ci_low``, ``ci_high``
+        (Fisher z, ``se = 1/sqrt(dof - 1)``), ``slope`` (common within-subject
+        slope of y on x), ``statistic`` (t), ``n_subjects`` (subjects with at
+        least 2 observations) and ``n_observations``.  Values are NaN when
+        undefined (no within-subject variation, ``dof < 1``).
+
+    Notes
+    -----
+    With subject-mean-centred values ``xc``, ``yc`` the ANCOVA
+    ``y ~ C(subject) + x`` gives ``SS_x = (sum xc*yc)^2 / sum xc^2`` and
+    ``SS_resid = sum yc^2 - SS_x``, so ``r = sign(beta) * sqrt(SS_x / (SS_x +
+    SS_resid))`` reduces to the Pearson correlation of ``xc`` and ``yc``.
+    Subjects with a single observation contribute nothing (they add one
+    observation and one subject parameter).
+    """
+    d = data[[subject, x, y]].copy()
+    d[x] = pd.to_numeric(d[x], errors="coerce")
+    d[y] = pd.to_numeric(d[y], errors="coerce")
+    d = d.dropna()
+    sizes = d.groupby(subject, sort=False)[x].transform("size")
+    d = d[sizes >= 2]
+    n = len(d)
+    k = int(d[subject].nunique())
+    dof = n - k - 1
+    out: dict[str, Any] = {
+        "r": np.nan, "dof": dof if dof >= 0 else np.nan, "p_value": np.nan,
+        "ci_low": np.nan, "ci_high": np.nan, "slope": np.nan, "statistic": np.nan,
+        "n_subjects": k, "n_observations": n,
+    }
+    if k == 0 or dof < 1:
+        return out
+    g = d.groupby(subject, sort=False)
+    xc = (d[x] - g[x].transform("mean")).to_numpy(float)
+    yc = (d[y] - g[y].transform("mean")).to_numpy(float)
+    sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
+    scale = max(float(np.abs(d[x]).max()), float(np.abs(d[y]).max()), 1.0)
+    if sxx <= 1e-24 * scale**2 * n or syy <= 1e-24 * scale**2 * n:
+        return out
+    r = float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
+    out["r"] = r
+    out["slope"] = sxy / sxx
+    if abs(r) < 1:
+        t = r * np.sqrt(dof / (1.0 - r * r))
+        out["statistic"] = float(t)
+        out["p_value"] = float(2 * sps.t.sf(abs(t), dof))
+    else:
+        out["statistic"] = float(np.sign(r) * np.inf)
+        out["p_value"] = 0.0
+    if dof > 1:
+        crit = sps.norm.ppf(0.5 + confidence / 2.0)
+        z = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
+        se = 1.0 / np.sqrt(dof - 1)
+        out["ci_low"], out["ci_high"] = float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
+    return out
+
+
+# --------------------------------------------------------------------------- spearman
+
+
+def spearman_changes(
+    data: pd.DataFrame,
+    x: str = "delta_pasi",
+    y: str = "delta_pct_parent",
+    subject: str = "patient",
+    exclude_baseline: bool = True,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Spearman correlation of changes from baseline, pooled across subjects.
+
+    Parameters
+    ----------
+    data
+        Output of :func:`immuneprofile.clinical.subset_changes` restricted to
+        one population.
+    x, y
+        Columns to correlate (default PASI change vs subset change).
+    subject
+        Subject column (only used to count subjects).
+    exclude_baseline
+        Drop week-0 rows (``is_baseline``), whose deltas are 0 by definition.
+    confidence
+        Confidence level of the interval.
+
+    Returns
+    -------
+    dict
+        ``rho``, ``p_value``, ``ci_low``, ``ci_high`` (Fisher z with the
+        Fieller-Hartley-Pearson variance ``1.06 / (n - 3)``), ``n_subjects``,
+        ``n_observations``.
+    """
+    d = data
+    if exclude_baseline:
+        if "is_baseline" in d.columns:
+            d = d[~d["is_baseline"].astype(bool)]
+        elif "week" in d.columns:
+            d = d[d["week"] != 0]
+    d = d[[subject, x, y]].copy()
+    d[x] = pd.to_numeric(d[x], errors="coerce")
+    d[y] = pd.to_numeric(d[y], errors="coerce")
+    d = d.dropna()
+    n = len(d)
+    out: dict[str, Any] = {
+        "rho": np.nan, "p_value": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+        "n_subjects": int(d[subject].nunique()), "n_observations": n,
+    }
+    if n < 3 or d[x].nunique() < 2 or d[y].nunique() < 2:
+        return out
+    res = sps.spearmanr(d[x].to_numpy(float), d[y].to_numpy(float))
+    rho = float(res.statistic)
+    out["rho"], out["p_value"] = rho, float(res.pvalue)
+    if n > 3 and np.isfinite(rho):
+        crit = sps.norm.ppf(0.5 + confidence / 2.0)
+        z = np.arctanh(np.clip(rho, -1 + 1e-15, 1 - 1e-15))
+        se = np.sqrt(1.06 / (n - 3))
+        out["ci_low"], out["ci_high"] = float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
+    return out
+
+
+# --------------------------------------------------------------------------- mixed model
+
+
+def mixed_model(
+    data: pd.DataFrame,
+    x: str = "pasi",
+    y: str = "pct_parent",
+    group: str = "patient",
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Random-intercept linear mixed model ``y ~ x + (1 | group)``.
+
+    Fitted by REML with statsmodels ``MixedLM``.  Warnings raised during the
+    fit (e.g. ``ConvergenceWarning``, random-effect variance on the boundary)
+    are caught and returned as text; failures return NaNs instead of raising.
+
+    Parameters
+    ----------
+    data
+        Long table.
+    x, y, group
+        Predictor, response and grouping columns.
+    confidence
+        Confidence level of the Wald interval.
+
+    Returns
+    -------
+    dict
+        ``coef`` (fixed slope), ``std_coef`` (slope * sd(x) / sd(y)),
+        ``ci_low``, ``ci_high``, ``p_value``, ``statistic`` (z), ``converged``
+        (bool), ``fit_warnings`` (``"; "``-joined messages), ``group_var``
+        (random-intercept variance), ``n_subjects``, ``n_observations``.
+    """
+    import statsmodels.api as sm
+
+    d = data[[group, x, y]].copy()
+    d[x] = pd.to_numeric(d[x], errors="coerce")
+    d[y] = pd.to_numeric(d[y], errors="coerce")
+    d = d.dropna()
+    n, k = len(d), int(d[group].nunique())
+    out: dict[str, Any] = {
+        "coef": np.nan, "std_coef": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+        "p_value": np.nan, "statistic": np.nan, "converged": False, "fit_warnings": "",
+        "group_var": np.nan, "n_subjects": k, "n_observations": n,
+    }
+    if n < 4 or k < 2:
+        out["fit_warnings"] = f"not fitted: too few observations (n={n}) or groups (k={k})"
+        return out
+    if d[x].nunique() < 2 or d[y].nunique() < 2:
+        out["fit_warnings"] = "not fitted: predictor or response is constant"
+        return out
+
+    exog = sm.add_constant(d[[x]].astype(float), has_constant="add")
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = sm.MixedLM(d[y].astype(float), exog, groups=d[group].astype(str).to_numpy())
+            res = model.fit(reml=True)
+        except Exception as exc:  # noqa: BLE001 - report, never crash the pipeline
+            res = None
+            messages.append(f"fit failed: {type(exc).__name__}: {exc}")
+    for w in caught:
+        msg = f"{w.category.__name__}: {str(w.message).strip()}"
+        if msg not in messages:
+            messages.append(msg)
+    if res is None:
+        out["fit_warnings"] = "; ".join(messages)
+        return out
+
+    alpha = 1.0 - confidence
+    try:
+        ci = res.conf_int(alpha=alpha)
+        out["ci_low"], out["ci_high"] = float(ci.loc[x, 0]), float(ci.loc[x, 1])
+    except Exception as exc:  # noqa: BLE001
+        messages.append(f"CI unavailable: {exc}")
+    out["coef"] = float(res.fe_params[x])
+    out["p_value"] = float(res.pvalues.get(x, np.nan))
+    out["statistic"] = float(res.tvalues.get(x, np.nan))
+    out["converged"] = bool(getattr(res, "converged", False))
+    try:
+        out["group_var"] = float(np.asarray(res.cov_re)[0, 0])
+    except Exception:  # noqa: BLE001
+        pass
+    if np.isfinite(out["group_var"]) and out["group_var"] <= 1e-8 * max(res.scale, 1e-300):
+        messages.append("random-intercept variance ~0 (boundary fit)")
+    sx, sy = float(d[x].std(ddof=1)), float(d[y].std(ddof=1))
+    if sy > 0:
+        out["std_coef"] = out["coef"] * sx / sy
+    out["fit_warnings"] = "; ".join(messages)
+    return out
+
+
+# --------------------------------------------------------------------------- associate
+
+
+def _bh(p: pd.Series) -> pd.Series:
+    """Benjamini-Hochberg q-values, NaN-aware."""
+    q = pd.Series(np.nan, index=p.index, dtype=float)
+    ok = p.notna()
+    m = int(ok.sum())
+    if m == 0:
+        return q
+    pv = p[ok].to_numpy(float)
+    order = np.argsort(pv)
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    vals = np.empty(m)
+    vals[order] = np.minimum(ranked, 1.0)
+    q[ok] = vals
+    return q
+
+
+def associate(
+    data: pd.DataFrame,
+    populations: Sequence[str] | None = None,
+    methods: Iterable[str] = METHODS,
+    value: str = "pct_parent",
+    min_patients: int = MIN_PATIENTS_FOR_INFERENCE,
+    pseudocount: float = DEFAULT_PSEUDOCOUNT,
+) -> pd.DataFrame:
+    """Run the association analyses for every population.
+
+    Parameters
+    ----------
+    data
+        Output of :func:`immuneprofile.clinical.subset_changes` or of
+        :func:`immuneprofile.clinical.join_clinical` (changes are then
+        computed with ``pseudocount``).
+    populations
+        Restrict to these population names (default: all).
+    methods
+        Subset of :data:`METHODS`.
+    value
+        Subset measure (default ``pct_parent``).
+    min_patients
+        Cohorts with fewer patients trigger a ``UserWarning`` and a
+        ``warning`` entry on every row.
+    pseudocount
+        Passed to :func:`subset_changes` when ``data`` is a joined table.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per population (x panel) x method with columns
+        ``population[, panel]`` and :data:`RESULT_COLUMNS`: ``coef`` is rho
+        (spearman_delta), r (rmcorr) or the LMM slope; ``std_coef`` is
+        unit-free; ``q_value`` is the Benjamini-Hochberg adjustment across
+        populations within each method; ``x``/``y`` name the variables used.
+    """
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if f"delta_{value}" not in data.columns:
+        data = subset_changes(data, value=value, pseudocount=pseudocount)
+    feats = _feature_keys(data)
+    if populations is not None:
+        wanted = list(populations)
+        absent = sorted(set(wanted) - set(data["population"]))
+        if absent:
+            raise ValueError(f"population(s) {absent} not found in the table")
+        data = data[data["population"].isin(wanted)]
+
+    n_patients_total = int(data["patient"].nunique())
+    small = n_patients_total < min_patients
+    cohort_msg = ""
+    if small:
+        cohort_msg = (
+            f"cohort too small for inference (n_patients={n_patients_total} < {min_patients}); "
+            "p-values and CIs are exploratory only"
+        )
+        warnings.warn(f"associate: {cohort_msg}.", UserWarning, stacklevel=2)
+
+    rows: list[dict[str, Any]] = []
+    for key, sub in data.groupby(feats, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ident = dict(zip(feats, key))
+        for method in methods:
+            notes = [cohort_msg] if cohort_msg else []
+            if method == "spearman_delta":
+                r = spearman_changes(sub, x="delta_pasi", y=f"delta_{value}")
+                res = _nan_result(
+                    x="delta_pasi", y=f"delta_{value}", coef=r["rho"], std_coef=r["rho"],
+                    ci_low=r["ci_low"], ci_high=r["ci_high"], p_value=r["p_value"],
+                    statistic=r["rho"], dof=r["n_observations"] - 2,
+                    n_patients=r["n_subjects"], n_observations=r["n_observations"],
+                )
+                notes.append("pooled repeated measures: observations not independent")
+            elif method == "rmcorr":
+                r = rmcorr(sub, x="pasi", y=value, subject="patient")
+                res = _nan_result(
+                    x="pasi", y=value, coef=r["r"], std_coef=r["r"], ci_low=r["ci_low"],
+                    ci_high=r["ci_high"], p_value=r["p_value"], statistic=r["statistic"],
+                    dof=r["dof"], n_patients=r["n_subjects"],
+                    n_observations=r["n_observations"],
+                )
+            else:  # lmm
+                r = mixed_model(sub, x="pasi", y=value, group="patient")
+                res = _nan_result(
+                    x="pasi", y=value, coef=r["coef"], std_coef=r["std_coef"],
+                    ci_low=r["ci_low"], ci_high=r["ci_high"], p_value=r["p_value"],
+                    statistic=r["statistic"], dof=np.nan, n_patients=r["n_subjects"],
+                    n_observations=r["n_observations"], converged=r["converged"],
+                    fit_warnings=r["fit_warnings"],
+                )
+                if r["fit_warnings"]:
+                    notes.append("model fit warnings (see fit_warnings)")
+                if np.isfinite(r["coef"]) and not r["converged"]:
+                    notes.append("mixed model did not converge; estimate unreliable")
+            if not np.isfinite(res["coef"]):
+                notes.append("not estimable (too few observations or no variation)")
+            res["warning"] = "; ".join(notes)
+            rows.append({**ident, "method": method, **res})
+
+    out = pd.DataFrame(rows, columns=[*feats, *RESULT_COLUMNS])
+    if not out.empty:
+        out["q_value"] = out.groupby("method", group_keys=False)["p_value"].apply(_bh)
+        out["method"] = pd.Categorical(out["method"], categories=list(methods), ordered=True)
+        out = out.sort_values(["method", *feats], kind="stable").reset_index(drop=True)
+        out["method"] = out["method"].astype(str)
+    return out
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _select_plot_populations(assoc: pd.DataFrame, all_pops: Sequence[str], limit: int) -> list[str]:
+    if len(all_pops) <= limit:
+        return list(all_pops)
+    rm = assoc[assoc["method"] == "rmcorr"].sort_values("p_value", na_position="last")
+    chosen = list(dict.fromkeys(rm["population"]))[:limit]
+    return chosen or list(all_pops)[:limit]
+
+
+def correlate(
+    populations: pd.DataFrame | PathLike,
+    clinical: pd.DataFrame | PathLike,
+    samples: pd.DataFrame | PathLike | Iterable[PathLike] | None,
+    out_dir: PathLike,
+    *,
+    populations_subset: Sequence[str] | None = None,
+    value: str = "pct_parent",
+    pseudocount: float = DEFAULT_PSEUDOCOUNT,
+    min_patients: int = MIN_PATIENTS_FOR_INFERENCE,
+    plots: bool = True,
+    max_plot_populations: int = 12,
+    dpi: int = 150,
+) -> dict[str, Any]:
+    """Run the full clinical-correlation workflow and write results.
+
+    Parameters
+    ----------
+    populations
+        Population table: DataFrame or CSV/Parquet path.
+    clinical
+        Clinical CSV path or DataFrame.
+    samples
+        Sample sheet CSV / DataFrame, FCS file(s) or directory (keywords), or
+        None if the population table carries ``patient`` and ``week``.
+    out_dir
+        Output directory (created).
+    populations_subset
+        Only analyse these populations.
+    value, pseudocount, min_patients
+        See :func:`associate` / :func:`subset_changes`.
+    plots
+        Write PNG plots.
+    max_plot_populations
+        At most this many populations in the subset-trajectory plot (those
+        with the smallest rmcorr p-values when there are more).
+    dpi
+        PNG resolution.
+
+    Returns
+    -------
+    dict
+        ``joined``, ``changes``, ``pasi_response``, ``associations``
+        (DataFrames) and ``files`` (mapping name -> Path of written files:
+        ``associations.csv``, ``changes.csv``, ``pasi_response.csv`` and, with
+        ``plots``, ``pasi_trajectories.png``, ``subset_trajectories.png``,
+        ``association_heatmap.png``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pops = read_populations(populations)
+    clin = _as_clinical(clinical)
+    joined = join_clinical(pops, samples, clin)
+    if populations_subset is not None:
+        absent = sorted(set(populations_subset) - set(joined["population"]))
+        if absent:
+            raise ValueError(f"population(s) {absent} not found in the population table")
+        joined = joined[joined["population"].isin(list(populations_subset))]
+    changes = subset_changes(joined, value=value, pseudocount=pseudocount)
+    # restrict the response table to patients that have population data
+    response = pasi_response(clin)
+    response = response[response["patient"].isin(set(joined["patient"]))].reset_index(drop=True)
+    assoc = associate(changes, value=value, min_patients=min_patients)
+
+    files: dict[str, Path] = {}
+    for name, df in (("associations", assoc), ("changes", changes), ("pasi_response", response)):
+        path = out / f"{name}.csv"
+        df.to_csv(path, index=False)
+        files[f"{name}.csv"] = path
+
+    if plots:
+        import matplotlib.pyplot as plt
+
+        from immuneprofile import plotting
+
+        clin_plot = clin[clin["patient"].isin(set(joined["patient"]))]
+        all_pops = sorted(joined["population"].unique())
+        chosen = _select_plot_populations(assoc, all_pops, max_plot_populations)
+        for name, make in (
+            ("pasi_trajectories.png", lambda p: plotting.plot_pasi_trajectories(clin_plot, save=p, dpi=dpi)),
+            ("subset_trajectories.png", lambda p: plotting.plot_subset_trajectories(
+                joined, populations=chosen, value=value, clinical=clin_plot, save=p, dpi=dpi)),
+            ("association_heatmap.png", lambda p: plotting.plot_association_heatmap(assoc, save=p, dpi=dpi)),
+        ):
+            fig = make(out / name)
+            plt.close(fig)
+            files[name] = out / name
+
+    return {
+        "joined": joined,
+        "changes": changes,
+        "pasi_response": response,
+        "associations": assoc,
+        "files": files,
+    }

@@ -1,0 +1,150 @@
+"""Population statistics and AnnData export.
+
+The population table is tidy: one row per sample x population, with counts,
+percentages and the median fluorescence (compensated, linear scale) of every
+marker the template gates on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .gating import GatingResult
+
+__all__ = ["population_table", "thresholds_table", "to_anndata", "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count", "pct_parent", "pct_total"]
+
+
+def _pct(num: int, den: int) -> float:
+    return 100.0 * num / den if den else float("nan")
+
+
+def population_table(results: Iterable[GatingResult], *, medians: bool = True) -> pd.DataFrame:
+    """Tidy statistics for every population of every sample.
+
+    Parameters
+    ----------
+    results
+        Gating results (from :func:`immuneprofile.gate_sample` or :func:`immuneprofile.gate_files`).
+    medians
+        Add ``median_<marker>`` columns: the median compensated (untransformed)
+        intensity of each marker the template gates on, within the population
+        (``NaN`` for an empty population).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``sample_id, template, population, parent, count, parent_count,
+        pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
+        top-level populations; percentages are in percent (0–100).
+    """
+    rows = []
+    for res in results:
+        t = res.template
+        chans: dict[str, int] = {}
+        if medians and res.data is not None:
+            for m in t.markers:
+                try:
+                    chans[m] = res.data.find_channel(m)
+                except KeyError:
+                    continue
+        for pop in t.populations:
+            n = res.count(pop.name)
+            pc = res.parent_count(pop.name)
+            row = {
+                "sample_id": res.sample_id,
+                "template": t.name,
+                "population": pop.name,
+                "parent": pop.parent or "root",
+                "count": n,
+                "parent_count": pc,
+                "pct_parent": _pct(n, pc),
+                "pct_total": _pct(n, res.n_events),
+            }
+            idx = res.indices[pop.name]
+            for m, ch in chans.items():
+                row[f"median_{m}"] = float(np.median(res.data.column(ch)[idx])) if idx.size else float("nan")
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["sample_id", "template", *TABLE_COLUMNS[1:]])
+    return df
+
+
+def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
+    """Every threshold used per sample (fixed or fitted), for audit."""
+    rows = [
+        {
+            "sample_id": r.sample_id,
+            "template": r.template.name,
+            "marker": f.marker,
+            "cut": f.cut,
+            "value": f.value,
+            "method": f.method,
+            "fitted_on": f.fitted_on,
+            "n_events": f.n_events,
+            "fallback": f.fallback,
+            "note": f.note,
+        }
+        for r in results
+        for f in r.thresholds
+    ]
+    return pd.DataFrame(rows, columns=["sample_id", "template", "marker", "cut", "value", "method",
+                                       "fitted_on", "n_events", "fallback", "note"])
+
+
+def to_anndata(results: Sequence[GatingResult] | GatingResult):
+    """Events as an :class:`anndata.AnnData` for scanpy users.
+
+    ``.X`` holds transformed intensities (float32): each channel with the
+    transform the template gives its marker (fluorescence: the template's
+    default, logicle unless changed; scatter: as the template says, raw by
+    default). ``.var`` has ``channel`` and ``marker``; ``.obs`` has ``sample_id``
+    and one boolean column per population. Samples are concatenated; they must
+    share their channel names.
+    """
+    import anndata as ad
+
+    from .transforms import make_transform
+
+    if isinstance(results, GatingResult):
+        results = [results]
+    if not results:
+        raise ValueError("to_anndata needs at least one gating result")
+    adatas = []
+    for res in results:
+        if res.data is None:
+            raise ValueError(f"{res.path}: result carries no event data (gated in a worker process)")
+        d = res.data
+        cols = []
+        for j, ch in enumerate(d.channels):
+            scatter = j in d.scatter
+            spec = res.template.transform_for(ch if scatter else d.marker_label(j), scatter)
+            col = d.column(j)
+            if spec is not None:
+                col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
+            cols.append(col.astype(np.float32))
+        X = np.column_stack(cols)
+        obs = pd.DataFrame({"sample_id": pd.Categorical([res.sample_id] * res.n_events)})
+        for name in res.indices:
+            obs[name] = res.mask(name)
+        obs.index = [f"{res.sample_id}:{i}" for i in range(res.n_events)]
+        var = pd.DataFrame({"channel": d.channels, "marker": [d.marker_label(j) for j in range(len(d.channels))]},
+                           index=[d.marker_label(j) for j in range(len(d.channels))])
+        var.index = pd.Index(var.index).astype(str)
+        adatas.append(ad.AnnData(X=X, obs=obs, var=var))
+    if len(adatas) == 1:
+        return adatas[0]
+    first = list(adatas[0].var["channel"])
+    for a, r in zip(adatas, results):
+        if list(a.var["channel"]) != first:
+            raise ValueError(f"{r.path}: channels differ from {results[0].path}; export samples of one panel together")
+    out = ad.concat(adatas, join="outer", merge="first")
+    for c in out.obs.columns:
+        if c != "sample_id":
+            out.obs[c] = out.obs[c].fillna(False).astype(bool)
+    return out

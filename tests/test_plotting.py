@@ -1,0 +1,154 @@
+"""Tests for immuneprofile.plotting."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from immuneprofile.association import associate
+from immuneprofile.clinical import join_clinical, read_clinical, subset_changes
+from immuneprofile.plotting import (
+    plot_association_heatmap,
+    plot_pasi_trajectories,
+    plot_subset_trajectories,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+WEEKS = [0, 1, 2, 4, 9, 24]
+BASELINE = {"P1": 20.0, "P2": 36.0, "P3": 12.0}
+FRACTION = {0: 1.0, 1: 0.85, 2: 0.7, 4: 0.5, 9: 0.3, 24: 0.15}
+POPS = {"Treg": -0.15, "ncMono": -0.08, "Null": 0.0}
+
+
+def make_cohort(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    clin, sheet, pops = [], [], []
+    for p, b in BASELINE.items():
+        for w in WEEKS:
+            pasi = round(b * FRACTION[w], 1)
+            tr = "UC-MSC infusion" if w in (0, 1) else ""
+            if p == "P2" and w == 9:
+                tr = "biologic restart"
+            clin.append({"patient": p, "week": w, "pasi": pasi, "treatment": tr})
+            sid = f"{p}_W{w:02d}"
+            sheet.append({"sample_id": sid, "patient": p, "week": w})
+            for pop, slope in POPS.items():
+                pct = 6 + slope * (pasi - b) + rng.normal(0, 0.3)
+                pops.append({"sample_id": sid, "population": pop, "pct_parent": pct})
+    return pd.DataFrame(clin), pd.DataFrame(sheet), pd.DataFrame(pops)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    clin, sheet, pops = make_cohort()
+    f = tmp_path_factory.mktemp("clin") / "clinical.csv"
+    clin.to_csv(f, index=False)
+    clinical = read_clinical(f)
+    joined = join_clinical(pops, sheet, clinical)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assoc = associate(subset_changes(joined))
+    return clinical, joined, assoc
+
+
+def _gids(ax, prefix: str) -> list:
+    return [ln for ln in ax.get_lines() if (ln.get_gid() or "").startswith(prefix)]
+
+
+def test_pasi_trajectories(data, tmp_path: Path):
+    clinical, _, _ = data
+    out = tmp_path / "sub" / "pasi.png"
+    fig = plot_pasi_trajectories(clinical, save=out)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert out.is_file() and out.stat().st_size > 0
+    absolute, improvement = fig.axes[:2]
+    for ax in (absolute, improvement):
+        assert len(_gids(ax, "patient:")) == 3
+        # infusion marks at W0 and W1
+        inf = _gids(ax, "infusion")
+        assert sorted(ln.get_xdata()[0] for ln in inf) == [0, 1]
+        # biologic restart for P2 at W9 only
+        rs = _gids(ax, "restart:")
+        assert [ln.get_gid() for ln in rs] == ["restart:P2"]
+        assert rs[0].get_xdata()[0] == 9
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"W{w}" for w in WEEKS]
+    # PASI75: one threshold per patient on the absolute panel, 75 % line on the other
+    thr = {ln.get_gid(): ln.get_ydata()[0] for ln in _gids(absolute, "pasi75:")}
+    assert thr == pytest.approx({f"pasi75:{p}": 0.25 * b for p, b in BASELINE.items()})
+    ref = _gids(improvement, "pasi75")
+    assert len(ref) == 1 and ref[0].get_ydata()[0] == 75
+    # improvement panel values: P1 at W24 -> 85 %
+    p1 = _gids(improvement, "patient:P1")[0]
+    assert p1.get_ydata()[-1] == pytest.approx(85.0)
+
+
+def test_pasi_trajectories_single_panel(data):
+    clinical, _, _ = data
+    fig = plot_pasi_trajectories(clinical, panels=["improvement"])
+    assert len(fig.axes) == 1
+    with pytest.raises(ValueError):
+        plot_pasi_trajectories(clinical, panels=["bogus"])
+
+
+def test_subset_trajectories(data, tmp_path: Path):
+    _, joined, _ = data
+    out = tmp_path / "subsets.png"
+    fig = plot_subset_trajectories(joined, populations=["Treg", "ncMono"], save=out, col_wrap=3)
+    assert out.is_file()
+    assert len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["Treg", "ncMono"]
+    for ax in fig.axes:
+        lines = _gids(ax, "patient:")
+        assert len(lines) == 3
+        assert all(len(ln.get_xdata()) == 6 for ln in lines)
+        assert len(ax.get_xticks()) == 6
+        assert len(_gids(ax, "infusion")) == 2  # from joined["treatment"]
+
+
+def test_subset_trajectories_facets_all_and_wraps(data):
+    _, joined, _ = data
+    fig = plot_subset_trajectories(joined, col_wrap=2)
+    assert len(fig.axes) == 3  # empty 4th cell removed
+    assert sorted(ax.get_title() for ax in fig.axes) == sorted(POPS)
+    with pytest.raises(ValueError, match="not found"):
+        plot_subset_trajectories(joined, populations=["nope"])
+
+
+def test_association_heatmap(data, tmp_path: Path):
+    _, _, assoc = data
+    out = tmp_path / "heat.png"
+    fig = plot_association_heatmap(assoc, save=out)
+    assert out.is_file()
+    ax = fig.axes[0]
+    assert len(ax.get_xticklabels()) == 3  # methods
+    assert [t.get_text() for t in ax.get_yticklabels()] == sorted(POPS)
+    texts = [t.get_text() for t in ax.texts]
+    assert len(texts) == 3 * 3
+    # annotation matches the table (std_coef, 2 decimals, with stars)
+    v = assoc[(assoc.population == "Treg") & (assoc.method == "rmcorr")]["std_coef"].item()
+    assert any(t.startswith(f"{v:.2f}") for t in texts)
+    assert any("*" in t for t in texts)
+    assert "exploratory" in ax.get_title()
+
+
+def test_association_heatmap_skips_nan_cells(data):
+    _, _, assoc = data
+    a = assoc.copy()
+    a.loc[0, "std_coef"] = np.nan
+    fig = plot_association_heatmap(a, annotate=True)
+    assert len(fig.axes[0].texts) == 8
+    fig2 = plot_association_heatmap(a, annotate=False)
+    assert len(fig2.axes[0].texts) == 0
