@@ -79,6 +79,54 @@ def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation:
 
 
 @main.command()
+@click.argument("sample_sheet", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--clinical", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Clinical CSV; if given, subset shifts are correlated with PASI.")
+@click.option("-t", "--template", "templates", multiple=True, metavar="PANEL=YAML",
+              help="Template for a panel (repeatable); default: tcell, treg, monocyte templates in gating/.")
+@click.option("--gating-dir", default="gating", show_default=True, type=click.Path(file_okay=False))
+@click.option("--compensation", default="auto", show_default=True)
+@click.option("-j", "--jobs", default=1, show_default=True, type=int)
+@click.option("--anndata/--no-anndata", default=False, show_default=True)
+def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tuple[str, ...], gating_dir: str,
+          compensation: str, jobs: int, anndata: bool) -> None:
+    """Gate every file of SAMPLE_SHEET (file, sample_id, patient, week, panel) with its panel's template.
+
+    Writes one population table for the study and, with --clinical, the PASI
+    correlation outputs. Exit code 1 if any file failed.
+    """
+    from rich.console import Console
+
+    from .clinical import ClinicalDataError
+    from .study import DEFAULT_TEMPLATES, run_study
+    from .template import TemplateError
+
+    err = Console(stderr=True)
+    mapping: dict[str, str] = dict(DEFAULT_TEMPLATES)
+    for item in templates:
+        panel, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: write PANEL=path/to/template.yaml", param_hint="--template")
+        mapping[panel] = path
+
+    def tick(path: str, error: str | None) -> None:
+        if error:
+            err.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
+
+    try:
+        res = run_study(sample_sheet, out_dir, templates=mapping, gating_dir=gating_dir, clinical=clinical,
+                        compensation=compensation, jobs=jobs, anndata=anndata, progress=tick)
+    except (TemplateError, ClinicalDataError) as exc:
+        raise click.ClickException(str(exc))
+    n_samples = res["table"]["sample_id"].nunique() if not res["table"].empty else 0
+    err.print(f"{n_samples} sample(s) gated, {len(res['errors'])} failed -> {out_dir}", highlight=False)
+    for path in res["files"].values():
+        click.echo(str(path))
+    sys.exit(1 if res["errors"] else 0)
+
+
+@main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--events", "n_events", default=50_000, show_default=True, type=int, help="Events per file.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -88,6 +136,27 @@ def simulate(out_dir: str, n_events: int, seed: int) -> None:
 
     simulate_study(out_dir, n_events=n_events, seed=seed)
     click.echo(f"wrote simulated study to {out_dir}")
+
+
+@main.command("correlate")
+@click.option("--populations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Population table (populations.csv or .parquet from `immuneprofile gate`).")
+@click.option("--clinical", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Clinical CSV: patient, week, pasi[, treatment, notes].")
+@click.option("--samples", type=click.Path(exists=True), default=None,
+              help="Sample sheet CSV (sample_id, patient, week), or FCS files/directory to read PATIENT/WEEK keywords.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir: str) -> None:
+    """Relate subset shifts to PASI: changes from baseline, PASI75/90, rmcorr, mixed models, plots."""
+    from .association import correlate
+    from .clinical import ClinicalDataError
+
+    try:
+        res = correlate(populations, clinical, samples, out_dir)
+    except ClinicalDataError as exc:
+        raise click.ClickException(str(exc))
+    for path in res["files"].values():
+        click.echo(str(path))
 
 
 if __name__ == "__main__":  # pragma: no cover
