@@ -42,7 +42,7 @@ def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation:
     from .stats import to_anndata
     from .template import TemplateError, load_template
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         template = load_template(template_path)
     except TemplateError as exc:
@@ -102,7 +102,7 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
     from .study import DEFAULT_TEMPLATES, run_study
     from .template import TemplateError
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     mapping: dict[str, str] = dict(DEFAULT_TEMPLATES)
     for item in templates:
         panel, sep, path = item.partition("=")
