@@ -438,6 +438,50 @@ class _Engine:
         return sel if parent is None else parent[sel]
 
     def rect(self, pop: Population, g: RectGate, parent, comp: bool) -> np.ndarray:
+        K = _kernels()
+        if not K:
+            return self._rect_numpy(pop, g, parent, comp)
+        full = parent is None
+        n = self.data.n_events if full else parent.size
+        idx = _NO_IDX if full else parent
+        status = np.ones(n, dtype=np.int8)  # 1 in, 0 out, 2 undecided (see _rect_dim)
+        fast, slow = [], []  # (dim, t, raw bound, ge): compiled raw comparison / exact on every event
+        for dim, (lo, hi) in zip(g.dims, g.bounds):
+            lo, hi = self.bound(lo, pop, dim), self.bound(hi, pop, dim)
+            b: dict[bool, float] = {}
+            for t, ge in ((lo, True), (hi, False)):
+                if t is None:
+                    continue
+                xb = self.cols.raw_bound(dim, t) if dim.ratio is None else None
+                (slow if xb is None else fast).append((dim, t, xb, ge))
+                if xb is not None:
+                    b[ge] = xb
+            if b:
+                xlo, xhi = b.get(True, 0.0), b.get(False, 0.0)
+                K.rect_dim(self.cols.base(self.cols.channel(dim.marker, pop.name), comp), idx, full,
+                           True in b, xlo, _REL_TOL * (1.0 + abs(xlo)),
+                           False in b, xhi, _REL_TOL * (1.0 + abs(xhi)), status)
+        unsure = np.flatnonzero(status == 2)
+        if unsure.size:  # values within the tolerance of a boundary: decide exactly, as _cmp does
+            status[unsure] = self._rect_exact(pop, fast, unsure if full else parent[unsure], comp)
+        if slow:  # bounds that cannot be mapped to the raw scale: exact transform of the events left
+            cur = np.flatnonzero(status)
+            status[cur] = self._rect_exact(pop, slow, cur if full else parent[cur], comp)
+        return status.view(np.bool_)
+
+    def _rect_exact(self, pop: Population, bounds, ev: np.ndarray, comp: bool) -> np.ndarray:
+        """Membership of events ``ev`` for ``bounds`` ([(dim, t, raw bound or None, ge)]), via :func:`_cmp`."""
+        ok = np.ones(ev.size, dtype=bool)
+        for dim, t, xb, ge in bounds:
+            vals = self.cols.raw(dim, ev, comp, pop.name) if xb is not None else np.empty(ev.size)
+
+            def exact(rel, _dim=dim):
+                return self.cols.transformed(_dim, ev[rel], comp, pop.name)
+
+            ok &= _cmp(vals, xb, t, ge, exact)
+        return ok
+
+    def _rect_numpy(self, pop: Population, g: RectGate, parent, comp: bool) -> np.ndarray:
         n = self.data.n_events if parent is None else parent.size
         keep = np.ones(n, dtype=bool)
         for dim, (lo, hi) in zip(g.dims, g.bounds):
@@ -463,20 +507,36 @@ class _Engine:
 
     def _box_candidates(self, pop: Population, dims, lows, highs, parent, comp) -> np.ndarray:
         """Indices (relative to the parent) that may lie inside a transformed-space box (inclusive)."""
-        n = self.data.n_events if parent is None else parent.size
+        K = _kernels()
+        full = parent is None
+        n = self.data.n_events if full else parent.size
         cand = np.ones(n, dtype=bool)
         for dim, lo, hi in zip(dims, lows, highs):
             xl, xh = self.cols.raw_bound(dim, lo), self.cols.raw_bound(dim, hi)
             if xl is None or xh is None:
                 continue
-            vals = self.cols.raw(dim, parent, comp, pop.name)
-            cand &= vals >= xl - _REL_TOL * (1.0 + abs(xl))
-            cand &= vals <= xh + _REL_TOL * (1.0 + abs(xh))
+            lo_t, hi_t = xl - _REL_TOL * (1.0 + abs(xl)), xh + _REL_TOL * (1.0 + abs(xh))
+            if K and dim.ratio is None:
+                col = self.cols.base(self.cols.channel(dim.marker, pop.name), comp)
+                K.range_and(col, _NO_IDX if full else parent, full, lo_t, hi_t, cand)
+            else:
+                vals = self.cols.raw(dim, parent, comp, pop.name)
+                cand &= vals >= lo_t
+                cand &= vals <= hi_t
         return np.flatnonzero(cand)
 
     def polygon(self, pop: Population, g: PolygonGate, parent, comp: bool) -> np.ndarray:
         v = np.asarray(g.vertices, dtype=np.float64)
-        n = self.data.n_events if parent is None else parent.size
+        full = parent is None
+        n = self.data.n_events if full else parent.size
+        K = _kernels()
+        if K and all(d.transform is None and d.ratio is None for d in g.dims):
+            # untransformed axes (scatter): one fused pass over the parent's events
+            cx, cy = (self.cols.base(self.cols.channel(d.marker, pop.name), comp) for d in g.dims)
+            keep = np.empty(n, dtype=bool)
+            K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), cx, cy,
+                         _NO_IDX if full else parent, full, keep)
+            return keep
         rel = self._box_candidates(pop, g.dims, v.min(axis=0), v.max(axis=0), parent, comp)
         ev = self._sel(parent)[rel]
         px = self.cols.transformed(g.dims[0], ev, comp, pop.name)
@@ -525,8 +585,21 @@ def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> n
 
     Same arithmetic and the same bounding-box rule as FlowUtils'
     ``points_in_polygon`` (Sunday's algorithm; odd winding count = inside), so
-    membership is identical, edge cases included.
+    membership is identical, edge cases included. Compiled with numba when
+    available, NumPy otherwise (:func:`_points_in_polygon_numpy`, same result).
     """
+    v = np.asarray(vertices, dtype=np.float64)
+    px = np.asarray(px, dtype=np.float64)
+    py = np.asarray(py, dtype=np.float64)
+    K = _kernels()
+    if not K:
+        return _points_in_polygon_numpy(v, px, py)
+    out = np.empty(px.shape[0], dtype=bool)
+    return K.pip_points(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), px, py, out)
+
+
+def _points_in_polygon_numpy(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """NumPy version of :func:`points_in_polygon` (edge by edge over all points)."""
     v = np.asarray(vertices, dtype=np.float64)
     px = np.asarray(px, dtype=np.float64)
     py = np.asarray(py, dtype=np.float64)

@@ -508,34 +508,23 @@ class _Parser:
                     what = "parent" if d == p.parent else "boolean operand"
                     raise _err(self.src, p.name, f"unknown {what} {d!r}{hint}",
                                f"define {d!r} as a population or correct the name")
-        order = {p.name: i for i, p in enumerate(pops)}
-        ts = graphlib.TopologicalSorter()
-        for p in pops:
-            deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
-            ts.add(p.name, *deps)
+        deps = {p.name: ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())] for p in pops}
+        ts = graphlib.TopologicalSorter(deps)
         try:
-            topo = list(ts.static_order())
+            ts.prepare()
         except graphlib.CycleError as exc:
             cycle = exc.args[1]
             raise _err(self.src, cycle[0], f"cycle in the gate tree: {' -> '.join(cycle)}",
                        "a population cannot be its own ancestor; change one parent")
-        # stable: keep file order where possible
-        rank = {n: i for i, n in enumerate(topo)}
+        # topological order, level by level, each level in file order (deterministic)
+        by_name = {p.name: p for p in pops}
+        rank = {p.name: i for i, p in enumerate(pops)}
         done: list[Population] = []
-        placed: set[str] = set()
-        remaining = sorted(pops, key=lambda p: order[p.name])
-        while remaining:
-            for p in remaining:
-                deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
-                if all(d in placed for d in deps):
-                    done.append(p)
-                    placed.add(p.name)
-                    remaining.remove(p)
-                    break
-            else:  # pragma: no cover - guarded by the cycle check above
-                remaining.sort(key=lambda p: rank[p.name])
-                done.extend(remaining)
-                break
+        while ts.is_active():
+            ready = sorted(ts.get_ready(), key=rank.__getitem__)
+            for name in ready:
+                done.append(by_name[name])
+                ts.done(name)
         return done
 
 

@@ -1,0 +1,559 @@
+"""HTML batch report: gating plots, population tables, reference check, warnings.
+
+::
+
+    from immuneprofile import gate_files, load_template
+    from immuneprofile.report import build_report
+    batch = gate_files(files, load_template("gating/treg.yaml"))   # in-process: keeps the events
+    build_report(batch, "report/", reference_db="study.sqlite", reference_sample="REF_treg")
+
+The report is one self-contained ``report.html`` (PNG images embedded as base64)
+with, per sample, the gating hierarchy drawn as 2-D density plots of each
+population's parent with its gate overlaid (1-D gates: histograms with the cut
+lines), the population table, the reference-sample check (if a reference
+database is given) with Levey-Jennings charts, and warnings: samples with few
+events, populations under 100 events, thresholds that fell back, files that
+failed. ``populations.csv`` (and ``reference_check.csv``) are written beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from .gating import Batch, GatingResult
+from .template import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
+
+__all__ = ["gate_figure", "gate_panels", "report_warnings", "build_report", "make_report",
+           "MAX_POINTS", "MIN_POPULATION_EVENTS", "MIN_SAMPLE_EVENTS"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MAX_POINTS = 20_000
+MIN_POPULATION_EVENTS = 100
+MIN_SAMPLE_EVENTS = 10_000
+GATE_COLOR = "#d62728"
+
+
+def _pyplot():
+    import matplotlib
+
+    if not os.environ.get("MPLBACKEND") and not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------- gate plots
+
+
+def gate_panels(template: Template) -> list[list[Population]]:
+    """Populations to draw, one list per plot: quadrants share one plot; boolean gates are not drawn."""
+    panels: list[list[Population]] = []
+    groups: dict[str, list[Population]] = {}
+    for pop in template.populations:
+        g = pop.gate
+        if isinstance(g, BooleanGate):
+            continue
+        if isinstance(g, RectGate) and g.kind == "quadrant" and g.quadrant:
+            key = g.quadrant[0]
+            if key not in groups:
+                groups[key] = []
+                panels.append(groups[key])
+            groups[key].append(pop)
+            continue
+        panels.append([pop])
+    return panels
+
+
+class _Values:
+    """Transformed values of gate dimensions for a subset of events (as the engine computes them)."""
+
+    def __init__(self, res: GatingResult):
+        self.res = res
+        self.data = res.data
+        self._xf: dict[str, Any] = {}
+        self._raw: Any = None
+
+    def _col(self, name: str, comp: bool) -> np.ndarray:
+        d = self.data
+        j = d.find_channel(name)
+        if comp or d.compensation is None or d.sample is None:
+            return d.column(j)
+        if self._raw is None:
+            self._raw = d.sample.get_events(source="raw")
+        return self._raw[:, j]
+
+    def get(self, dim: Dim, idx: np.ndarray, comp: bool) -> np.ndarray:
+        from .transforms import make_transform, transform_key
+
+        if dim.ratio is not None:
+            num, den, a, b, c = dim.ratio
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = a * ((self._col(num, comp)[idx] - b) / (self._col(den, comp)[idx] - c))
+        else:
+            v = self._col(dim.marker, comp)[idx]
+        v = np.asarray(v, dtype=float)
+        if dim.transform is not None and v.size:
+            key = transform_key(dim.transform)
+            xf = self._xf.get(key)
+            if xf is None:
+                xf = self._xf[key] = make_transform(dim.transform)
+            with np.errstate(all="ignore"):
+                v = np.asarray(xf.apply(v.reshape(-1, 1)), dtype=float).reshape(-1)
+        return v
+
+
+def _axis_label(dim: Dim) -> str:
+    t = dim.transform["type"] if dim.transform else "linear"
+    return f"{dim.marker} ({t})"
+
+
+def _limits(vals: np.ndarray, extra: Iterable[float]) -> tuple[float, float]:
+    fin = vals[np.isfinite(vals)]
+    pts = [float(x) for x in extra if x is not None and np.isfinite(x)]
+    if fin.size:
+        lo, hi = np.quantile(fin, [0.001, 0.999])
+        pts += [float(lo), float(hi)]
+    if not pts:
+        return 0.0, 1.0
+    lo, hi = min(pts), max(pts)
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(lo) * 0.05, 0.05)
+    return lo - pad, hi + pad
+
+
+def _fmt_pct(n: int, d: int) -> str:
+    return f"{100.0 * n / d:.1f}%" if d else "n/a"
+
+
+def _draw_panel(ax, res: GatingResult, pops: list[Population], vals: _Values, th: dict, max_points: int,
+                rng: np.random.Generator) -> None:
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Ellipse, Polygon, Rectangle
+
+    pop = pops[0]
+    g = pop.gate
+    parent_idx = np.arange(res.n_events) if pop.parent is None else res.indices[pop.parent]
+    parent_n = int(parent_idx.size)
+    if parent_idx.size > max_points:
+        parent_idx = np.sort(rng.choice(parent_idx, max_points, replace=False))
+    comp = any(d.compensated for d in g.dims)
+    dims = g.dims
+    parent_name = pop.parent or "all events"
+    notes: list[str] = []
+
+    def bound(b):
+        if isinstance(b, ThresholdRef):
+            v = th.get((b.marker, b.cut))
+            if v is None:
+                notes.append(f"{b} unresolved")
+            return v
+        return b
+
+    x = vals.get(dims[0], parent_idx, comp)
+    if isinstance(g, RectGate):
+        bounds = [(bound(lo), bound(hi)) for lo, hi in g.bounds]
+        for d, (lo, hi) in zip(dims[2:], bounds[2:]):
+            rng_txt = " & ".join(s for s in ((f">= {lo:.3g}" if lo is not None else ""),
+                                            (f"< {hi:.3g}" if hi is not None else "")) if s)
+            notes.append(f"and {d.marker} {rng_txt}")
+    else:
+        bounds = []
+    if len(dims) > 2 and not isinstance(g, RectGate):
+        notes.append(f"{len(dims)}-D gate: first two dimensions shown")
+    n = res.count(pop.name)
+    comp_txt = " (complement)" if getattr(g, "complement", False) else ""
+    if len(pops) == 1:
+        ax.set_title(f"{pop.name}{comp_txt}\n{n:,} events, {_fmt_pct(n, parent_n)} of {parent_name}", fontsize=8)
+    else:
+        ax.set_title(f"{g.quadrant[0] if getattr(g, 'quadrant', None) else pop.name}\nof {parent_name} "
+                     f"({parent_n:,} events)", fontsize=8)
+    ls = "--" if comp_txt else "-"
+    if len(dims) == 1:
+        lo, hi = bounds[0]
+        xl = _limits(x, [lo, hi])
+        fin = x[np.isfinite(x)]
+        if fin.size:
+            ax.hist(np.clip(fin, *xl), bins=128, range=xl, color="#4c72b0", alpha=0.8, histtype="stepfilled")
+        ax.set_xlim(*xl)
+        ax.axvspan(xl[0] if lo is None else lo, xl[1] if hi is None else hi, color=GATE_COLOR, alpha=0.12,
+                   gid=f"gate:{pop.name}")
+        for b in (lo, hi):
+            if b is not None:
+                ax.axvline(b, color=GATE_COLOR, lw=1.2, ls=ls, gid=f"cut:{pop.name}")
+        ax.set_xlabel(_axis_label(dims[0]), fontsize=7)
+        ax.set_ylabel("events", fontsize=7)
+    else:
+        y = vals.get(dims[1], parent_idx, comp)
+        gx: list[Any] = []
+        gy: list[Any] = []
+        if isinstance(g, RectGate):
+            gx, gy = list(bounds[0]), list(bounds[1])
+        elif isinstance(g, PolygonGate):
+            gx = [v[0] for v in g.vertices]
+            gy = [v[1] for v in g.vertices]
+        elif isinstance(g, EllipseGate):
+            c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
+            half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square)
+            gx, gy = [c[0] - half[0], c[0] + half[0]], [c[1] - half[1], c[1] + half[1]]
+        xl, yl = _limits(x, gx), _limits(y, gy)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.any():
+            ax.hist2d(np.clip(x[ok], *xl), np.clip(y[ok], *yl), bins=128, range=[xl, yl], cmap="viridis",
+                      norm=LogNorm(), cmin=1, rasterized=True)
+        ax.set_xlim(*xl)
+        ax.set_ylim(*yl)
+        if isinstance(g, RectGate) and g.kind == "quadrant":
+            xc = bounds[0][0] if bounds[0][0] is not None else bounds[0][1]
+            yc = bounds[1][0] if bounds[1][0] is not None else bounds[1][1]
+            grp = g.quadrant[0] if g.quadrant else pop.name
+            if xc is not None:
+                ax.axvline(xc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
+            if yc is not None:
+                ax.axhline(yc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
+            for q in pops:
+                (qlo, _), (ylo, _) = q.gate.bounds[0], q.gate.bounds[1]
+                right, top = qlo is not None, ylo is not None
+                qn = res.count(q.name)
+                ax.text(0.98 if right else 0.02, 0.97 if top else 0.03,
+                        f"{q.name}\n{qn:,} ({_fmt_pct(qn, parent_n)})", transform=ax.transAxes,
+                        ha="right" if right else "left", va="top" if top else "bottom", fontsize=6,
+                        color="black", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+        elif isinstance(g, RectGate):
+            (x0, x1), (y0, y1) = bounds[0], bounds[1]
+            x0 = xl[0] - 1e9 * (xl[1] - xl[0]) if x0 is None else x0
+            x1 = xl[1] + 1e9 * (xl[1] - xl[0]) if x1 is None else x1
+            y0 = yl[0] - 1e9 * (yl[1] - yl[0]) if y0 is None else y0
+            y1 = yl[1] + 1e9 * (yl[1] - yl[0]) if y1 is None else y1
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls,
+                                   gid=f"gate:{pop.name}"))
+        elif isinstance(g, PolygonGate):
+            ax.add_patch(Polygon(np.asarray(g.vertices), closed=True, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls,
+                                 gid=f"gate:{pop.name}"))
+        elif isinstance(g, EllipseGate):
+            c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
+            w, v = np.linalg.eigh(cov)
+            angle = math.degrees(math.atan2(v[1, 1], v[0, 1]))
+            ax.add_patch(Ellipse(tuple(c), 2 * math.sqrt(g.distance_square * w[1]),
+                                 2 * math.sqrt(g.distance_square * w[0]), angle=angle, fill=False,
+                                 ec=GATE_COLOR, lw=1.3, gid=f"gate:{pop.name}"))
+        ax.set_xlabel(_axis_label(dims[0]), fontsize=7)
+        ax.set_ylabel(_axis_label(dims[1]), fontsize=7)
+    if notes:
+        ax.text(0.5, -0.32 if len(dims) > 1 else -0.3, "; ".join(notes), transform=ax.transAxes, ha="center",
+                va="top", fontsize=6, color="#555555")
+    ax.tick_params(labelsize=6)
+
+
+def gate_figure(result: GatingResult, *, max_points: int = MAX_POINTS, ncols: int = 4, seed: int = 0):
+    """The gating hierarchy of one sample: one density plot per gate, gate geometry overlaid.
+
+    Each non-boolean population is drawn on its parent's events (at most ``max_points``,
+    a fixed random subsample) in the gate's dimensions, on the template's transformed
+    axes; threshold bounds are the values used for this sample. Gate artists carry
+    ``gid="gate:<population>"`` (quadrants: ``gate:<quadrant group>``). Axes follow the
+    template order; ``fig.axes[i]`` shows ``gate_panels(template)[i]``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if result.data is None:
+        raise ValueError(f"{result.path}: result carries no event data (gate in-process, jobs=1)")
+    plt = _pyplot()
+    panels = gate_panels(result.template)
+    n = max(1, len(panels))
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 3.0 * nrows), squeeze=False)
+    th = {(f.marker, f.cut): f.value for f in result.thresholds}
+    vals = _Values(result)
+    rng = np.random.default_rng(seed)
+    flat = list(axes.ravel())
+    for ax, pops in zip(flat, panels):
+        _draw_panel(ax, result, pops, vals, th, max_points, rng)
+    for ax in flat[len(panels):]:
+        fig.delaxes(ax)
+    fig.suptitle(f"{result.sample_id} — {result.template.name} ({result.n_events:,} events)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def _png(fig, dpi: int = 72) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def report_warnings(batch: Batch, *, min_sample_events: int = MIN_SAMPLE_EVENTS,
+                    min_population_events: int = MIN_POPULATION_EVENTS,
+                    check: pd.DataFrame | None = None) -> list[str]:
+    """Human-readable warnings for a batch (and its reference check)."""
+    out: list[str] = []
+    for path, msg in batch.errors.items():
+        out.append(f"file failed: {msg}")
+    for res in batch.results:
+        if res.n_events < min_sample_events:
+            out.append(f"{res.sample_id}: low event count, {res.n_events:,} events (< {min_sample_events:,})")
+        small = [(p.name, res.count(p.name)) for p in res.template.populations
+                 if res.count(p.name) < min_population_events]
+        if small:
+            out.append(f"{res.sample_id}: {len(small)} population(s) under {min_population_events} events: "
+                       + ", ".join(f"{n} ({c})" for n, c in small))
+        for f in res.thresholds:
+            if f.fallback:
+                out.append(f"{res.sample_id}: threshold {f.marker}.{f.cut} fell back to {f.value:.3g}"
+                           + (f" ({f.note})" if f.note else ""))
+    if check is not None and len(check):
+        for r in check[check["status"] == "fail"].itertuples(index=False):
+            out.append(f"reference {r.sample_id or '?'}: {r.population} ({r.template}) FAILED {r.rules}: "
+                       f"{r.value:.2f}% vs mean {r.mean:.2f} ± {r.sd:.2f}")
+        for r in check[(check["status"] == "pass") & (check["warning"] != "")].itertuples(index=False):
+            out.append(f"reference {r.sample_id}: {r.population} ({r.template}) {r.warning} warning, z = {r.z:.2f}")
+    return out
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0} th,td{border:1px solid #ddd;padding:2px 6px}
+th{background:#f3f3f3;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.low td{background:#fff3cd} tr.status-fail td{background:#f8d7da} tr.status-pass td.status{color:#137333}
+tr.status-insufficient-history td.status{color:#8a6d3b}
+.warnings li{color:#8a4b00} .ok{color:#137333} img{max-width:100%;height:auto;border:1px solid #eee}
+.lj{display:flex;flex-wrap:wrap;gap:6px} .lj img{width:420px}
+.meta{color:#666;font-size:.85em}
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img');
+  var ok = 0, bad = [];
+  imgs.forEach(function (im) {
+    if (im.complete && im.naturalWidth > 0) { ok++; } else { bad.push(im.getAttribute('alt')); }
+  });
+  var el = document.getElementById('image-check');
+  el.setAttribute('data-total', imgs.length);
+  el.setAttribute('data-decoded', ok);
+  el.setAttribute('data-failed', bad.join('|'));
+  el.textContent = ok + ' of ' + imgs.length + ' images decoded';
+});
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_-]+", "-", s).strip("-") or "x"
+
+
+def _num(v: Any, fmt: str) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return _e(v)
+    return "" if not math.isfinite(f) else format(f, fmt)
+
+
+def _population_rows(res: GatingResult, table: pd.DataFrame, min_population_events: int) -> str:
+    rows = []
+    sub = table[table["sample_id"] == res.sample_id]
+    for r in sub.itertuples(index=False):
+        low = int(r.count) < min_population_events
+        cls = ' class="low"' if low else ""
+        rows.append(
+            f'<tr data-population="{_e(r.population)}"{cls}>'
+            f"<td>{_e(r.population)}</td><td>{_e(r.parent)}</td><td class=\"num\">{int(r.count):,}</td>"
+            f"<td class=\"num\">{int(r.parent_count):,}</td><td class=\"num\">{_num(r.pct_parent, '.2f')}</td>"
+            f"<td class=\"num\">{_num(r.pct_total, '.3f')}</td></tr>")
+    return ("<table class=\"populations\" data-sample-id=\"{}\"><thead><tr><th>population</th><th>parent</th>"
+            "<th>count</th><th>parent count</th><th>% parent</th><th>% total</th></tr></thead><tbody>{}"
+            "</tbody></table>").format(_e(res.sample_id), "".join(rows))
+
+
+def _summary_table(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "<p>No sample gated.</p>"
+    pops = list(dict.fromkeys(table["population"]))
+    samples = list(dict.fromkeys(table["sample_id"]))
+    pv = table.pivot_table(index="population", columns="sample_id", values="pct_parent", aggfunc="first")
+    head = "".join(f"<th>{_e(s)}</th>" for s in samples)
+    body = []
+    for p in pops:
+        cells = "".join(f"<td class=\"num\">{_num(pv.at[p, s] if s in pv.columns else float('nan'), '.2f')}</td>"
+                        for s in samples)
+        body.append(f'<tr data-population="{_e(p)}"><td>{_e(p)}</td>{cells}</tr>')
+    return (f"<table class=\"summary\"><thead><tr><th>% of parent</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def _check_table(check: pd.DataFrame) -> str:
+    body = []
+    for r in check.itertuples(index=False):
+        body.append(
+            f'<tr class="status-{_e(r.status)}" data-population="{_e(r.population)}">'
+            f"<td>{_e(r.template)}</td><td>{_e(r.population)}</td><td>{_e(r.sample_id)}</td>"
+            f"<td class=\"num\">{_num(r.value, '.2f')}</td><td class=\"num\">{r.n_history}</td>"
+            f"<td class=\"num\">{_num(r.mean, '.2f')}</td><td class=\"num\">{_num(r.sd, '.2f')}</td>"
+            f"<td class=\"num\">{_num(r.z, '.2f')}</td><td>{_e(r.rules)}</td><td>{_e(r.warning)}</td>"
+            f"<td class=\"status\">{_e(r.status)}</td></tr>")
+    return ("<table class=\"reference-check\"><thead><tr><th>template</th><th>population</th><th>sample</th>"
+            "<th>% parent</th><th>n history</th><th>mean</th><th>SD</th><th>z</th><th>rules violated</th>"
+            f"<th>warning</th><th>status</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _find_reference_samples(table: pd.DataFrame) -> list[str] | None:
+    ids = sorted(set(table["sample_id"].astype(str)))
+    refs = [s for s in ids if re.search(r"(^|[^a-z])ref", s.lower())]
+    return refs or None
+
+
+def build_report(
+    batch: Batch,
+    out_dir: PathLike,
+    *,
+    reference_db: PathLike | None = None,
+    reference_sample: str | Sequence[str] | None = None,
+    min_history: int = 3,
+    min_sample_events: int = MIN_SAMPLE_EVENTS,
+    min_population_events: int = MIN_POPULATION_EVENTS,
+    max_points: int = MAX_POINTS,
+    title: str | None = None,
+    dpi: int = 72,
+) -> Path:
+    """Write ``out_dir/report.html`` (self-contained) plus ``populations.csv`` for a gated batch.
+
+    Parameters
+    ----------
+    batch
+        From :func:`immuneprofile.gate_files` run in-process (``jobs=1``), so results keep their events.
+    reference_db
+        Reference database (:mod:`immuneprofile.reference`); the batch's reference sample is checked
+        against it (read-only: nothing is added).
+    reference_sample
+        The reference sample id(s) in this batch; default: the sample ids containing ``ref``.
+    min_history, min_sample_events, min_population_events, max_points
+        Reference-check history needed; warning limits; points per density plot.
+
+    Returns
+    -------
+    pathlib.Path
+        The report file.
+    """
+    from . import __version__
+    from .reference import ReferenceDBError, check_reference, levey_jennings
+
+    out = Path(os.fspath(out_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    table = batch.table if batch.table is not None else pd.DataFrame()
+    if not table.empty:
+        table.to_csv(out / "populations.csv", index=False)
+    templates = list(dict.fromkeys(r.template.name for r in batch.results))
+    extra: list[str] = []
+    check = None
+    lj_imgs: list[tuple[str, str]] = []
+    if reference_db is not None:
+        refs = reference_sample if reference_sample is not None else (
+            _find_reference_samples(table) if not table.empty else None)
+        if not Path(os.fspath(reference_db)).exists():
+            extra.append(f"reference database {os.fspath(reference_db)} not found: reference check skipped")
+        elif refs is None:
+            extra.append("no reference sample identified in this batch (no sample id contains 'ref'); "
+                         "name it with --reference-sample: reference check skipped")
+        else:
+            try:
+                check = check_reference(reference_db, table, sample=refs, min_history=min_history)
+            except ReferenceDBError as exc:
+                extra.append(f"reference check skipped: {exc}")
+            else:
+                check.to_csv(out / "reference_check.csv", index=False)
+                for r in check.itertuples(index=False):
+                    if r.n_history == 0:
+                        continue
+                    fig = levey_jennings(reference_db, r.population, template=r.template, check=check,
+                                         batch_label="this batch")
+                    lj_imgs.append((f"Levey-Jennings {r.template} {r.population}", _png(fig, dpi)))
+    warns = extra + report_warnings(batch, min_sample_events=min_sample_events,
+                                    min_population_events=min_population_events, check=check)
+    title = title or f"immuneprofile batch report — {', '.join(templates) or 'no samples'}"
+    parts = [
+        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p class=\"meta\">Generated {_dt.datetime.now().isoformat(timespec='seconds')} by immuneprofile "
+        f"{_e(__version__)}; {len(batch.results)} sample(s) gated, {len(batch.errors)} failed; "
+        f"template(s): {_e(', '.join(templates))}.</p>",
+        "<p id=\"image-check\" class=\"meta\" data-total=\"\" data-decoded=\"\"></p>",
+        "<section id=\"warnings\"><h2>Warnings</h2>",
+    ]
+    if warns:
+        parts.append("<ul class=\"warnings\">" + "".join(f"<li class=\"warning\">{_e(w)}</li>" for w in warns)
+                     + "</ul>")
+    else:
+        parts.append("<p class=\"ok\">No warnings.</p>")
+    parts.append("</section>")
+    if reference_db is not None:
+        parts.append("<section id=\"reference\"><h2>Reference sample check</h2>")
+        if check is not None:
+            n_fail = int((check["status"] == "fail").sum())
+            verdict = (f"<p class=\"verdict fail\"><strong>FAIL</strong>: {n_fail} population(s) out of control</p>"
+                       if n_fail else "<p class=\"verdict pass ok\"><strong>PASS</strong></p>")
+            parts.append(verdict + _check_table(check))
+            if lj_imgs:
+                parts.append("<div class=\"lj\">" + "".join(
+                    f"<img class=\"levey-jennings\" alt=\"{_e(a)}\" src=\"data:image/png;base64,{b}\">"
+                    for a, b in lj_imgs) + "</div>")
+        else:
+            parts.append("<p>Not checked (see warnings).</p>")
+        parts.append("</section>")
+    parts.append(f"<section id=\"summary\"><h2>Population frequencies</h2>{_summary_table(table)}</section>")
+    for res in batch.results:
+        parts.append(f"<section class=\"sample\" id=\"sample-{_slug(res.sample_id)}\" "
+                     f"data-sample-id=\"{_e(res.sample_id)}\"><h2>{_e(res.sample_id)}</h2>"
+                     f"<p class=\"meta\">{_e(res.path)} — template {_e(res.template.name)}, "
+                     f"{res.n_events:,} events</p>")
+        if res.data is not None:
+            fig = gate_figure(res, max_points=max_points)
+            parts.append(f"<img class=\"gating\" alt=\"gating {_e(res.sample_id)}\" "
+                         f"src=\"data:image/png;base64,{_png(fig, dpi)}\">")
+        else:
+            parts.append("<p>No event data (gated in a worker process): no plots.</p>")
+        parts.append(_population_rows(res, table, min_population_events) + "</section>")
+    if batch.errors:
+        parts.append("<section id=\"errors\"><h2>Files that failed</h2><ul>" + "".join(
+            f"<li><code>{_e(p)}</code>: {_e(m)}</li>" for p, m in batch.errors.items()) + "</ul></section>")
+    parts.append(f"<script>{_SCRIPT}</script></body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def make_report(template: Template | PathLike, files: Sequence[PathLike], out_dir: PathLike, *,
+                compensation: Any = "auto", **kwargs: Any) -> tuple[Path, Batch]:
+    """Gate ``files`` with ``template`` (in-process) and write the report; returns ``(report path, batch)``."""
+    from .gating import gate_files
+    from .template import load_template
+
+    if not isinstance(template, Template):
+        template = load_template(template)
+    batch = gate_files([os.fspath(f) for f in files], template, compensation=compensation, jobs=1)
+    return build_report(batch, out_dir, **kwargs), batch
