@@ -159,5 +159,118 @@ def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir:
         click.echo(str(path))
 
 
+@main.group()
+def reference() -> None:
+    """Reference-sample QC: store each batch's reference frequencies and check new batches (Westgard)."""
+
+
+@reference.command("add")
+@click.option("--db", required=True, type=click.Path(dir_okay=False),
+              help="Study database (SQLite file, created on first use).")
+@click.option("--batch", "batch_id", required=True, help="Batch identifier (must be new).")
+@click.option("--populations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="populations.csv/.parquet of the batch (from `immuneprofile gate`).")
+@click.option("--sample", "samples", multiple=True,
+              help="Reference sample id (repeat for one per panel); needed if the table has several samples.")
+@click.option("--date", default=None, help="Batch date YYYY-MM-DD (default: today).")
+@click.option("--note", default="", help="Free-text note stored with the batch.")
+def reference_add(db: str, batch_id: str, populations: str, samples: tuple[str, ...], date: str | None,
+                  note: str) -> None:
+    """Store the reference sample's population frequencies of one batch."""
+    from .reference import ReferenceDBError, add_reference
+
+    try:
+        rows = add_reference(db, batch_id, populations, sample=list(samples) or None, date=date, note=note)
+    except ReferenceDBError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"batch {batch_id}: stored {len(rows)} population(s) of "
+               f"{', '.join(sorted(set(rows['sample_id'])))} in {db}")
+
+
+@reference.command("check")
+@click.option("--db", required=True, type=click.Path(exists=True, dir_okay=False), help="Study database.")
+@click.option("--populations", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="populations.csv/.parquet of the batch to check.")
+@click.option("--sample", "samples", multiple=True, help="Reference sample id (repeatable).")
+@click.option("--batch", "batch_id", default=None,
+              help="Id of the batch checked; if already stored, only earlier batches form the history.")
+@click.option("--min-history", default=3, show_default=True, type=int,
+              help="Earlier batches needed before a population is judged.")
+@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
+              help="Write one Levey-Jennings PNG per population to this directory.")
+@click.option("--out", "out_csv", default=None, type=click.Path(dir_okay=False),
+              help="Write the check table to this CSV.")
+def reference_check(db: str, populations: str, samples: tuple[str, ...], batch_id: str | None, min_history: int,
+                    plots_dir: str | None, out_csv: str | None) -> None:
+    """Check a batch's reference sample against the history (1-3s, 2-2s); exit 1 if any population fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .reference import ReferenceDBError, check_reference, write_levey_jennings
+
+    try:
+        res = check_reference(db, populations, batch_id=batch_id, sample=list(samples) or None,
+                              min_history=min_history)
+    except ReferenceDBError as exc:
+        raise click.ClickException(str(exc))
+    table = Table(title=f"reference check against {db}")
+    for col in ("template", "population", "value", "n", "mean", "sd", "z", "rules", "status"):
+        table.add_column(col, justify="right" if col in ("value", "n", "mean", "sd", "z") else "left")
+    colour = {"pass": "green", "fail": "bold red", "insufficient-history": "yellow"}
+    for r in res.itertuples(index=False):
+        table.add_row(r.template, r.population, f"{r.value:.2f}", str(r.n_history), f"{r.mean:.2f}",
+                      f"{r.sd:.2f}", f"{r.z:.2f}", r.rules or r.warning,
+                      f"[{colour.get(r.status, 'white')}]{r.status}[/]")
+    Console(width=140).print(table)
+    if out_csv:
+        res.to_csv(out_csv, index=False)
+    if plots_dir:
+        paths = write_levey_jennings(db, res, plots_dir)
+        click.echo(f"{len(paths)} Levey-Jennings plot(s) in {plots_dir}")
+    n_fail = int((res["status"] == "fail").sum())
+    click.echo(f"FAIL: {n_fail} population(s) out of control" if n_fail else "PASS")
+    sys.exit(1 if n_fail else 0)
+
+
+@reference.command("remove")
+@click.option("--db", required=True, type=click.Path(exists=True, dir_okay=False), help="Study database.")
+@click.option("--batch", "batch_id", required=True, help="Batch to delete.")
+def reference_remove(db: str, batch_id: str) -> None:
+    """Delete a stored batch (e.g. one added by mistake)."""
+    from .reference import ReferenceDBError, remove_batch
+
+    try:
+        remove_batch(db, batch_id)
+    except ReferenceDBError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"removed batch {batch_id} from {db}")
+
+
+@main.command("report")
+@click.option("-t", "--template", "template_path", required=True, type=click.Path(dir_okay=False),
+              help="Gating template (YAML).")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: report.html, populations.csv[, reference_check.csv].")
+@click.option("--reference-db", default=None, type=click.Path(dir_okay=False),
+              help="Reference database to check this batch's reference sample against (read-only).")
+@click.option("--reference-sample", "reference_samples", multiple=True,
+              help="Reference sample id in this batch (default: sample ids containing 'ref').")
+@click.option("--compensation", default="auto", show_default=True,
+              help="'auto', 'fcs', 'none', or a CSV matrix path.")
+def report_cmd(template_path: str, files: tuple[str, ...], out_dir: str, reference_db: str | None,
+               reference_samples: tuple[str, ...], compensation: str) -> None:
+    """Gate FILES and write an HTML report: gating plots, population tables, reference check, warnings."""
+    from .report import make_report
+    from .template import TemplateError
+
+    try:
+        path, batch = make_report(template_path, files, out_dir, compensation=compensation,
+                                  reference_db=reference_db, reference_sample=list(reference_samples) or None)
+    except TemplateError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"{len(batch.results)} sample(s) gated, {len(batch.errors)} failed -> {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -37,6 +37,7 @@ from .template import (
     Template,
     ThresholdRef,
 )
+from .thresholds import ThresholdError
 from .transforms import MONOTONE, make_transform, transform_key
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
@@ -50,80 +51,102 @@ _REL_TOL = 1e-6
 # The kernels below are plain Python functions compiled on first use with
 # ``numba.njit(cache=True)`` (no fastmath: IEEE arithmetic in the order
 # written, no fused multiply-add), so they compute bit-for-bit what the NumPy
-# expressions they replace compute. They read one column of the event matrix
-# (a strided view is fine: no per-channel copy is needed) at the parent's
-# event indices, fusing gather and comparison in one pass. Without numba the
-# engine falls back to the NumPy versions, with identical results.
+# expressions they replace compute (tests/test_kernels.py). The columns a
+# template touches are extracted from the row-major event matrix in one pass
+# (``_take_columns``); the gate kernels then read each column at the parent's
+# event indices, fusing gather and comparison in one branch-free pass.
+# Without numba the engine falls back to NumPy, with identical results.
 # ---------------------------------------------------------------------------
 
-def _pip_winding(vx, vy, x, y):  # pragma: no cover - compiled
-    """Winding count of (x, y): FlowUtils' ``calc_wind_count`` arithmetic, branch for branch."""
+_PIP_BLOCK = 512
+
+
+def _pip_block(vx, vy, xs, ys, nb, w, out, start):  # pragma: no cover - compiled
+    """Inside-polygon flags of the ``nb`` points ``xs, ys`` into ``out[start:start + nb]``.
+
+    FlowUtils' ``points_in_polygon`` arithmetic: points outside the vertices'
+    bounding box (``x < min_x || x > max_x || y < min_y || y > max_y``) are out;
+    the others get Sunday's winding count, edge ``a -> b`` by edge (the last
+    edge closes the polygon): an upward crossing (``ay <= y && y < by``) counts
+    +1 if ``is_left > 0``, a downward one (else-branch: ``by <= y``) -1 if
+    ``is_left < 0``, with ``is_left = ((bx - ax) * (y - ay)) - ((x - ax) * (by - ay))``;
+    odd count = inside. Here the edges are the outer loop and a block of points
+    the inner one (branch-free, so it vectorises); ``bx - ax`` and ``by - ay``
+    are the same doubles whether computed once per edge or per point, and
+    ``ay > y`` stands for FlowUtils' else-branch: they differ only when ``y`` or
+    ``ay`` is NaN, where ``is_left`` is NaN and nothing is counted either way.
+    """
     nv = vx.shape[0]
-    wind = 0
+    min_x = vx[0]
+    max_x = vx[0]
+    min_y = vy[0]
+    max_y = vy[0]
+    for i in range(1, nv):
+        min_x = min(min_x, vx[i])
+        max_x = max(max_x, vx[i])
+        min_y = min(min_y, vy[i])
+        max_y = max(max_y, vy[i])
+    for k in range(nb):
+        w[k] = 0
     for i in range(nv):
         ax = vx[i]
         ay = vy[i]
-        if i >= nv - 1:
-            bx = vx[0]
-            by = vy[0]
-        else:
-            bx = vx[i + 1]
-            by = vy[i + 1]
-        if ay <= y:
-            if y < by:
-                is_left = ((bx - ax) * (y - ay)) - ((x - ax) * (by - ay))
-                if is_left > 0:
-                    wind += 1
-        else:
-            if by <= y:
-                is_left = ((bx - ax) * (y - ay)) - ((x - ax) * (by - ay))
-                if is_left < 0:
-                    wind -= 1
-    return wind
+        j = 0 if i >= nv - 1 else i + 1
+        bx = vx[j]
+        by = vy[j]
+        dx = bx - ax
+        dy = by - ay
+        for k in range(nb):
+            x = xs[k]
+            y = ys[k]
+            is_left = (dx * (y - ay)) - ((x - ax) * dy)
+            up = (ay <= y) & (y < by) & (is_left > 0)
+            down = (ay > y) & (by <= y) & (is_left < 0)
+            w[k] += np.int32(up) - np.int32(down)
+    for k in range(nb):
+        x = xs[k]
+        y = ys[k]
+        outside = (x < min_x) | (x > max_x) | (y < min_y) | (y > max_y)
+        out[start + k] = (not outside) & (w[k] % 2 != 0)
 
 
 def _pip_points(vx, vy, px, py, out):  # pragma: no cover - compiled
-    """``out[i] = (px[i], py[i])`` inside the polygon (FlowUtils' bounding-box rule, odd winding)."""
-    min_x = vx.min()
-    max_x = vx.max()
-    min_y = vy.min()
-    max_y = vy.max()
-    for i in range(px.shape[0]):
-        x = px[i]
-        y = py[i]
-        if x < min_x or x > max_x or y < min_y or y > max_y:
-            out[i] = False
-        else:
-            out[i] = _pip_winding_j(vx, vy, x, y) % 2 != 0
+    """``out[i] = (px[i], py[i])`` inside the polygon (see :func:`_pip_block`)."""
+    m = out.shape[0]
+    xs = np.empty(_PIP_BLOCK)
+    ys = np.empty(_PIP_BLOCK)
+    w = np.empty(_PIP_BLOCK, dtype=np.int32)
+    for start in range(0, m, _PIP_BLOCK):
+        nb = min(m - start, _PIP_BLOCK)
+        for k in range(nb):
+            xs[k] = px[start + k]
+            ys[k] = py[start + k]
+        _pip_block_j(vx, vy, xs, ys, nb, w, out, start)
     return out
 
 
 def _pip_gather(vx, vy, colx, coly, idx, full, out):  # pragma: no cover - compiled
-    """As :func:`_pip_points` on ``colx[idx], coly[idx]`` (all events if ``full``) without the copy."""
-    min_x = vx.min()
-    max_x = vx.max()
-    min_y = vy.min()
-    max_y = vy.max()
+    """As :func:`_pip_points` on ``colx[idx], coly[idx]`` (all events if ``full``), gathered block by block."""
     m = out.shape[0]
-    for i in range(m):
-        e = i if full else idx[i]
-        x = colx[e]
-        y = coly[e]
-        if x < min_x or x > max_x or y < min_y or y > max_y:
-            out[i] = False
-        else:
-            out[i] = _pip_winding_j(vx, vy, x, y) % 2 != 0
+    xs = np.empty(_PIP_BLOCK)
+    ys = np.empty(_PIP_BLOCK)
+    w = np.empty(_PIP_BLOCK, dtype=np.int32)
+    for start in range(0, m, _PIP_BLOCK):
+        nb = min(m - start, _PIP_BLOCK)
+        for k in range(nb):
+            e = start + k if full else idx[start + k]
+            xs[k] = colx[e]
+            ys[k] = coly[e]
+        _pip_block_j(vx, vy, xs, ys, nb, w, out, start)
     return out
 
 
 def _range_and(col, idx, full, lo, hi, mask):  # pragma: no cover - compiled
-    """``mask[i] &= lo <= col[e] <= hi`` for ``e = idx[i]`` (or ``i`` if ``full``)."""
+    """``mask[i] &= lo <= col[e] <= hi`` for ``e = idx[i]`` (or ``i`` if ``full``); NaN is outside."""
     for i in range(mask.shape[0]):
-        if mask[i]:
-            e = i if full else idx[i]
-            v = col[e]
-            if not (v >= lo and v <= hi):
-                mask[i] = False
+        e = i if full else idx[i]
+        v = col[e]
+        mask[i] = mask[i] & (v >= lo) & (v <= hi)
     return mask
 
 
@@ -134,27 +157,29 @@ def _rect_dim(col, idx, full, has_lo, xlo, tlo, has_hi, xhi, thi, status):  # pr
     of a boundary: decided exactly afterwards). An event is out as soon as one
     bound certainly fails. Per bound this is :func:`_cmp` without the exact step:
     ``|v - xb| <= tol`` undecided, else ``v > xb`` (min) / ``v < xb`` (max).
+    Branch-free (data-dependent branches mispredict on cytometry data).
     """
     for i in range(status.shape[0]):
         s = status[i]
-        if s == 0:
-            continue
         e = i if full else idx[i]
         v = col[e]
-        if has_lo:
-            if abs(v - xlo) <= tlo:
-                s = 2
-            elif not (v > xlo):
-                status[i] = 0
-                continue
-        if has_hi:
-            if abs(v - xhi) <= thi:
-                s = 2
-            elif not (v < xhi):
-                status[i] = 0
-                continue
-        status[i] = s
+        lo_uns = has_lo & (abs(v - xlo) <= tlo)
+        lo_fail = has_lo & (not lo_uns) & (not (v > xlo))
+        hi_uns = has_hi & (abs(v - xhi) <= thi)
+        hi_fail = has_hi & (not hi_uns) & (not (v < xhi))
+        alive = (s != 0) & (not (lo_fail | hi_fail))
+        und = lo_uns | hi_uns
+        status[i] = np.int8(alive) * max(s, np.int8(2 * und))
     return status
+
+
+def _take_columns(ev, cols, out):  # pragma: no cover - compiled
+    """``out[k] = ev[:, cols[k]]``: one sequential pass over a row-major event matrix."""
+    k = cols.shape[0]
+    for i in range(ev.shape[0]):
+        for j in range(k):
+            out[j, i] = ev[i, cols[j]]
+    return out
 
 
 _KERNELS: Any = None
@@ -162,7 +187,7 @@ _KERNELS: Any = None
 
 def _kernels():
     """The compiled kernels (namespace), or ``False`` when numba is unavailable."""
-    global _KERNELS, _pip_winding_j
+    global _KERNELS, _pip_block_j
     if _KERNELS is None:
         try:
             from numba import njit
@@ -172,17 +197,18 @@ def _kernels():
         from types import SimpleNamespace
 
         jit = njit(cache=True, nogil=True)
-        _pip_winding_j = jit(_pip_winding)
+        _pip_block_j = jit(_pip_block)
         _KERNELS = SimpleNamespace(
             pip_points=jit(_pip_points),
             pip_gather=jit(_pip_gather),
             range_and=jit(_range_and),
             rect_dim=jit(_rect_dim),
+            take_columns=jit(_take_columns),
         )
     return _KERNELS
 
 
-_pip_winding_j: Any = _pip_winding
+_pip_block_j: Any = _pip_block
 _NO_IDX = np.empty(0, dtype=np.int64)
 
 
@@ -261,6 +287,7 @@ class _Columns:
         self._xform_obj: dict[str, Any] = {}
         self._inv: dict[tuple, float] = {}
         self._chan: dict[str, int] = {}
+        self._prefetched = False
 
     def channel(self, name: str, pop: str) -> int:
         idx = self._chan.get(name)
@@ -272,14 +299,61 @@ class _Columns:
             self._chan[name] = idx
         return idx
 
+    def matrix_column(self, ch: int, matrix_id: str) -> np.ndarray:
+        """Column ``ch`` of the raw events compensated with ``template.compensation[matrix_id]`` (as FlowKit)."""
+        cache = self.__dict__.setdefault("_matrix_events", {})
+        ev = cache.get(matrix_id)
+        if ev is None:
+            from flowkit import Matrix
+
+            frame = self.template.compensation[matrix_id]
+            m = Matrix(np.asarray(frame, dtype=float), list(frame.columns), list(frame.index))
+            ev = cache[matrix_id] = m.apply(self.data.sample)
+        return np.ascontiguousarray(ev[:, ch])
+
     def base(self, ch: int, compensated: bool) -> np.ndarray:
+        """Contiguous column ``ch`` of the compensated (or, if not ``compensated``, raw) events."""
+        if isinstance(compensated, str):  # a spillover matrix of the template (Gating-ML spectrumMatrix)
+            return self.matrix_column(ch, compensated)
         if compensated or self.data.compensation is None:
+            if not self._prefetched:
+                self._prefetch()
             return self.data.column(ch)
         col = self._raw_cols.get(ch)
         if col is None:
             col = np.ascontiguousarray(self.data.sample.get_events(source="raw")[:, ch])
             self._raw_cols[ch] = col
         return col
+
+    def _prefetch(self) -> None:
+        """Extract every column the template touches in one pass over the (row-major) event matrix.
+
+        Copying columns one by one reads the whole matrix once per column; the
+        compiled kernel reads it once and writes each column contiguously. The
+        columns land in the sample's own column cache (:meth:`FCSData.column`),
+        so the templates gated after this one reuse them.
+        """
+        self._prefetched = True
+        K = _kernels()
+        cache = getattr(self.data, "_columns", None)
+        ev = self.data.events
+        if not K or not isinstance(cache, dict) or not isinstance(ev, np.ndarray) or ev.ndim != 2:
+            return
+        want: list[int] = []
+        for marker in self.template.markers:
+            try:
+                ch = self.channel(marker, "(column prefetch)")
+            except MarkerError:  # raised, with its population, when that population is gated
+                self._chan.pop(marker, None)
+                continue
+            if ch not in cache and ch not in want:
+                want.append(ch)
+        if len(want) < 2 or ev.dtype != np.float64:
+            return
+        block = np.empty((len(want), ev.shape[0]), dtype=np.float64)
+        K.take_columns(ev, np.asarray(want, dtype=np.int64), block)
+        for k, ch in enumerate(want):
+            cache.setdefault(ch, block[k])
 
     def xform(self, spec: Mapping[str, Any] | None):
         if spec is None:
@@ -383,7 +457,13 @@ class _Engine:
         if fit is not None:
             return fit.value
         if key in self.fixed:
-            fit = ThresholdFit(ref.marker, ref.cut, float(self.fixed[key]), "batch")
+            given = self.fixed[key]
+            if isinstance(given, ThresholdFit):  # fitted once on a pooled batch (gate_files)
+                from dataclasses import replace
+
+                fit = replace(given)
+            else:
+                fit = ThresholdFit(ref.marker, ref.cut, float(given), "batch")
         else:
             spec = self.t.thresholds[ref.marker][ref.cut]
             if isinstance(spec, (int, float)):
@@ -398,6 +478,9 @@ class _Engine:
                 sel = None if on is None else self.idx[on]
                 values = self.cols.transformed(dim, sel, True, pop.name)
                 value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
+                if spec.get("scope") == "batch":
+                    note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
+                                                       "(gate_files fits it on the pooled batch)") if x)
                 fit = ThresholdFit(ref.marker, ref.cut, value, str(spec["method"]), on or "root",
                                    int(values.size), fallback, note)
         self.fits[key] = fit
@@ -409,7 +492,7 @@ class _Engine:
             parent = None if pop.parent is None else self.idx[pop.parent]
             try:
                 self.idx[pop.name] = self.population(pop, parent)
-            except (MarkerError, GatingError):
+            except (MarkerError, GatingError, ThresholdError):  # already name the sample and what failed
                 raise
             except Exception as exc:  # pragma: no cover - defensive: name the context
                 raise GatingError(f"{self.data.path}: template {self.t.path}: population {pop.name!r}: "
@@ -423,7 +506,8 @@ class _Engine:
         g = pop.gate
         if isinstance(g, BooleanGate):
             return self.boolean(g, parent)
-        comp = any(d.compensated for d in g.dims)  # FlowKit compensates all dims of a gate if any is
+        # FlowKit compensates all dims of a gate if any is (a matrix id if a dim names one)
+        comp = next((d.compensated for d in g.dims if d.compensated), False)
         if isinstance(g, RectGate):
             keep = self.rect(pop, g, parent, comp)
         elif isinstance(g, PolygonGate):
@@ -552,7 +636,10 @@ class _Engine:
         cov = np.asarray(g.covariance, dtype=float)
         half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square) * (1 + 1e-9) + 1e-12
         n = self.data.n_events if parent is None else parent.size
-        rel = self._box_candidates(pop, g.dims, c - half, c + half, parent, comp)
+        if np.array_equal(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0):
+            rel = self._box_candidates(pop, g.dims, c - half, c + half, parent, comp)
+        else:  # not an ellipsoid (Gating-ML allows any matrix): the region is unbounded, test every event
+            rel = np.arange(n)
         ev = self._sel(parent)[rel]
         pts = np.column_stack([self.cols.transformed(d, ev, comp, pop.name) for d in g.dims])
         keep = np.zeros(n, dtype=bool)
@@ -690,13 +777,14 @@ class Batch:
     errors: dict[str, str]
 
 
-def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool):
+def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool,
+               fixed: Mapping[tuple[str, str], Any] | None = None):
     from .io import FCSError, load_fcs
     from .stats import population_table, thresholds_table
     from .thresholds import ThresholdError
 
     try:
-        res = gate_sample(load_fcs(path, compensation), template)
+        res = gate_sample(load_fcs(path, compensation), template, thresholds=fixed or None)
     except (FCSError, MarkerError, GatingError, ThresholdError) as exc:
         return path, None, None, None, str(exc)
     except Exception as exc:  # a file must never take the batch down
@@ -706,6 +794,114 @@ def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool
     if not keep_data:
         res.data = None
     return path, res, table, th, None
+
+
+def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[dict, str | None, Population, Dim]]:
+    """``{(marker, cut): (rule, fitted-on population or None, first user, its dim)}`` of ``scope: batch`` rules."""
+    rules = {(m, c): spec for m, cuts in template.thresholds.items() for c, spec in cuts.items()
+             if isinstance(spec, Mapping) and spec.get("scope") == "batch"}
+    out: dict[tuple[str, str], tuple[dict, str | None, Population, Dim]] = {}
+    for pop in template.populations:
+        g = pop.gate
+        if not isinstance(g, RectGate):
+            continue
+        for dim, bounds in zip(g.dims, g.bounds):
+            for b in bounds:
+                if isinstance(b, ThresholdRef):
+                    key = (b.marker, b.cut)
+                    if key in rules and key not in out:
+                        rule = rules[key]
+                        out[key] = (rule, rule.get("on", pop.parent), pop, dim)
+    return out
+
+
+def _closure(template: Template, names: Iterable[str | None]) -> set[str]:
+    """The populations needed to gate ``names``: themselves, their ancestors and boolean operands."""
+    need: set[str] = set()
+    todo = [n for n in names if n is not None]
+    while todo:
+        n = todo.pop()
+        if n in need:
+            continue
+        need.add(n)
+        p = template[n]
+        todo += ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
+    return need
+
+
+def _batch_values(path: str, sub: Template, template: Template, compensation: Any,
+                  known: Mapping[tuple[str, str], Any], targets: list) -> dict | None:
+    """Pass 1 for one file: the transformed values each batch threshold is fitted on (``None``: file failed)."""
+    from .io import load_fcs
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = load_fcs(path, compensation)
+            res = gate_sample(data, sub, thresholds=dict(known) or None)
+            cols = _Columns(data, template)
+            out = {}
+            for key, on, pop_name, dim in targets:
+                sel = None if on is None else res.indices[on]
+                out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
+            return out
+    except Exception:  # reported by pass 2, which gates (and fails on) the same file
+        return None
+
+
+def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any,
+                          jobs: int) -> tuple[dict[tuple[str, str], ThresholdFit], str | None]:
+    """Fit every ``scope: batch`` threshold once on the pooled values of all files (pass 1).
+
+    A batch threshold whose fitted-on population needs another batch threshold is
+    fitted in a later round, after that one; each round reads every file once.
+    """
+    from dataclasses import replace
+
+    from .thresholds import ThresholdError, fit_threshold
+
+    rules = _batch_rules(template)
+    fits: dict[tuple[str, str], ThresholdFit] = {}
+    pending = dict(rules)
+    while pending:
+        ready, subsets = [], {}
+        for key, (rule, on, pop, dim) in pending.items():
+            need = _closure(template, [on])
+            uses = {(b.marker, b.cut) for n in need for bs in getattr(template[n].gate, "bounds", ())
+                    for b in bs if isinstance(b, ThresholdRef)}
+            if key in uses:
+                return fits, (f"template {template.path}: batch threshold {key[0]}.{key[1]} is fitted on "
+                              f"{on!r}, which is gated with that same threshold")
+            if not (uses & set(pending)):
+                ready.append(key)
+                subsets[key] = need
+        if not ready:  # pragma: no cover - a cycle through several thresholds
+            return fits, f"template {template.path}: batch thresholds {sorted(pending)} depend on each other"
+        need_all = set().union(*subsets.values())
+        sub = replace(template, populations=[p for p in template.populations if p.name in need_all])
+        targets = [(k, pending[k][1], pending[k][2].name, pending[k][3]) for k in ready]
+        if jobs > 1 and len(paths) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
+                per_file = list(pool.map(_batch_values, paths, [sub] * len(paths), [template] * len(paths),
+                                         [compensation] * len(paths), [fits] * len(paths),
+                                         [targets] * len(paths)))
+        else:
+            per_file = [_batch_values(p, sub, template, compensation, fits, targets) for p in paths]
+        used = [v for v in per_file if v is not None]
+        for key in ready:
+            rule, on, pop, dim = pending.pop(key)
+            pooled = np.concatenate([v[key] for v in used]) if used else np.empty(0)
+            label = f"batch of {len(used)} file(s): {key[0]}.{key[1]}"
+            try:
+                value, fallback, note = fit_threshold(pooled, rule, label=label)
+            except ThresholdError as exc:
+                return fits, str(exc)
+            note = "; ".join(x for x in (f"scope: batch, pooled over {len(used)} file(s)", note) if x)
+            fits[key] = ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root",
+                                     int(pooled.size), fallback, note)
+    return fits, None
 
 
 def gate_files(
@@ -732,6 +928,10 @@ def gate_files(
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
 
+    Thresholds with ``scope: batch`` are fitted once on the fitted-on population's
+    values pooled over all files (pass 1), then every file is gated with that value
+    (pass 2). If such a fit fails without a ``fallback``, every file reports the error.
+
     Returns
     -------
     Batch
@@ -743,10 +943,17 @@ def gate_files(
     paths = [os.fspath(p) for p in paths]
     if jobs <= 0:
         jobs = os.cpu_count() or 1
+    batch_fits, batch_error = _fit_batch_thresholds(paths, template, compensation, jobs)
+    if batch_error is not None:
+        for p in paths:
+            if progress:
+                progress(p, batch_error)
+        return Batch(results=[], table=pd.DataFrame(), thresholds=pd.DataFrame(),
+                     errors={p: batch_error for p in paths})
     outs = []
     if jobs == 1 or len(paths) <= 1:
         for p in paths:
-            out = _gate_path(p, template, compensation, True)
+            out = _gate_path(p, template, compensation, True, batch_fits)
             outs.append(out)
             if progress:
                 progress(p, out[4])
@@ -754,7 +961,7 @@ def gate_files(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
-            futs = [pool.submit(_gate_path, p, template, compensation, False) for p in paths]
+            futs = [pool.submit(_gate_path, p, template, compensation, False, batch_fits) for p in paths]
             for fut in futs:
                 out = fut.result()
                 outs.append(out)

@@ -84,6 +84,12 @@ def to_gating_strategy(
     def cref(d: Dim, ch: str) -> str:
         if not d.compensated:
             return "uncompensated"
+        if isinstance(d.compensated, str):  # a spillover matrix of the template (Gating-ML import)
+            if d.compensated not in gs.comp_matrices:
+                frame = template.compensation[d.compensated]
+                gs.add_comp_matrix(d.compensated, fk.Matrix(frame.to_numpy(dtype=float), list(frame.columns),
+                                                            list(frame.index)))
+            return d.compensated
         return comp_ref if data.channels.index(ch) not in data.scatter else "uncompensated"
 
     def value(b: Any) -> float | None:
@@ -103,7 +109,8 @@ def to_gating_strategy(
             rid = d.marker
             if rid not in gs.transformations:
                 gs.add_transform(rid, fk.transforms.RatioTransform([channel(num, pop), channel(den, pop)], a, b, c))
-            return fk.RatioDimension(rid, comp_ref if d.compensated else "uncompensated", xref(d),
+            rc = cref(d, "") if isinstance(d.compensated, str) else comp_ref if d.compensated else "uncompensated"
+            return fk.RatioDimension(rid, rc, xref(d),
                                      range_min=lo, range_max=hi)
         ch = channel(d.marker, pop)
         return fk.Dimension(ch, cref(d, ch), xref(d), range_min=lo, range_max=hi)

@@ -36,6 +36,7 @@ import datetime as _dt
 import math
 import os
 import sqlite3
+import sys
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
@@ -55,6 +56,7 @@ __all__ = [
     "select_reference",
     "read_population_table",
     "levey_jennings",
+    "write_levey_jennings",
     "GOLDEN_COLUMNS",
     "golden_tables",
     "regenerate_golden",
@@ -103,7 +105,7 @@ def _connect(db: PathLike, create: bool = True) -> sqlite3.Connection:
     path = Path(os.fspath(db))
     if not create and not path.exists():
         raise ReferenceDBError(f"{path}: reference database not found; add a first batch with "
-                               "`immuneprofile reference add --db {path} ...`")
+                               f"`immuneprofile reference add --db {path} ...`")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -370,7 +372,8 @@ def check_reference(
 def _pyplot():
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and not os.environ.get("DISPLAY"):
+    if ("matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND")
+            and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -547,11 +550,11 @@ def compare_golden(got: pd.DataFrame, want: pd.DataFrame) -> list[str]:
         out.append(f"{r.sample_id} / {r.population}: in the golden table but not gated")
     both = m[m["_merge"] == "both"]
     for col in ("count", "parent_count", "parent"):
-        a, b = both[f"{col}_got"], both[f"{col}_golden"]
-        diff = both[(a.astype(str) != b.astype(str))]
-        for r in diff.itertuples(index=False):
-            out.append(f"{r.sample_id} / {r.population}: {col} {getattr(r, col + '_got')} "
-                       f"!= golden {getattr(r, col + '_golden')}")
+        kind = str if col == "parent" else "int64"
+        a, b = both[f"{col}_got"].astype(kind), both[f"{col}_golden"].astype(kind)
+        for i in np.flatnonzero((a != b).to_numpy()):
+            r = both.iloc[i]
+            out.append(f"{r['sample_id']} / {r['population']}: {col} {a.iloc[i]} != golden {b.iloc[i]}")
     return out
 
 

@@ -25,6 +25,7 @@ import io
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
@@ -48,7 +49,8 @@ GATE_COLOR = "#d62728"
 def _pyplot():
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and not os.environ.get("DISPLAY"):
+    if ("matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND")
+            and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -254,6 +256,9 @@ def _draw_panel(ax, res: GatingResult, pops: list[Population], vals: _Values, th
         ax.text(0.5, -0.32 if len(dims) > 1 else -0.3, "; ".join(notes), transform=ax.transAxes, ha="center",
                 va="top", fontsize=6, color="#555555")
     ax.tick_params(labelsize=6)
+    ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
+    ax.xaxis.get_offset_text().set_fontsize(6)
+    ax.yaxis.get_offset_text().set_fontsize(6)
 
 
 def gate_figure(result: GatingResult, *, max_points: int = MAX_POINTS, ncols: int = 4, seed: int = 0):
@@ -438,7 +443,7 @@ def build_report(
     min_population_events: int = MIN_POPULATION_EVENTS,
     max_points: int = MAX_POINTS,
     title: str | None = None,
-    dpi: int = 72,
+    dpi: int = 90,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) plus ``populations.csv`` for a gated batch.
 

@@ -71,7 +71,9 @@ class Dim:
     transform
         Normalised transform spec (see :mod:`immuneprofile.transforms`), ``None`` = linear raw scale.
     compensated
-        Use compensated values (default) or the uncompensated ones.
+        Use compensated values (default) or the uncompensated ones; a string names
+        a spillover matrix of ``Template.compensation`` (a Gating-ML spectrum matrix)
+        that the engine applies to the file's raw events.
     ratio
         ``(numerator, denominator, A, B, C)`` for a Gating-ML ratio dimension
         ``A * (x - B) / (y - C)``; ``None`` otherwise.
@@ -162,6 +164,10 @@ class Template:
         ``{marker: {"pos"|"hi": number or rule dict}}``.
     transforms
         The template's ``transforms`` section as written (for export).
+    compensation
+        ``{matrix id: pandas.DataFrame}`` spillover matrices referenced by dims whose
+        ``compensated`` is that id (rows: fluorochromes, columns: detector ``$PnN``);
+        empty for YAML templates (Gating-ML import fills it).
     """
 
     name: str
@@ -170,6 +176,7 @@ class Template:
     transforms: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     path: str = "<template>"
+    compensation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_name = {p.name: p for p in self.populations}

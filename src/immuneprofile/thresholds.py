@@ -79,8 +79,9 @@ def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "
     value: float | None = None
     if v.size < 20:
         note = f"only {v.size} events to fit on"
-    elif method == "quantile":
-        value = float(np.quantile(v, float(rule.get("q", 0.95))))
+    elif method == "quantile":  # cheap: on every event, not the subsample, so it is exact
+        allv = np.asarray(values, dtype=float)
+        value = float(np.quantile(allv[np.isfinite(allv)], float(rule.get("q", 0.95))))
     elif method == "tail":
         grid, dens = _kde(v, rule.get("bw"))
         top = int(np.argmax(dens))
