@@ -281,7 +281,8 @@ def test_data_driven_thresholds_need_values(tmp_path):
 def test_export_without_data_uses_marker_names(tmp_path):
     t = load_template(GATING / "treg.yaml") if (GATING / "treg.yaml").exists() else parse_template(EDGE)
     out = tmp_path / "t.xml"
-    write_gatingml(t, out, thresholds={})
+    fixed = {(m, c): r["fallback"] for m, cuts in t.thresholds.items() for c, r in cuts.items() if isinstance(r, dict)}
+    write_gatingml(t, out, thresholds=fixed)
     text = out.read_text()
     assert 'compensation-ref="FCS"' in text
     back = read_gatingml(out)

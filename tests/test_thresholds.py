@@ -258,3 +258,59 @@ def test_batch_rule_in_gate_sample_is_fitted_on_the_sample_and_says_so(samples):
     res = gate_sample(load_fcs(samples[0]), _template({"method": "gmm", "scope": "batch"}))
     fox = next(f for f in res.thresholds if f.marker == "FoxP3")
     assert "fitted on this sample alone" in fox.note
+
+
+def test_valley_ignores_lumps_of_a_broad_negative_population():
+    """Two tall lumps in the negative population must not be taken for the two peaks."""
+    rng = np.random.default_rng(7)
+    neg = np.concatenate([rng.normal(0.12, 0.06, 4000), rng.normal(0.28, 0.06, 4000)])
+    pos = rng.normal(0.75, 0.04, 300)  # rare, well separated positives
+    value, fell_back, _ = fit_threshold(np.concatenate([neg, pos]), {"method": "valley", "min_height": 0.01})
+    assert not fell_back and 0.45 < value < 0.65
+    # without the depth criterion (min_depth 0) the two lumps win and the cut lands between them
+    lumpy, _, _ = fit_threshold(np.concatenate([neg, pos]), {"method": "valley", "min_height": 0.01, "min_depth": 0.0})
+    assert lumpy < 0.35
+
+
+def test_tail_on_the_lower_side():
+    rng = np.random.default_rng(3)
+    v = np.concatenate([rng.normal(0.67, 0.03, 5000), rng.normal(0.15, 0.05, 150)])  # CD127lo below CD127+
+    value, fell_back, _ = fit_threshold(v, {"method": "tail", "side": "lower", "fraction": 0.02})
+    assert not fell_back and 0.3 < value < 0.62
+    assert (v < value).sum() == pytest.approx(150, abs=5)
+
+
+def test_yaml_on_key_and_unknown_rule_options(tmp_path):
+    from immuneprofile import TemplateError, load_template
+
+    p = tmp_path / "t.yaml"
+    p.write_text("thresholds:\n  CD4: {pos: {method: valley, on: top, fallback: 0.5}}\n"
+                 "populations:\n  - {name: top, gate: {type: range, marker: CD3, min: 0.3}}\n"
+                 "  - {name: cd4, parent: top, gate: {type: threshold, markers: {CD4: '+'}}}\n")
+    assert load_template(p).thresholds["CD4"]["pos"]["on"] == "top"  # YAML's `on` = true is mapped back
+    p.write_text(p.read_text().replace("on: top", "on: tpo"))
+    with pytest.raises(TemplateError, match=r"fitted `on` unknown population 'tpo' \(did you mean 'top'\?\)"):
+        load_template(p)
+    p.write_text(p.read_text().replace("on: tpo", "fracton: 0.1"))
+    with pytest.raises(TemplateError, match=r"unknown option\(s\) \['fracton'\]"):
+        load_template(p)
+
+
+def test_case_series_templates_fit_their_thresholds_on_the_data():
+    """CD25hi/CD127lo, FoxP3+, CLA+, CD103+ and CD16+ are data-driven and recorded for audit."""
+    from conftest import EXAMPLE, GATING
+    from immuneprofile import load_template
+
+    expected = {"treg.yaml": {("CD25", "hi"), ("CD127", "hi"), ("FoxP3", "pos")},
+                "tcell_skin_homing.yaml": {("CLA", "pos"), ("CD103", "pos")},
+                "monocytes.yaml": {("CD16", "pos")}}
+    files = {"treg.yaml": "P2_W24_treg.fcs", "tcell_skin_homing.yaml": "P2_W24_tcell.fcs",
+             "monocytes.yaml": "P2_W24_monocyte.fcs"}
+    for name, keys in expected.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ThresholdWarning)  # must fit, not fall back
+            res = gate_sample(load_fcs(EXAMPLE / files[name]), load_template(GATING / name))
+        tab = thresholds_table([res]).set_index(["marker", "cut"])
+        for key in keys:
+            row = tab.loc[key]
+            assert row["method"] != "fixed" and not row["fallback"] and row["n_events"] > 0, (name, key)

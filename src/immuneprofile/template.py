@@ -36,6 +36,7 @@ __all__ = [
 
 ROOT = "root"
 THRESHOLD_METHODS = {"valley", "tail", "quantile", "gmm"}
+_RULE_KEYS = {"method", "scope", "on", "fallback", "fraction", "q", "min_height", "min_depth", "bw", "side"}
 _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "neg": ("pos", False),
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
                "lo": ("hi", False), "dim": ("hi", False)}
@@ -284,6 +285,12 @@ class _Parser:
                 raise _err(self.src, None, f"threshold {label}: unknown method {method!r}",
                            f"use one of {sorted(THRESHOLD_METHODS)}")
             rule = dict(value)
+            if True in rule:  # YAML 1.1 reads an unquoted `on:` key as the boolean true
+                rule["on"] = rule.pop(True)
+            unknown = set(rule) - _RULE_KEYS
+            if unknown:
+                raise _err(self.src, None, f"threshold {label}: unknown option(s) {sorted(map(str, unknown))}",
+                           f"use {sorted(_RULE_KEYS)}")
             if rule.get("scope", "sample") not in ("sample", "batch"):
                 raise _err(self.src, None, f"threshold {label}: scope must be 'sample' or 'batch'",
                            "write `scope: sample` or `scope: batch`")
@@ -515,6 +522,14 @@ class _Parser:
                     what = "parent" if d == p.parent else "boolean operand"
                     raise _err(self.src, p.name, f"unknown {what} {d!r}{hint}",
                                f"define {d!r} as a population or correct the name")
+        for marker, cuts in self.thresholds.items():
+            for cut, rule in cuts.items():
+                on = rule.get("on") if isinstance(rule, Mapping) else None
+                if on is not None and str(on) not in seen:
+                    close = difflib.get_close_matches(str(on), names, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise _err(self.src, None, f"threshold {marker}.{cut} is fitted `on` unknown population {on!r}{hint}",
+                               "name a population of this template")
         deps = {p.name: ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())] for p in pops}
         ts = graphlib.TopologicalSorter(deps)
         try:

@@ -44,13 +44,21 @@ def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
     return grid, gaussian_kde(v, bw_method=bw)(grid)
 
 
-def density_peaks(values: np.ndarray, *, min_height: float = 0.05, bw: Any = None):
-    """Grid, density and indices of local maxima at least ``min_height`` x the highest."""
+def density_peaks(values: np.ndarray, *, min_height: float = 0.05, min_depth: float = 0.5, bw: Any = None):
+    """Grid, density and indices of the distinct peaks of a 1-D kernel density.
+
+    A peak counts if it is at least ``min_height`` x the highest density and is
+    separated from any higher peak by a dip of at least ``min_depth`` x its own
+    height (its topographic prominence). The depth criterion keeps a real, well
+    separated positive population however rare it is, and discards the lumps of
+    a broad negative population however tall they are.
+    """
+    from scipy.signal import find_peaks
+
     v = _subsample(values)
     grid, dens = _kde(v, bw)
-    interior = (dens[1:-1] > dens[:-2]) & (dens[1:-1] >= dens[2:])
-    peaks = np.flatnonzero(interior) + 1
-    peaks = peaks[dens[peaks] >= min_height * dens.max()]
+    peaks, props = find_peaks(dens, height=min_height * dens.max(), prominence=0.0)
+    peaks = peaks[props["prominences"] >= min_depth * dens[peaks]]
     return grid, dens, peaks
 
 
@@ -62,8 +70,11 @@ def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "
     values
         Transformed intensities of the population the threshold is fitted on.
     rule
-        ``{method: valley|tail|quantile|gmm, ...}``; options: ``fraction`` (tail, default 0.05),
-        ``q`` (quantile, default 0.95), ``min_height`` (valley/gmm peak detection, default 0.05),
+        ``{method: valley|tail|quantile|gmm, ...}``; options: ``fraction`` and ``side``
+        (tail: where the dominant peak's density falls to ``fraction`` of its height, on its
+        ``upper`` (default) or ``lower`` side),
+        ``q`` (quantile, default 0.95), ``min_height`` and ``min_depth`` (valley/gmm peak
+        detection, defaults 0.05 and 0.5, see :func:`density_peaks`),
         ``bw`` (KDE bandwidth), ``fallback`` (number used, with a :class:`ThresholdWarning`,
         when the rule finds no answer).
     label
@@ -86,13 +97,22 @@ def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "
         grid, dens = _kde(v, rule.get("bw"))
         top = int(np.argmax(dens))
         frac = float(rule.get("fraction", 0.05))
-        below = np.flatnonzero(dens[top:] < frac * dens[top])
-        if below.size:
-            value = float(grid[top + below[0]])
+        side = str(rule.get("side", "upper"))
+        if side not in ("upper", "lower"):
+            raise ThresholdError(f"{label}: tail side must be 'upper' or 'lower', got {side!r}")
+        if side == "upper":
+            below = np.flatnonzero(dens[top:] < frac * dens[top])
+            pos = top + below[0] if below.size else None
         else:
-            note = f"density never falls to {frac} of its peak"
+            below = np.flatnonzero(dens[:top + 1] < frac * dens[top])
+            pos = below[-1] if below.size else None
+        if pos is not None:
+            value = float(grid[pos])
+        else:
+            note = f"density never falls to {frac} of its peak on its {side} side"
     elif method in ("valley", "gmm"):
-        grid, dens, peaks = density_peaks(v, min_height=float(rule.get("min_height", 0.05)), bw=rule.get("bw"))
+        grid, dens, peaks = density_peaks(v, min_height=float(rule.get("min_height", 0.05)),
+                                          min_depth=float(rule.get("min_depth", 0.5)), bw=rule.get("bw"))
         if peaks.size < 2:
             note = "no second peak in the density"
         else:
