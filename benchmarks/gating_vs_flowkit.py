@@ -89,23 +89,37 @@ def median(xs):
 
 
 # ----------------------------------------------------------------------------- workers
+def strategies_for(path, templates) -> list:
+    """FlowKit strategies equivalent to the templates for this file (untimed: the user's gating definition).
+
+    Data-driven thresholds are fitted per file; FlowKit gets the values the
+    engine fitted on the same file, as fixed cuts.
+    """
+    from immuneprofile import gate_sample, load_fcs
+    from immuneprofile.interop import to_gating_strategy
+
+    data = load_fcs(path)
+    out = []
+    for t in templates:
+        fitted = {(f.marker, f.cut): f.value for f in gate_sample(data, t).thresholds}
+        out.append(to_gating_strategy(t, data, fitted))
+    return out
+
+
 def worker_flowkit(path: str, reps: int) -> dict:
     import tracemalloc
 
     import flowkit as fk
 
-    from immuneprofile import load_fcs
-    from immuneprofile.interop import flowkit_gate_path, to_gating_strategy
+    from immuneprofile.interop import flowkit_gate_path
 
     templates = load_templates()
     setup = str(sample_path(SETUP_EVENTS))
-    data = load_fcs(setup)  # resolves markers to channels: same panel, same channels as `path`
-    strategies = [to_gating_strategy(t, data) for t in templates]
-    del data
     s = fk.Sample(setup)  # warm-up (imports, caches) on the small file
-    for gs in strategies:
+    for gs in strategies_for(setup, templates):
         gs.gate_sample(s)
     del s
+    strategies = strategies_for(path, templates)
 
     loads, gates = [], []
     for _ in range(reps):
@@ -236,17 +250,13 @@ def run_batch(n_files: int, n_events: int) -> dict:
 def run_batch_flowkit(n_files: int, n_events: int) -> float:
     import flowkit as fk
 
-    from immuneprofile import load_fcs
-    from immuneprofile.interop import to_gating_strategy
-
     paths = [sample_path(n_events, f"_batch{i:02d}") for i in range(n_files)]
     templates = load_templates()
-    data = load_fcs(paths[0])
-    strategies = [to_gating_strategy(t, data) for t in templates]
+    strategies = {p: strategies_for(p, templates) for p in paths}
     t0 = time.perf_counter()
     for p in paths:
         s = fk.Sample(str(p))
-        for gs in strategies:
+        for gs in strategies[p]:
             gs.gate_sample(s)
     return time.perf_counter() - t0
 

@@ -9,6 +9,7 @@ The public API::
     table = population_table([res])               # tidy pandas table
 """
 
+from .gatingml import read_gatingml, write_gatingml
 from .gating import Batch, GatingError, GatingResult, gate_files, gate_sample
 from .io import FCSData, FCSError, MarkerError, load_fcs
 from .stats import population_table, thresholds_table, to_anndata
@@ -31,6 +32,8 @@ __all__ = [
     "load_template",
     "parse_template",
     "population_table",
+    "read_gatingml",
     "thresholds_table",
     "to_anndata",
+    "write_gatingml",
 ]
