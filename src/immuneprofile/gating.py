@@ -37,7 +37,7 @@ from .template import (
     Template,
     ThresholdRef,
 )
-from .thresholds import ThresholdError
+from .thresholds import MAX_FIT_EVENTS, ThresholdError
 from .transforms import MONOTONE, make_transform, transform_key
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
@@ -475,14 +475,19 @@ class _Engine:
                 if on is not None and on not in self.idx:
                     raise GatingError(f"{self.data.path}: template {self.t.path}: threshold {ref} is fitted on "
                                       f"{on!r}, which is not gated before population {pop.name!r}")
-                sel = None if on is None else self.idx[on]
+                sel = np.arange(self.data.n_events) if on is None else self.idx[on]
+                n_fit = int(sel.size)
+                if spec["method"] != "quantile" and sel.size > MAX_FIT_EVENTS:
+                    # density rules read a fixed-size subsample: transform only that (a systematic
+                    # sample, every k-th event in acquisition order: deterministic and O(subsample))
+                    sel = sel[np.linspace(0, sel.size - 1, MAX_FIT_EVENTS).astype(np.int64)]
                 values = self.cols.transformed(dim, sel, True, pop.name)
                 value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
                 if spec.get("scope") == "batch":
                     note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
                                                        "(gate_files fits it on the pooled batch)") if x)
                 fit = ThresholdFit(ref.marker, ref.cut, value, str(spec["method"]), on or "root",
-                                   int(values.size), fallback, note)
+                                   n_fit, fallback, note)
         self.fits[key] = fit
         return fit.value
 
@@ -781,7 +786,7 @@ def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool
                fixed: Mapping[tuple[str, str], Any] | None = None):
     from .io import FCSError, load_fcs
     from .stats import population_table, thresholds_table
-    from .thresholds import ThresholdError
+    from .thresholds import MAX_FIT_EVENTS, ThresholdError
 
     try:
         res = gate_sample(load_fcs(path, compensation), template, thresholds=fixed or None)

@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
 
-_MAX_FIT_EVENTS = 20_000
+#: Density rules are fitted on at most this many events (a seeded random subsample).
+MAX_FIT_EVENTS = 20_000
 _GRID = 512
 
 
@@ -30,18 +31,37 @@ class ThresholdError(ValueError):
 def _subsample(values: np.ndarray, seed: int = 0) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    if v.size > _MAX_FIT_EVENTS:
-        v = np.random.default_rng(seed).choice(v, _MAX_FIT_EVENTS, replace=False)
+    if v.size > MAX_FIT_EVENTS:
+        v = np.random.default_rng(seed).choice(v, MAX_FIT_EVENTS, replace=False)
     return v
 
 
 def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.stats import gaussian_kde
+    """Gaussian kernel density of ``v`` on a regular grid, by binning and convolution.
 
-    lo, hi = np.quantile(v, [0.001, 0.999])
-    pad = 0.05 * (hi - lo if hi > lo else 1.0)
-    grid = np.linspace(lo - pad, hi + pad, _GRID)
-    return grid, gaussian_kde(v, bw_method=bw)(grid)
+    The bandwidth follows :class:`scipy.stats.gaussian_kde`: ``bw`` is the factor
+    multiplying the sample standard deviation (default Scott's ``n**(-1/5)``).
+    Binning makes a fit cost microseconds instead of the O(n x grid) exact sum;
+    at 1024 bins the density is indistinguishable from the exact one at the
+    scale thresholds are read.
+    """
+    n = v.size
+    factor = n ** (-1 / 5) if bw in (None, "scott") else (
+        (n * 3 / 4) ** (-1 / 5) if bw == "silverman" else float(bw))
+    sigma = factor * float(np.std(v, ddof=1)) if n > 1 else 1.0
+    if not sigma > 0:
+        sigma = 1e-3
+    lo, hi = float(v.min()) - 3 * sigma, float(v.max()) + 3 * sigma
+    edges = np.linspace(lo, hi, 2 * _GRID + 1)
+    counts, _ = np.histogram(v, bins=edges)
+    grid = 0.5 * (edges[:-1] + edges[1:])
+    step = grid[1] - grid[0]
+    half = int(np.ceil(4 * sigma / step))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) * step / sigma) ** 2)
+    dens = np.convolve(counts, k, mode="same")[: grid.size] if half < grid.size else \
+        np.convolve(counts, k)[half: half + grid.size]
+    dens = dens / (n * sigma * np.sqrt(2 * np.pi))
+    return grid, dens
 
 
 def density_peaks(values: np.ndarray, *, min_height: float = 0.05, min_depth: float = 0.5, bw: Any = None):
