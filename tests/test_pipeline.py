@@ -120,3 +120,17 @@ def test_cli_study_on_subset(tmp_path):
     assoc = pd.read_csv(out / "associations.csv")
     treg = assoc[(assoc["population"] == "Treg") & (assoc["method"] == "rmcorr")]
     assert len(treg) == 1 and treg["coef"].iloc[0] < 0  # Tregs rise as PASI falls
+
+
+def test_events_are_column_major_and_layout_does_not_change_membership():
+    from dataclasses import replace
+
+    data = load_fcs(EXAMPLE / "P3_W02_tcell.fcs")
+    assert data.events.flags.f_contiguous  # every channel a contiguous block
+    j = data.find_channel("CLA")
+    assert np.shares_memory(data.column(j), data.events)  # the engine reads columns without copying
+    t = _template("tcell")
+    a = gate_sample(data, t)
+    row_major = replace(data, events=np.ascontiguousarray(data.events), _columns={})
+    b = gate_sample(row_major, t)  # row-major input goes through the one-pass column extraction
+    assert all(np.array_equal(a.indices[n], b.indices[n]) for n in t.names)

@@ -326,7 +326,10 @@ class _Columns:
         return col
 
     def _prefetch(self) -> None:
-        """Extract every column the template touches in one pass over the (row-major) event matrix.
+        """Extract every column the template touches in one pass over a row-major event matrix.
+
+        :func:`immuneprofile.load_fcs` gives column-major events, whose columns need no
+        copy; this serves event matrices built otherwise (C order).
 
         Copying columns one by one reads the whole matrix once per column; the
         compiled kernel reads it once and writes each column contiguously. The
@@ -334,9 +337,11 @@ class _Columns:
         so the templates gated after this one reuse them.
         """
         self._prefetched = True
+        ev = self.data.events
+        if isinstance(ev, np.ndarray) and ev.flags.f_contiguous:
+            return  # column-major (as load_fcs gives it): every column is already a contiguous view
         K = _kernels()
         cache = getattr(self.data, "_columns", None)
-        ev = self.data.events
         if not K or not isinstance(cache, dict) or not isinstance(ev, np.ndarray) or ev.ndim != 2:
             return
         want: list[int] = []

@@ -90,7 +90,7 @@ class FCSData:
         ``$PnS`` labels (empty string where the file has none).
     events
         Compensated (untransformed) events, float64, shape ``(n_events, n_channels)``,
-        exactly as FlowKit computes them.
+        column-major (Fortran order), exactly as FlowKit computes them.
     compensation
         ``"FCS"`` when the file's own spillover was applied, ``"custom"`` for a
         user-given matrix, ``None`` when uncompensated.
@@ -121,7 +121,9 @@ class FCSData:
         return int(self.events.shape[0])
 
     def column(self, index: int) -> np.ndarray:
-        """Contiguous copy of one compensated channel, cached (the engine's one read)."""
+        """One compensated channel as a contiguous array (a view of the column-major matrix)."""
+        if self.events.flags.f_contiguous:
+            return self.events[:, index]
         col = self._columns.get(index)
         if col is None:
             col = np.ascontiguousarray(self.events[:, index])
@@ -289,13 +291,15 @@ def load_fcs(
     if spill_src is not None:
         try:
             matrix = Matrix(spill_src, detectors, fluorochromes, null_channels=sample.null_channels)
-            sample.apply_compensation(matrix)
+            comp = matrix.apply(sample)  # FlowKit's own arithmetic; not stored in the Sample
         except Exception as exc:
             what = "its $SPILLOVER keyword" if mode == "FCS" else f"compensation {compensation!r}"
             raise FCSError(f"{path}: cannot compensate with {what}: {exc}") from exc
-        events = sample.get_events(source="comp")
     else:
-        events = sample.get_events(source="raw")
+        comp = sample.get_events(source="raw")
+    # column-major: every channel is one contiguous block, read without a copy by the engine
+    events = np.asfortranarray(comp)
+    del comp
 
     scatter = list(sample.scatter_indices)
     if sample.time_index is not None:
