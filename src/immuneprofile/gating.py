@@ -486,7 +486,8 @@ class _Engine:
                     # density rules read a fixed-size subsample: transform only that (a systematic
                     # sample, every k-th event in acquisition order: deterministic and O(subsample))
                     sel = sel[np.linspace(0, sel.size - 1, MAX_FIT_EVENTS).astype(np.int64)]
-                values = self.cols.transformed(dim, sel, True, pop.name)
+                # transformed once, not cached: the subsample serves only this fit
+                values = self.cols.exact(dim, self.cols.raw(dim, sel, True, pop.name))
                 value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
                 if spec.get("scope") == "batch":
                     note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
