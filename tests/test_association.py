@@ -21,32 +21,16 @@ from immuneprofile.association import (
 )
 from immuneprofile.clinical import ClinicalDataError, join_clinical, subset_changes
 
-WEEKS = [0, 1, 2, 4, 9, 24]
-BASELINE = {"P1": 20.0, "P2": 36.0, "P3": 12.0}
-FRACTION = {0: 1.0, 1: 0.85, 2: 0.7, 4: 0.5, 9: 0.3, 24: 0.15}
+from cohort import make_cohort as _make_cohort
+
 OFFSET = {"P1": 0.0, "P2": 3.0, "P3": -1.5}  # between-patient differences
 POPS = {"Treg": -0.15, "CLA+ memory": -0.10, "ncMono": -0.08, "Null": 0.0}
 
 
 def make_cohort(seed: int = 0, noise: float = 0.3):
     """3 patients x 6 visits; subsets rise as PASI falls, plus a null subset."""
-    rng = np.random.default_rng(seed)
-    clin, sheet, pops = [], [], []
-    for p, b in BASELINE.items():
-        for w in WEEKS:
-            pasi = round(b * FRACTION[w] + rng.normal(0, 0.5), 1)
-            tr = "UC-MSC infusion" if w in (0, 1) else ""
-            if p == "P2" and w == 9:
-                tr = "biologic restart"
-            clin.append({"patient": p, "week": w, "pasi": max(pasi, 0.0), "treatment": tr})
-            sid = f"{p}_W{w:02d}"
-            sheet.append({"file": f"{sid}.fcs", "sample_id": sid, "patient": p, "week": w})
-            for pop, slope in POPS.items():
-                pct = 8 + OFFSET[p] + slope * (pasi - b) + rng.normal(0, noise)
-                pops.append({"sample_id": sid, "population": pop, "parent": "Live",
-                             "count": 100, "parent_count": 1000, "pct_parent": pct,
-                             "pct_total": pct / 10})
-    return pd.DataFrame(clin), pd.DataFrame(sheet), pd.DataFrame(pops)
+    return _make_cohort(seed, pops=[(p, s, 8.0) for p, s in POPS.items()], noise=noise, offsets=OFFSET,
+                        pasi_noise=0.5)
 
 
 def synthetic_rm(seed: int, n_subj: int = 5, n_obs: int = 6, slope: float = -0.4,

@@ -21,32 +21,14 @@ from immuneprofile.clinical import (
     validate_clinical,
 )
 
-WEEKS = [0, 1, 2, 4, 9, 24]
-BASELINE = {"P1": 20.0, "P2": 36.0, "P3": 12.0}
-FRACTION = {0: 1.0, 1: 0.85, 2: 0.7, 4: 0.5, 9: 0.3, 24: 0.15}
+from cohort import make_cohort as _make_cohort
 
 
 def make_cohort(seed: int = 0):
-    """3 patients x 6 visits; subsets rise as PASI falls (plus one null subset)."""
-    rng = np.random.default_rng(seed)
-    clin, sheet, pops = [], [], []
-    for p, b in BASELINE.items():
-        for w in WEEKS:
-            pasi = round(b * FRACTION[w], 1)
-            tr = "UC-MSC infusion" if w in (0, 1) else ""
-            if p == "P2" and w == 9:
-                tr = "biologic restart"
-            clin.append({"patient": p, "week": w, "pasi": pasi, "treatment": tr, "notes": ""})
-            sid = f"{p}_W{w:02d}_treg"
-            sheet.append({"file": f"{sid}.fcs", "sample_id": sid, "patient": p, "week": w,
-                          "panel": "treg"})
-            for pop, slope, off in (("Treg", -0.15, 5.0), ("ncMono", -0.08, 3.0),
-                                    ("Null", 0.0, 10.0)):
-                pct = off + slope * (pasi - b) + rng.normal(0, 0.2)
-                pops.append({"sample_id": sid, "population": pop, "parent": "Live",
-                             "count": 100, "parent_count": 1000, "pct_parent": pct,
-                             "pct_total": pct / 10})
-    return pd.DataFrame(clin), pd.DataFrame(sheet), pd.DataFrame(pops)
+    """3 patients x 6 visits of the treg panel; subsets rise as PASI falls (plus one null subset)."""
+    clin, sheet, pops = _make_cohort(seed, suffix="_treg")
+    sheet["panel"] = "treg"
+    return clin, sheet, pops
 
 
 @pytest.fixture()

@@ -29,8 +29,8 @@ def reference_pip(vertices, px, py):
 def compiled_pip(vertices, px, py):
     v = np.asarray(vertices, dtype=np.float64)
     out = np.empty(px.size, dtype=bool)
-    return K.pip_points(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]),
-                        np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), out)
+    return K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]),
+                        np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), NO_IDX, True, out)
 
 
 def compiled_pip_gather(vertices, colx, coly, idx):

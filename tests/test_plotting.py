@@ -7,7 +7,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import pytest
 
 from immuneprofile.association import associate
@@ -21,28 +20,14 @@ from immuneprofile.plotting import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-WEEKS = [0, 1, 2, 4, 9, 24]
-BASELINE = {"P1": 20.0, "P2": 36.0, "P3": 12.0}
-FRACTION = {0: 1.0, 1: 0.85, 2: 0.7, 4: 0.5, 9: 0.3, 24: 0.15}
+from cohort import BASELINE, WEEKS
+from cohort import make_cohort as _make_cohort
+
 POPS = {"Treg": -0.15, "ncMono": -0.08, "Null": 0.0}
 
 
 def make_cohort(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    clin, sheet, pops = [], [], []
-    for p, b in BASELINE.items():
-        for w in WEEKS:
-            pasi = round(b * FRACTION[w], 1)
-            tr = "UC-MSC infusion" if w in (0, 1) else ""
-            if p == "P2" and w == 9:
-                tr = "biologic restart"
-            clin.append({"patient": p, "week": w, "pasi": pasi, "treatment": tr})
-            sid = f"{p}_W{w:02d}"
-            sheet.append({"sample_id": sid, "patient": p, "week": w})
-            for pop, slope in POPS.items():
-                pct = 6 + slope * (pasi - b) + rng.normal(0, 0.3)
-                pops.append({"sample_id": sid, "population": pop, "pct_parent": pct})
-    return pd.DataFrame(clin), pd.DataFrame(sheet), pd.DataFrame(pops)
+    return _make_cohort(seed, pops=[(p, s, 6.0) for p, s in POPS.items()], noise=0.3)
 
 
 @pytest.fixture(autouse=True)

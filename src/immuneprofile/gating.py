@@ -110,23 +110,11 @@ def _pip_block(vx, vy, xs, ys, nb, w, out, start):  # pragma: no cover - compile
         out[start + k] = (not outside) & (w[k] % 2 != 0)
 
 
-def _pip_points(vx, vy, px, py, out):  # pragma: no cover - compiled
-    """``out[i] = (px[i], py[i])`` inside the polygon (see :func:`_pip_block`)."""
-    m = out.shape[0]
-    xs = np.empty(_PIP_BLOCK)
-    ys = np.empty(_PIP_BLOCK)
-    w = np.empty(_PIP_BLOCK, dtype=np.int32)
-    for start in range(0, m, _PIP_BLOCK):
-        nb = min(m - start, _PIP_BLOCK)
-        for k in range(nb):
-            xs[k] = px[start + k]
-            ys[k] = py[start + k]
-        _pip_block_j(vx, vy, xs, ys, nb, w, out, start)
-    return out
-
-
 def _pip_gather(vx, vy, colx, coly, idx, full, out):  # pragma: no cover - compiled
-    """As :func:`_pip_points` on ``colx[idx], coly[idx]`` (all events if ``full``), gathered block by block."""
+    """``out[i]``: point ``(colx[e], coly[e])`` inside the polygon, ``e = idx[i]`` (``e = i`` if ``full``).
+
+    Points are gathered block by block and tested by :func:`_pip_block`.
+    """
     m = out.shape[0]
     xs = np.empty(_PIP_BLOCK)
     ys = np.empty(_PIP_BLOCK)
@@ -199,7 +187,6 @@ def _kernels():
         jit = njit(cache=True, nogil=True)
         _pip_block_j = jit(_pip_block)
         _KERNELS = SimpleNamespace(
-            pip_points=jit(_pip_points),
             pip_gather=jit(_pip_gather),
             range_and=jit(_range_and),
             rect_dim=jit(_rect_dim),
@@ -693,7 +680,7 @@ def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> n
     if not K:
         return _points_in_polygon_numpy(v, px, py)
     out = np.empty(px.shape[0], dtype=bool)
-    return K.pip_points(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), px, py, out)
+    return K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), px, py, _NO_IDX, True, out)
 
 
 def _points_in_polygon_numpy(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
@@ -792,7 +779,7 @@ def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool
                fixed: Mapping[tuple[str, str], Any] | None = None):
     from .io import FCSError, load_fcs
     from .stats import population_table, thresholds_table
-    from .thresholds import MAX_FIT_EVENTS, ThresholdError
+    from .thresholds import ThresholdError
 
     try:
         res = gate_sample(load_fcs(path, compensation), template, thresholds=fixed or None)
