@@ -84,6 +84,16 @@ def digest(mask: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).hexdigest()[:16]
 
 
+def memberships(templates, results, membership) -> dict:
+    """``{template/population: [count, digest]}``; ``membership(template, result, name)`` -> bool mask."""
+    out = {}
+    for t, res in zip(templates, results):
+        for pop in t.populations:
+            m = membership(t, res, pop.name)
+            out[f"{t.name}/{pop.name}"] = [int(np.count_nonzero(m)), digest(m)]
+    return out
+
+
 def median(xs):
     return float(np.median(xs)) if xs else float("nan")
 
@@ -130,11 +140,8 @@ def worker_flowkit(path: str, reps: int) -> dict:
         t2 = time.perf_counter()
         loads.append(t1 - t0)
         gates.append(t2 - t1)
-    members = {}
-    for t, res in zip(templates, results):
-        for pop in t.populations:
-            m = res.get_gate_membership(pop.name, gate_path=flowkit_gate_path(t, pop.name))
-            members[f"{t.name}/{pop.name}"] = [int(np.count_nonzero(m)), digest(m)]
+    members = memberships(templates, results,
+                          lambda t, res, name: res.get_gate_membership(name, gate_path=flowkit_gate_path(t, name)))
     n_events, n_channels = sample.event_count, len(sample.pnn_labels)
     del sample, results
 
@@ -167,11 +174,7 @@ def worker_immuneprofile(path: str, reps: int) -> dict:
         t2 = time.perf_counter()
         loads.append(t1 - t0)
         gates.append(t2 - t1)
-    members = {}
-    for t, res in zip(templates, results):
-        for pop in t.populations:
-            m = res.mask(pop.name)
-            members[f"{t.name}/{pop.name}"] = [int(np.count_nonzero(m)), digest(m)]
+    members = memberships(templates, results, lambda t, res, name: res.mask(name))
     del results
 
     # the engine alone on loaded data (no column cached: it pays for its own reads) vs the floor

@@ -75,6 +75,13 @@ RESULT_COLUMNS = [
 ]
 
 
+def _fisher_ci(r: float, se: float, confidence: float) -> tuple[float, float]:
+    """Confidence interval of a correlation by Fisher's z transform with standard error ``se``."""
+    crit = sps.norm.ppf(0.5 + confidence / 2.0)
+    z = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
+    return float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
+
+
 def _nan_result(**extra: Any) -> dict[str, Any]:
     res = {
         "coef": np.nan, "std_coef": np.nan, "ci_low": np.nan, "ci_high": np.nan,
@@ -161,10 +168,7 @@ def rmcorr(
         out["statistic"] = float(np.sign(r) * np.inf)
         out["p_value"] = 0.0
     if dof > 1:
-        crit = sps.norm.ppf(0.5 + confidence / 2.0)
-        z = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
-        se = 1.0 / np.sqrt(dof - 1)
-        out["ci_low"], out["ci_high"] = float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
+        out["ci_low"], out["ci_high"] = _fisher_ci(r, 1.0 / np.sqrt(dof - 1), confidence)
     return out
 
 
@@ -223,10 +227,7 @@ def spearman_changes(
     rho = float(res.statistic)
     out["rho"], out["p_value"] = rho, float(res.pvalue)
     if n > 3 and np.isfinite(rho):
-        crit = sps.norm.ppf(0.5 + confidence / 2.0)
-        z = np.arctanh(np.clip(rho, -1 + 1e-15, 1 - 1e-15))
-        se = np.sqrt(1.06 / (n - 3))
-        out["ci_low"], out["ci_high"] = float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
+        out["ci_low"], out["ci_high"] = _fisher_ci(rho, np.sqrt(1.06 / (n - 3)), confidence)
     return out
 
 

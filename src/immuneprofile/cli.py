@@ -39,7 +39,7 @@ def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation:
     from rich.progress import Progress
 
     from .gating import gate_files
-    from .stats import to_anndata
+    from .stats import to_anndata, write_tables
     from .template import TemplateError, load_template
 
     err = Console(stderr=True, soft_wrap=True)
@@ -59,20 +59,12 @@ def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation:
                 bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
 
         batch = gate_files(files, template, compensation=compensation, jobs=jobs, progress=tick)
-    if batch.results:
-        batch.table.to_csv(out / "populations.csv", index=False)
-        batch.table.to_parquet(out / "populations.parquet", index=False)
-        batch.thresholds.to_csv(out / "thresholds.csv", index=False)
-        if anndata and jobs == 1:
-            try:
-                to_anndata(batch.results).write_h5ad(out / "events.h5ad")
-            except ValueError as exc:
-                err.print(f"[yellow]AnnData not written:[/yellow] {exc}", markup=True, highlight=False)
-    if batch.errors:
-        import pandas as pd
-
-        pd.DataFrame({"file": list(batch.errors), "error": list(batch.errors.values())}).to_csv(
-            out / "errors.csv", index=False)
+    write_tables(out, batch.table, batch.thresholds, batch.errors)
+    if batch.results and anndata and jobs == 1:
+        try:
+            to_anndata(batch.results).write_h5ad(out / "events.h5ad")
+        except ValueError as exc:
+            err.print(f"[yellow]AnnData not written:[/yellow] {exc}", markup=True, highlight=False)
     n_ok, n_bad = len(batch.results), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)

@@ -279,10 +279,7 @@ class _Columns:
     def channel(self, name: str, pop: str) -> int:
         idx = self._chan.get(name)
         if idx is None:
-            try:
-                idx = self.data.find_channel(name, context=f"template {self.template.path}, population {pop!r}")
-            except MarkerError:
-                raise
+            idx = self.data.find_channel(name, context=f"template {self.template.path}, population {pop!r}")
             self._chan[name] = idx
         return idx
 

@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -318,13 +318,3 @@ def load_fcs(
         sample=sample,
     )
 
-
-def iter_load(
-    paths: Sequence[str | os.PathLike], compensation: Any = "auto"
-):
-    """Yield ``(path, FCSData or FCSError)`` for each path; one bad file never stops the rest."""
-    for p in paths:
-        try:
-            yield os.fspath(p), load_fcs(p, compensation)
-        except FCSError as exc:
-            yield os.fspath(p), exc

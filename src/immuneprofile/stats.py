@@ -14,7 +14,7 @@ import pandas as pd
 
 from .gating import GatingResult
 
-__all__ = ["population_table", "thresholds_table", "to_anndata", "TABLE_COLUMNS"]
+__all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count", "pct_parent", "pct_total"]
 
@@ -95,6 +95,30 @@ def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
     ]
     return pd.DataFrame(rows, columns=["sample_id", "template", "marker", "cut", "value", "method",
                                        "fitted_on", "n_events", "fallback", "note"])
+
+
+def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
+                 errors: dict[str, str]) -> dict[str, object]:
+    """Write a run's tables into ``out_dir``: what ``gate`` and ``study`` both produce.
+
+    ``populations.csv`` and ``.parquet`` and ``thresholds.csv`` (if any sample gated),
+    ``errors.csv`` (if any file failed). Returns ``{name: path}`` of the files written.
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    files: dict[str, object] = {}
+    if not table.empty:
+        table.to_csv(out / "populations.csv", index=False)
+        table.to_parquet(out / "populations.parquet", index=False)
+        files["populations"] = out / "populations.csv"
+        if thresholds is not None:
+            thresholds.to_csv(out / "thresholds.csv", index=False)
+            files["thresholds"] = out / "thresholds.csv"
+    if errors:
+        pd.DataFrame({"file": list(errors), "error": list(errors.values())}).to_csv(out / "errors.csv", index=False)
+        files["errors"] = out / "errors.csv"
+    return files
 
 
 def to_anndata(results: Sequence[GatingResult] | GatingResult):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from .gating import gate_files
-from .stats import to_anndata
+from .stats import to_anndata, write_tables
 from .template import Template, TemplateError, load_template
 
 __all__ = ["DEFAULT_TEMPLATES", "run_study"]
@@ -108,13 +108,7 @@ def run_study(
     if not table.empty:
         meta = sheet[[c for c in ("sample_id", "patient", "week", "panel") if c in sheet.columns]]
         table = table.merge(meta, on="sample_id", how="left")
-        table.to_csv(out / "populations.csv", index=False)
-        table.to_parquet(out / "populations.parquet", index=False)
-        pd.concat(ths, ignore_index=True).to_csv(out / "thresholds.csv", index=False)
-        files.update(populations=out / "populations.csv", thresholds=out / "thresholds.csv")
-    if errors:
-        pd.DataFrame({"file": list(errors), "error": list(errors.values())}).to_csv(out / "errors.csv", index=False)
-        files["errors"] = out / "errors.csv"
+    files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
     result: dict[str, Any] = {"table": table, "errors": errors, "files": files}
     if clinical is not None and not table.empty:
         from .association import correlate
