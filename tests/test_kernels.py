@@ -1,8 +1,10 @@
-"""The compiled gating kernels compute exactly what FlowUtils / the NumPy arithmetic compute.
+"""The engine's kernels compute exactly what FlowUtils / plain NumPy compute.
 
 No timing here: only bit-for-bit agreement, edge cases included (points on
 vertices and edges, horizontal edges, self-intersecting polygons, NaN/inf,
-values within the exact-comparison tolerance of a boundary).
+values on a bound, event counts that are not a multiple of 64), between the
+compiled kernels, their NumPy twins and an independent reference (FlowUtils'
+C point-in-polygon, NumPy comparisons).
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import warnings
 import numpy as np
 import pytest
 
-from immuneprofile import gating, gate_sample, load_fcs, parse_template
+from immuneprofile import _kernels, gate_sample, gating, load_fcs, parse_template
 
 flowutils_gating = pytest.importorskip("flowutils.gating")
-K = gating._kernels()
-pytestmark = pytest.mark.skipif(not K, reason="numba not installed")
-
-NO_IDX = np.empty(0, dtype=np.int64)
+COMPILED = _kernels.kernels()
+TWINS = _kernels.kernels(compiled=False)
+pytestmark = pytest.mark.skipif(not COMPILED.compiled, reason="numba not installed")
 
 
 def reference_pip(vertices, px, py):
@@ -26,17 +27,13 @@ def reference_pip(vertices, px, py):
     return flowutils_gating.points_in_polygon(np.asarray(vertices, dtype=np.float64), np.column_stack([px, py]))
 
 
-def compiled_pip(vertices, px, py):
+def winding(K, vertices, px, py, tuples=True):
     v = np.asarray(vertices, dtype=np.float64)
-    out = np.empty(px.size, dtype=bool)
-    return K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]),
-                        np.asarray(px, dtype=np.float64), np.asarray(py, dtype=np.float64), NO_IDX, True, out)
-
-
-def compiled_pip_gather(vertices, colx, coly, idx):
-    v = np.asarray(vertices, dtype=np.float64)
-    out = np.empty(idx.size, dtype=bool)
-    return K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), colx, coly, idx, False, out)
+    vx, vy = (tuple(map(float, v[:, 0])), tuple(map(float, v[:, 1]))) if tuples else (
+        np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]))
+    out = _kernels.full_bits(px.size)
+    K.winding_bits(vx, vy, np.ascontiguousarray(px), np.ascontiguousarray(py), out)
+    return _kernels.unpack(out, px.size)
 
 
 def random_polygon(rng, kind):
@@ -57,7 +54,7 @@ def adversarial_points(rng, v, n=4000):
     """Uniform points plus vertices, points on edges, on vertex rows/columns, NaN and inf."""
     lo, hi = v.min(axis=0), v.max(axis=0)
     span = np.maximum(hi - lo, 1.0)
-    pts = [rng.uniform(lo - 0.1 * span, hi + 0.1 * span, size=(n, 2)), v, v + np.array([0.0, 0.0])]
+    pts = [rng.uniform(lo - 0.1 * span, hi + 0.1 * span, size=(n, 2)), v]
     nxt = np.roll(v, -1, axis=0)
     for t in (0.0, 0.25, 0.5, 1.0 / 3.0, 0.75, 1.0):
         pts.append(v + t * (nxt - v))  # on (or within rounding of) each edge
@@ -76,38 +73,25 @@ def adversarial_points(rng, v, n=4000):
 
 @pytest.mark.parametrize("kind", ["convex-ish", "self-intersecting", "grid", "degenerate"])
 @pytest.mark.parametrize("seed", range(25))
-def test_polygon_kernel_matches_flowutils(kind, seed):
+def test_polygon_kernels_match_flowutils(kind, seed):
     rng = np.random.default_rng(seed)
     v = random_polygon(rng, kind)
     px, py = adversarial_points(rng, v)
     want = reference_pip(v, px, py)
-    np.testing.assert_array_equal(compiled_pip(v, px, py), want)
+    np.testing.assert_array_equal(winding(COMPILED, v, px, py), want)
+    np.testing.assert_array_equal(winding(COMPILED, v, px, py, tuples=False), want)  # many-vertex form
+    np.testing.assert_array_equal(winding(TWINS, v, px, py), want)
     np.testing.assert_array_equal(gating.points_in_polygon(v, px, py), want)
-    np.testing.assert_array_equal(gating._points_in_polygon_numpy(v, px, py), want)
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_polygon_gather_matches_flowutils(seed):
-    """The fused gather kernel, on a strided column view and on a subset of indices."""
-    rng = np.random.default_rng(100 + seed)
-    v = random_polygon(rng, ["convex-ish", "self-intersecting", "grid"][seed % 3])
-    px, py = adversarial_points(rng, v)
-    matrix = np.column_stack([rng.normal(size=px.size), px, rng.normal(size=px.size), py])
-    idx = np.flatnonzero(rng.random(px.size) < 0.6).astype(np.int64)
-    want = reference_pip(v, px, py)
-    np.testing.assert_array_equal(compiled_pip_gather(v, matrix[:, 1], matrix[:, 3], idx), want[idx])
-    full = np.empty(px.size, dtype=bool)
-    K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), px, py, NO_IDX, True, full)
-    np.testing.assert_array_equal(full, want)
-
-
-def test_polygon_block_boundaries():
-    """Sizes around the kernel's block length."""
+def test_polygon_kernel_on_a_column_view_and_any_length():
+    """Columns of a column-major matrix, and lengths around the 64-event word."""
     rng = np.random.default_rng(7)
     v = random_polygon(rng, "self-intersecting")
-    for n in (0, 1, gating._PIP_BLOCK - 1, gating._PIP_BLOCK, gating._PIP_BLOCK + 1, 3 * gating._PIP_BLOCK + 5):
-        px, py = rng.uniform(-3e5, 3e5, n), rng.uniform(-3e5, 3e5, n)
-        np.testing.assert_array_equal(compiled_pip(v, px, py), reference_pip(v, px, py) if n else np.zeros(0, bool))
+    for n in (0, 1, 63, 64, 65, 127, 128, 1000):
+        m = np.asfortranarray(rng.uniform(-3e5, 3e5, size=(n, 3)))
+        got = winding(COMPILED, v, m[:, 0], m[:, 2])
+        np.testing.assert_array_equal(got, reference_pip(v, m[:, 0], m[:, 2]) if n else np.zeros(0, bool))
 
 
 def test_polygon_kernel_has_no_fused_multiply_add():
@@ -118,84 +102,86 @@ def test_polygon_kernel_has_no_fused_multiply_add():
     """
     from numba import njit
 
-    kern = njit(nogil=True)(gating._pip_block)
-    n = 8
-    out = np.empty(n, dtype=bool)
-    kern(np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0]), np.full(n, 0.2), np.full(n, 0.2), n,
-         np.empty(n, dtype=np.int32), out, 0)
-    assert out.all()
+    kern = njit(nogil=True)(_kernels._winding_bits)
+    out = _kernels.full_bits(8)
+    kern((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), np.full(8, 0.2), np.full(8, 0.2), out)
+    assert _kernels.unpack(out, 8).all()
     asm = kern.inspect_asm(kern.signatures[0]).lower()
-    assert "vcmp" in asm or "cmp" in asm  # real assembly, not a placeholder
+    assert "cmp" in asm  # real assembly, not a placeholder
     for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"):
         assert op not in asm
 
 
-def reference_rect_status(vals, status, lo, hi):
-    """Status update of one rectangle dimension, from the NumPy ``_cmp`` arithmetic."""
-    status = status.copy()
-    alive = status != 0
-    und = np.zeros(vals.size, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        for xb, ge in ((lo, True), (hi, False)):
-            if xb is None:
-                continue
-            tol = gating._REL_TOL * (1.0 + abs(xb))
-            unsure = np.abs(vals - xb) <= tol
-            ok = vals > xb if ge else vals < xb
-            alive &= ok | unsure
-            und |= unsure
-    out = np.where(alive, np.where(und, 2, status), 0).astype(np.int8)
-    return out
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_rect_kernel_matches_cmp(seed):
+@pytest.mark.parametrize("seed", range(10))
+def test_interval_kernel_matches_numpy_comparisons(seed):
     rng = np.random.default_rng(seed)
-    n = 3000
+    n = int(rng.integers(1, 3000))
     lo = float(rng.normal() * 10 ** rng.integers(0, 6))
     hi = lo + abs(float(rng.normal())) * 10 ** rng.integers(0, 6)
     vals = rng.normal(lo, abs(hi - lo) + 1.0, n)
-    for xb in (lo, hi):  # values on, and within / just beyond the tolerance of, each boundary
-        tol = gating._REL_TOL * (1.0 + abs(xb))
-        vals[rng.integers(0, n, 50)] = xb
-        vals[rng.integers(0, n, 50)] = xb + rng.uniform(-tol, tol, 50)
-        vals[rng.integers(0, n, 20)] = xb + tol
-        vals[rng.integers(0, n, 20)] = np.nextafter(xb + tol, np.inf)
-        vals[rng.integers(0, n, 20)] = np.nextafter(xb - tol, -np.inf)
-    vals[:6] = [np.nan, np.inf, -np.inf, np.nan, lo, hi]
-    status0 = rng.choice(np.array([0, 1, 2], dtype=np.int8), n, p=[0.2, 0.6, 0.2])
-    matrix = np.column_stack([rng.normal(size=n), vals])
-    idx = np.flatnonzero(rng.random(n) < 0.7).astype(np.int64)
-    for has_lo, has_hi in ((True, True), (True, False), (False, True)):
-        xlo, xhi = (lo if has_lo else 0.0), (hi if has_hi else 0.0)
-        args = (has_lo, xlo, gating._REL_TOL * (1.0 + abs(xlo)), has_hi, xhi, gating._REL_TOL * (1.0 + abs(xhi)))
-        want = reference_rect_status(vals, status0, lo if has_lo else None, hi if has_hi else None)
-        got = K.rect_dim(matrix[:, 1], NO_IDX, True, *args, status0.copy())
-        np.testing.assert_array_equal(got, want)
-        got = K.rect_dim(np.ascontiguousarray(vals), idx, False, *args, status0[idx].copy())
-        np.testing.assert_array_equal(got, want[idx])
+    for x in (lo, hi):  # on each bound and one ulp either side
+        vals[rng.integers(0, n, 20)] = x
+        vals[rng.integers(0, n, 20)] = np.nextafter(x, np.inf)
+        vals[rng.integers(0, n, 20)] = np.nextafter(x, -np.inf)
+    vals[rng.integers(0, n, 10)] = rng.choice([np.nan, np.inf, -np.inf], 10)
+    col = np.asfortranarray(np.column_stack([rng.normal(size=n), vals]))[:, 1]  # a column view
+    for lo1, hi1, lo2, hi2 in ((lo, hi, -np.inf, lo), (lo, np.inf, -np.inf, hi), (-np.inf, np.inf, hi, hi)):
+        init1, init2 = _kernels.pack(rng.random(n) < 0.8), _kernels.pack(rng.random(n) < 0.8)
+        with np.errstate(invalid="ignore"):
+            want1 = _kernels.unpack(init1, n) & (vals >= lo1) & (vals <= hi1)
+            want2 = _kernels.unpack(init2, n) & (vals >= lo2) & (vals <= hi2)
+        for K in (COMPILED, TWINS):
+            out1, out2 = init1.copy(), init2.copy()
+            K.interval_bits(col, lo1, hi1, lo2, hi2, out1, out2)
+            np.testing.assert_array_equal(_kernels.unpack(out1, n), want1)
+            np.testing.assert_array_equal(_kernels.unpack(out2, n), want2)
+            assert np.array_equal(out1, _kernels.pack(want1))  # bits past the last event stay zero
 
 
-def test_range_kernel_matches_numpy():
+def test_bit_sets_round_trip():
     rng = np.random.default_rng(3)
-    vals = rng.normal(size=5000)
-    vals[:4] = [np.nan, np.inf, -np.inf, 0.5]
-    idx = np.flatnonzero(rng.random(vals.size) < 0.5).astype(np.int64)
-    mask0 = rng.random(idx.size) < 0.8
-    with np.errstate(invalid="ignore"):
-        want = mask0 & (vals[idx] >= -0.5) & (vals[idx] <= 0.5)
-    np.testing.assert_array_equal(K.range_and(vals, idx, False, -0.5, 0.5, mask0.copy()), want)
+    for n in (0, 1, 8, 63, 64, 65, 1000):
+        m = rng.random(n) < 0.5
+        b = _kernels.pack(m)
+        assert b.dtype == np.uint64 and b.size == _kernels.nwords(n)
+        np.testing.assert_array_equal(_kernels.unpack(b, n), m)
+        np.testing.assert_array_equal(_kernels.unpack(_kernels.full_bits(n), n), np.ones(n, bool))
+        assert int(np.bitwise_count(_kernels.full_bits(n)).sum()) == n
 
 
-def test_take_columns_is_a_copy_of_the_columns():
-    rng = np.random.default_rng(4)
-    ev = rng.normal(size=(1001, 7))
-    ev[3, 2] = np.nan
-    cols = np.array([5, 0, 2], dtype=np.int64)
-    out = np.empty((3, ev.shape[0]))
-    K.take_columns(ev, cols, out)
-    for k, c in enumerate(cols):
-        np.testing.assert_array_equal(out[k], ev[:, c])
+@pytest.mark.parametrize("step", [1, 3, 64, 1000])
+def test_strided_members(step):
+    rng = np.random.default_rng(step)
+    n = 10_001
+    m = rng.random(n) < 0.3
+    want = np.arange(0, n, step)
+    want = want[m[want]]
+    for K in (COMPILED, TWINS):
+        for limit in (5, n):
+            out = np.empty(n, dtype=np.int64)
+            k = K.strided_members(_kernels.pack(m), n, step, limit, out)
+            np.testing.assert_array_equal(out[:k], want[:limit])
+
+
+def test_octave_table_kernels_agree():
+    from immuneprofile.transforms import density_transform, make_transform, normalize_spec
+
+    spec = normalize_spec("logicle")
+    x = np.concatenate([-np.logspace(-12, 14, 5000), np.logspace(-12, 14, 5000), [np.nan, np.inf, -np.inf, 0.0]])
+    exact = np.asarray(make_transform(spec).apply(x.reshape(-1, 1))).ravel()
+    fast = density_transform(spec)(x)
+    assert np.array_equal(np.isnan(fast), np.isnan(exact))
+    ok = np.isfinite(exact)
+    assert np.max(np.abs(fast[ok] - exact[ok])) < 2e-8
+    e0, e1 = -30, 40
+    knots = np.append(np.ldexp(1.0 + np.arange(64) / 64, np.arange(e0, e1)[:, None]).ravel(), 2.0 ** e1)
+    tabs = np.log1p(knots), -np.log1p(knots)
+    outs = []
+    for K in (COMPILED, TWINS):
+        out = np.empty(x.size)
+        K.octave_lookup(x, e0, 64, *tabs, out)
+        outs.append(out)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-12, equal_nan=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,15 +195,15 @@ def comp_data():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_engine_kernels_match_numpy_engine(comp_data, seed, monkeypatch):
-    """The whole engine with and without numba gives the same populations (random templates)."""
+    """The whole engine with the compiled kernels and with their NumPy twins: the same populations."""
     from test_flowkit_equivalence import random_template
 
     t = parse_template(random_template(np.random.default_rng(1000 + seed), comp_data), f"random-{seed}")
     fast = gate_sample(comp_data, t)
-    monkeypatch.setattr(gating, "_KERNELS", False)
+    monkeypatch.setattr(_kernels, "_COMPILED", False)
     slow = gate_sample(comp_data, t)
     for pop in t.populations:
-        np.testing.assert_array_equal(fast.indices[pop.name], slow.indices[pop.name], err_msg=pop.name)
+        np.testing.assert_array_equal(fast.mask(pop.name), slow.mask(pop.name), err_msg=pop.name)
 
 
 def test_case_series_templates_with_and_without_kernels(monkeypatch, tmp_path):
@@ -229,10 +215,10 @@ def test_case_series_templates_with_and_without_kernels(monkeypatch, tmp_path):
     path = simulate.write_fcs(tmp_path / "full.fcs", simulate.simulate_sample("full", 20000, rng=5))
     data = load_fcs(path)
     templates = [load_template(GATING / f"{n}.yaml") for n in ("tcell_skin_homing", "treg", "monocytes")]
-    fast = [gate_sample(data, t) for t in templates]
-    monkeypatch.setattr(gating, "_KERNELS", False)
-    data._columns.clear()
-    slow = [gate_sample(data, t) for t in templates]
+    fast = gate_sample(data, templates)
+    monkeypatch.setattr(_kernels, "_COMPILED", False)
+    slow = [gate_sample(data, t, threads=1) for t in templates]
     for f, s in zip(fast, slow):
-        for name in f.indices:
-            np.testing.assert_array_equal(f.indices[name], s.indices[name], err_msg=name)
+        assert f.counts == s.counts
+        for name in f.bits:
+            np.testing.assert_array_equal(f.mask(name), s.mask(name), err_msg=name)

@@ -21,11 +21,14 @@ the membership FlowKit computes, at the cost of a few comparisons per event.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, overload
 
 import numpy as np
 
+from ._kernels import kernels as _kernels
+from ._kernels import TUPLE_VERTICES, full_bits, unpack
 from .io import FCSData, MarkerError
 from .template import (
     BooleanGate,
@@ -38,165 +41,13 @@ from .template import (
     ThresholdRef,
 )
 from .thresholds import MAX_FIT_EVENTS, ThresholdError
-from .transforms import MONOTONE, make_transform, transform_key
+from .transforms import MONOTONE, density_transform, make_transform, transform_key
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
 
 _REL_TOL = 1e-6
 
 
-# ---------------------------------------------------------------------------
-# Compiled kernels
-#
-# The kernels below are plain Python functions compiled on first use with
-# ``numba.njit(cache=True)`` (no fastmath: IEEE arithmetic in the order
-# written, no fused multiply-add), so they compute bit-for-bit what the NumPy
-# expressions they replace compute (tests/test_kernels.py). The columns a
-# template touches are extracted from the row-major event matrix in one pass
-# (``_take_columns``); the gate kernels then read each column at the parent's
-# event indices, fusing gather and comparison in one branch-free pass.
-# Without numba the engine falls back to NumPy, with identical results.
-# ---------------------------------------------------------------------------
-
-_PIP_BLOCK = 512
-
-
-def _pip_block(vx, vy, xs, ys, nb, w, out, start):  # pragma: no cover - compiled
-    """Inside-polygon flags of the ``nb`` points ``xs, ys`` into ``out[start:start + nb]``.
-
-    FlowUtils' ``points_in_polygon`` arithmetic: points outside the vertices'
-    bounding box (``x < min_x || x > max_x || y < min_y || y > max_y``) are out;
-    the others get Sunday's winding count, edge ``a -> b`` by edge (the last
-    edge closes the polygon): an upward crossing (``ay <= y && y < by``) counts
-    +1 if ``is_left > 0``, a downward one (else-branch: ``by <= y``) -1 if
-    ``is_left < 0``, with ``is_left = ((bx - ax) * (y - ay)) - ((x - ax) * (by - ay))``;
-    odd count = inside. Here the edges are the outer loop and a block of points
-    the inner one (branch-free, so it vectorises); ``bx - ax`` and ``by - ay``
-    are the same doubles whether computed once per edge or per point, and
-    ``ay > y`` stands for FlowUtils' else-branch: they differ only when ``y`` or
-    ``ay`` is NaN, where ``is_left`` is NaN and nothing is counted either way.
-    """
-    nv = vx.shape[0]
-    min_x = vx[0]
-    max_x = vx[0]
-    min_y = vy[0]
-    max_y = vy[0]
-    for i in range(1, nv):
-        min_x = min(min_x, vx[i])
-        max_x = max(max_x, vx[i])
-        min_y = min(min_y, vy[i])
-        max_y = max(max_y, vy[i])
-    for k in range(nb):
-        w[k] = 0
-    for i in range(nv):
-        ax = vx[i]
-        ay = vy[i]
-        j = 0 if i >= nv - 1 else i + 1
-        bx = vx[j]
-        by = vy[j]
-        dx = bx - ax
-        dy = by - ay
-        for k in range(nb):
-            x = xs[k]
-            y = ys[k]
-            is_left = (dx * (y - ay)) - ((x - ax) * dy)
-            up = (ay <= y) & (y < by) & (is_left > 0)
-            down = (ay > y) & (by <= y) & (is_left < 0)
-            w[k] += np.int32(up) - np.int32(down)
-    for k in range(nb):
-        x = xs[k]
-        y = ys[k]
-        outside = (x < min_x) | (x > max_x) | (y < min_y) | (y > max_y)
-        out[start + k] = (not outside) & (w[k] % 2 != 0)
-
-
-def _pip_gather(vx, vy, colx, coly, idx, full, out):  # pragma: no cover - compiled
-    """``out[i]``: point ``(colx[e], coly[e])`` inside the polygon, ``e = idx[i]`` (``e = i`` if ``full``).
-
-    Points are gathered block by block and tested by :func:`_pip_block`.
-    """
-    m = out.shape[0]
-    xs = np.empty(_PIP_BLOCK)
-    ys = np.empty(_PIP_BLOCK)
-    w = np.empty(_PIP_BLOCK, dtype=np.int32)
-    for start in range(0, m, _PIP_BLOCK):
-        nb = min(m - start, _PIP_BLOCK)
-        for k in range(nb):
-            e = start + k if full else idx[start + k]
-            xs[k] = colx[e]
-            ys[k] = coly[e]
-        _pip_block_j(vx, vy, xs, ys, nb, w, out, start)
-    return out
-
-
-def _range_and(col, idx, full, lo, hi, mask):  # pragma: no cover - compiled
-    """``mask[i] &= lo <= col[e] <= hi`` for ``e = idx[i]`` (or ``i`` if ``full``); NaN is outside."""
-    for i in range(mask.shape[0]):
-        e = i if full else idx[i]
-        v = col[e]
-        mask[i] = mask[i] & (v >= lo) & (v <= hi)
-    return mask
-
-
-def _rect_dim(col, idx, full, has_lo, xlo, tlo, has_hi, xhi, thi, status):  # pragma: no cover - compiled
-    """One rectangle dimension on raw values against raw-scale bounds.
-
-    ``status``: 1 in so far, 0 out, 2 undecided (some value within the tolerance
-    of a boundary: decided exactly afterwards). An event is out as soon as one
-    bound certainly fails. Per bound this is :func:`_cmp` without the exact step:
-    ``|v - xb| <= tol`` undecided, else ``v > xb`` (min) / ``v < xb`` (max).
-    Branch-free (data-dependent branches mispredict on cytometry data).
-    """
-    for i in range(status.shape[0]):
-        s = status[i]
-        e = i if full else idx[i]
-        v = col[e]
-        lo_uns = has_lo & (abs(v - xlo) <= tlo)
-        lo_fail = has_lo & (not lo_uns) & (not (v > xlo))
-        hi_uns = has_hi & (abs(v - xhi) <= thi)
-        hi_fail = has_hi & (not hi_uns) & (not (v < xhi))
-        alive = (s != 0) & (not (lo_fail | hi_fail))
-        und = lo_uns | hi_uns
-        status[i] = np.int8(alive) * max(s, np.int8(2 * und))
-    return status
-
-
-def _take_columns(ev, cols, out):  # pragma: no cover - compiled
-    """``out[k] = ev[:, cols[k]]``: one sequential pass over a row-major event matrix."""
-    k = cols.shape[0]
-    for i in range(ev.shape[0]):
-        for j in range(k):
-            out[j, i] = ev[i, cols[j]]
-    return out
-
-
-_KERNELS: Any = None
-
-
-def _kernels():
-    """The compiled kernels (namespace), or ``False`` when numba is unavailable."""
-    global _KERNELS, _pip_block_j
-    if _KERNELS is None:
-        try:
-            from numba import njit
-        except ImportError:  # pragma: no cover - numba is a dependency; NumPy fallback
-            _KERNELS = False
-            return _KERNELS
-        from types import SimpleNamespace
-
-        jit = njit(cache=True, nogil=True)
-        _pip_block_j = jit(_pip_block)
-        _KERNELS = SimpleNamespace(
-            pip_gather=jit(_pip_gather),
-            range_and=jit(_range_and),
-            rect_dim=jit(_rect_dim),
-            take_columns=jit(_take_columns),
-        )
-    return _KERNELS
-
-
-_pip_block_j: Any = _pip_block
-_NO_IDX = np.empty(0, dtype=np.int64)
 
 
 class GatingError(ValueError):
@@ -229,38 +80,71 @@ class GatingResult:
         The template applied.
     n_events
         Total events in the sample.
-    indices
-        ``{population: sorted int64 array of event indices}``.
+    bits
+        ``{population: bit set of its events}``: ``uint64`` words, bit ``j`` of
+        word ``w`` for event ``64 w + j``; read-only, and shared by the results
+        of templates gated together that define the population identically.
+        :attr:`masks` and :attr:`indices` unpack them.
     thresholds
         The threshold values used (fixed and fitted), for audit.
     data
         The loaded sample (for medians and AnnData export).
+    counts
+        ``{population: number of events}`` (counted from ``bits`` if not given).
     """
 
     sample_id: str
     path: str
     template: Template
     n_events: int
-    indices: dict[str, np.ndarray]
+    bits: dict[str, np.ndarray]
     thresholds: list[ThresholdFit] = field(default_factory=list)
     data: FCSData | None = field(default=None, repr=False)
+    counts: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, b in self.bits.items():
+            if name not in self.counts:
+                self.counts[name] = int(np.bitwise_count(b).sum())
 
     def count(self, name: str) -> int:
-        return int(self.indices[name].size)
+        return self.counts[name]
 
     def mask(self, name: str) -> np.ndarray:
         """Boolean membership of every event in population ``name``."""
-        m = np.zeros(self.n_events, dtype=bool)
-        m[self.indices[name]] = True
-        return m
+        return unpack(self.bits[name], self.n_events)
 
     @property
-    def masks(self) -> dict[str, np.ndarray]:
-        return {n: self.mask(n) for n in self.indices}
+    def masks(self) -> Mapping[str, np.ndarray]:
+        """``{population: boolean membership of every event}``, unpacked when read."""
+        return _Unpacked(self, self.mask)
+
+    @property
+    def indices(self) -> Mapping[str, np.ndarray]:
+        """``{population: sorted int64 array of its event indices}``, computed when read."""
+        return _Unpacked(self, lambda name: np.flatnonzero(self.mask(name)))
 
     def parent_count(self, name: str) -> int:
         parent = self.template[name].parent
         return self.n_events if parent is None else self.count(parent)
+
+
+class _Unpacked(Mapping):
+    """A read-only view of a result's populations, each made from its bit set when read."""
+
+    def __init__(self, res: GatingResult, make):
+        self._res, self._make = res, make
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._res.bits:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self):
+        return iter(self._res.bits)
+
+    def __len__(self) -> int:
+        return len(self._res.bits)
 
 
 class _Columns:
@@ -274,7 +158,6 @@ class _Columns:
         self._xform_obj: dict[str, Any] = {}
         self._inv: dict[tuple, float] = {}
         self._chan: dict[str, int] = {}
-        self._prefetched = False
 
     def channel(self, name: str, pop: str) -> int:
         idx = self._chan.get(name)
@@ -295,54 +178,17 @@ class _Columns:
             ev = cache[matrix_id] = m.apply(self.data.sample)
         return np.ascontiguousarray(ev[:, ch])
 
-    def base(self, ch: int, compensated: bool) -> np.ndarray:
+    def base(self, ch: int, compensated: bool | str) -> np.ndarray:
         """Contiguous column ``ch`` of the compensated (or, if not ``compensated``, raw) events."""
         if isinstance(compensated, str):  # a spillover matrix of the template (Gating-ML spectrumMatrix)
             return self.matrix_column(ch, compensated)
         if compensated or self.data.compensation is None:
-            if not self._prefetched:
-                self._prefetch()
             return self.data.column(ch)
         col = self._raw_cols.get(ch)
         if col is None:
             col = np.ascontiguousarray(self.data.sample.get_events(source="raw")[:, ch])
             self._raw_cols[ch] = col
         return col
-
-    def _prefetch(self) -> None:
-        """Extract every column the template touches in one pass over a row-major event matrix.
-
-        :func:`immuneprofile.load_fcs` gives column-major events, whose columns need no
-        copy; this serves event matrices built otherwise (C order).
-
-        Copying columns one by one reads the whole matrix once per column; the
-        compiled kernel reads it once and writes each column contiguously. The
-        columns land in the sample's own column cache (:meth:`FCSData.column`),
-        so the templates gated after this one reuse them.
-        """
-        self._prefetched = True
-        ev = self.data.events
-        if isinstance(ev, np.ndarray) and ev.flags.f_contiguous:
-            return  # column-major (as load_fcs gives it): every column is already a contiguous view
-        K = _kernels()
-        cache = getattr(self.data, "_columns", None)
-        if not K or not isinstance(cache, dict) or not isinstance(ev, np.ndarray) or ev.ndim != 2:
-            return
-        want: list[int] = []
-        for marker in self.template.markers:
-            try:
-                ch = self.channel(marker, "(column prefetch)")
-            except MarkerError:  # raised, with its population, when that population is gated
-                self._chan.pop(marker, None)
-                continue
-            if ch not in cache and ch not in want:
-                want.append(ch)
-        if len(want) < 2 or ev.dtype != np.float64:
-            return
-        block = np.empty((len(want), ev.shape[0]), dtype=np.float64)
-        K.take_columns(ev, np.asarray(want, dtype=np.int64), block)
-        for k, ch in enumerate(want):
-            cache.setdefault(ch, block[k])
 
     def xform(self, spec: Mapping[str, Any] | None):
         if spec is None:
@@ -423,14 +269,50 @@ def _cmp(vals_raw: np.ndarray, xb: float | None, t: float, ge: bool, exact_fn) -
     return out
 
 
+class _Shared:
+    """What gating one sample has computed, kept for the next gate and the next template.
+
+    Populations and fits are keyed by definition (:meth:`_Engine.key`): a
+    population defined identically in two templates (same channels,
+    transforms, resolved bounds and ancestry) is computed once. ``passes``
+    holds the kernels' passes over every event (a cut of one column, a
+    polygon over two), reused by every gate with that cut or polygon whatever
+    its parent (siblings, quadrant cells, other templates); with a thread
+    pool, the passes that need no data-driven threshold start at once and run
+    while the engine walks the template (the kernels release the GIL).
+    """
+
+    def __init__(self, pool: Any = None) -> None:
+        self.pops: dict[tuple, tuple[np.ndarray, int]] = {}  # key -> (bits, count)
+        self.fits: dict[tuple, ThresholdFit] = {}
+        self.passes: dict[tuple, Any] = {}  # key -> result, or its Future
+        self.pool = pool
+
+    def get(self, key: tuple, compute, wait: bool = True):
+        """The result of pass ``key``, computed (in the pool unless waited for at once) on first request."""
+        got = self.passes.get(key)
+        if got is None:
+            got = self.passes[key] = compute() if (wait or self.pool is None) else self.pool.submit(compute)
+        if wait and hasattr(got, "result"):
+            got = self.passes[key] = got.result()
+        return got
+
+
 class _Engine:
-    def __init__(self, data: FCSData, template: Template, fixed: Mapping[tuple[str, str], float] | None):
+    def __init__(self, data: FCSData, template: Template, fixed: Mapping[tuple[str, str], float] | None,
+                 shared: _Shared):
         self.data = data
         self.t = template
+        self.n = data.n_events
         self.cols = _Columns(data, template)
-        self.idx: dict[str, np.ndarray] = {}
+        self.bits: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.keys: dict[str, tuple | None] = {}
         self.fits: dict[tuple[str, str], ThresholdFit] = {}
         self.fixed = dict(fixed or {})
+        self.shared = shared
+        self.K = _kernels()
+        self._full: np.ndarray | None = None
 
     # -- thresholds
     def bound(self, b: Any, pop: Population, dim: Dim) -> float | None:
@@ -448,8 +330,6 @@ class _Engine:
         if key in self.fixed:
             given = self.fixed[key]
             if isinstance(given, ThresholdFit):  # fitted once on a pooled batch (gate_files)
-                from dataclasses import replace
-
                 fit = replace(given)
             else:
                 fit = ThresholdFit(ref.marker, ref.cut, float(given), "batch")
@@ -458,73 +338,129 @@ class _Engine:
             if isinstance(spec, (int, float)):
                 fit = ThresholdFit(ref.marker, ref.cut, float(spec), "fixed")
             else:
-                from .thresholds import fit_threshold
-
-                on = spec.get("on", pop.parent)
-                if on is not None and on not in self.idx:
-                    raise GatingError(f"{self.data.path}: template {self.t.path}: threshold {ref} is fitted on "
-                                      f"{on!r}, which is not gated before population {pop.name!r}")
-                sel = np.arange(self.data.n_events) if on is None else self.idx[on]
-                n_fit = int(sel.size)
-                if spec["method"] != "quantile" and sel.size > MAX_FIT_EVENTS:
-                    # density rules read a fixed-size subsample: transform only that (a systematic
-                    # sample, every k-th event in acquisition order: deterministic and O(subsample))
-                    sel = sel[np.linspace(0, sel.size - 1, MAX_FIT_EVENTS).astype(np.int64)]
-                # transformed once, not cached: the subsample serves only this fit
-                values = self.cols.exact(dim, self.cols.raw(dim, sel, True, pop.name))
-                value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
-                if spec.get("scope") == "batch":
-                    note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
-                                                       "(gate_files fits it on the pooled batch)") if x)
-                fit = ThresholdFit(ref.marker, ref.cut, value, str(spec["method"]), on or "root",
-                                   n_fit, fallback, note)
+                fit = self._fit(ref, spec, pop, dim)
         self.fits[key] = fit
         return fit.value
+
+    def _fit(self, ref: ThresholdRef, spec: Mapping[str, Any], pop: Population, dim: Dim) -> ThresholdFit:
+        """Fit a data-driven threshold on its population (or reuse the identical fit of another template)."""
+        from .thresholds import fit_threshold
+
+        on = spec.get("on", pop.parent)
+        if on is not None and on not in self.bits:
+            raise GatingError(f"{self.data.path}: template {self.t.path}: threshold {ref} is fitted on "
+                              f"{on!r}, which is not gated before population {pop.name!r}")
+        share = None
+        dk, ok = self.dim_key(dim, pop), (() if on is None else self.keys.get(on))
+        if dk is not None and ok is not None:
+            share = (dk, ref.cut, repr(sorted((k, v) for k, v in spec.items() if k != "on")), ok)
+            if share in self.shared.fits:
+                return replace(self.shared.fits[share], marker=ref.marker, fitted_on=on or "root")
+        n_fit = self.n if on is None else self.counts[on]
+        if spec["method"] != "quantile" and n_fit > MAX_FIT_EVENTS:
+            # density rules read a subsample: the population's events among every k-th event of the
+            # sample (k = ceil(count / MAX_FIT_EVENTS)): systematic, deterministic, O(n / k)
+            step = -(-n_fit // MAX_FIT_EVENTS)
+            sel = np.empty(min(MAX_FIT_EVENTS, -(-self.n // step)), dtype=np.int64)
+            sel = sel[:self.K.strided_members(self._parent_of(on), self.n, step, sel.size, sel)]
+        else:
+            sel = np.arange(self.n) if on is None else _members(self.bits[on], self.n)
+        raw = self.cols.raw(dim, sel, True, pop.name)
+        # a density rule reads a 1024-bin density: the fast transform (within 1e-8) serves it; a quantile
+        # is read off the values themselves, so they are FlowKit's exact ones
+        values = self.cols.exact(dim, raw) if spec["method"] == "quantile" else density_transform(dim.transform)(raw)
+        value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
+        if spec.get("scope") == "batch":
+            note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
+                                               "(gate_files fits it on the pooled batch)") if x)
+        fit = ThresholdFit(ref.marker, ref.cut, value, str(spec["method"]), on or "root", n_fit, fallback, note)
+        if share is not None:
+            self.shared.fits[share] = fit
+        return fit
+
+    # -- identity of populations across templates
+    def dim_key(self, dim: Dim, pop: Population) -> tuple | None:
+        if isinstance(dim.compensated, str):  # a template's own matrix: not comparable across templates
+            return None
+        chans = tuple(self.cols.channel(c, pop.name) for c in dim.channels)
+        return (chans, transform_key(dim.transform), bool(dim.compensated), dim.ratio[2:] if dim.ratio else None)
+
+    def key(self, pop: Population) -> tuple | None:
+        """What defines ``pop``'s events: its gate (thresholds resolved), channels and ancestry; ``None``: not shareable."""
+        pk = () if pop.parent is None else self.keys.get(pop.parent)
+        if pk is None:
+            return None
+        g = pop.gate
+        if isinstance(g, BooleanGate):
+            refs = tuple((self.keys.get(name), c) for name, c in g.refs)
+            return None if any(r is None for r, _ in refs) else (pk, "boolean", g.op, refs)
+        dims = tuple(self.dim_key(d, pop) for d in g.dims)
+        if any(d is None for d in dims):
+            return None
+        if isinstance(g, RectGate):
+            bounds = tuple((self.bound(lo, pop, d), self.bound(hi, pop, d)) for d, (lo, hi) in zip(g.dims, g.bounds))
+            return (pk, "rect", dims, bounds, g.complement)
+        if isinstance(g, PolygonGate):
+            return (pk, "polygon", dims, tuple(map(tuple, g.vertices)), g.complement)
+        return (pk, "ellipse", dims, g.center, g.covariance, g.distance_square)
 
     # -- gates
     def run(self) -> dict[str, np.ndarray]:
         for pop in self.t.populations:
-            parent = None if pop.parent is None else self.idx[pop.parent]
             try:
-                self.idx[pop.name] = self.population(pop, parent)
+                k = self.key(pop)
+                got = self.shared.pops.get(k) if k is not None else None
+                if got is None:
+                    got = self.population(pop)
+                    got[0].flags.writeable = False
+                    if k is not None:
+                        self.shared.pops[k] = got
+                self.bits[pop.name], self.counts[pop.name] = got
+                self.keys[pop.name] = k
             except (MarkerError, GatingError, ThresholdError):  # already name the sample and what failed
                 raise
             except Exception as exc:  # pragma: no cover - defensive: name the context
                 raise GatingError(f"{self.data.path}: template {self.t.path}: population {pop.name!r}: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        return self.idx
+        return self.bits
 
-    def _sel(self, parent: np.ndarray | None) -> np.ndarray:
-        return np.arange(self.data.n_events) if parent is None else parent
+    def full(self) -> np.ndarray:
+        if self._full is None:
+            self._full = full_bits(self.n)
+            self._full.flags.writeable = False
+        return self._full
 
-    def population(self, pop: Population, parent: np.ndarray | None) -> np.ndarray:
+    def _parent(self, pop: Population) -> np.ndarray:
+        return self._parent_of(pop.parent)
+
+    def _parent_of(self, name: str | None) -> np.ndarray:
+        """Bit set of population ``name`` (every event for ``None``)."""
+        return self.full() if name is None else self.bits[name]
+
+    def population(self, pop: Population) -> tuple[np.ndarray, int]:
+        """Bit set and count of ``pop``."""
         g = pop.gate
+        P = self._parent(pop)
         if isinstance(g, BooleanGate):
-            return self.boolean(g, parent)
-        # FlowKit compensates all dims of a gate if any is (a matrix id if a dim names one)
-        comp = next((d.compensated for d in g.dims if d.compensated), False)
-        if isinstance(g, RectGate):
-            keep = self.rect(pop, g, parent, comp)
-        elif isinstance(g, PolygonGate):
-            keep = self.polygon(pop, g, parent, comp)
-        elif isinstance(g, EllipseGate):
-            keep = self.ellipse(pop, g, parent, comp)
-        else:  # pragma: no cover
-            raise GatingError(f"unsupported gate {g!r}")
-        if getattr(g, "complement", False):
-            keep = ~keep
-        sel = np.flatnonzero(keep)
-        return sel if parent is None else parent[sel]
+            b = self.boolean(g, P)
+        else:
+            # FlowKit compensates all dims of a gate if any is (a matrix id if a dim names one)
+            comp = next((d.compensated for d in g.dims if d.compensated), False)
+            if isinstance(g, RectGate):
+                b = self.rect(pop, g, P, comp)
+            elif isinstance(g, PolygonGate):
+                b = self.polygon(pop, g, P, comp)
+            elif isinstance(g, EllipseGate):
+                b = self.ellipse(pop, g, P, comp)
+            else:  # pragma: no cover
+                raise GatingError(f"unsupported gate {g!r}")
+            if getattr(g, "complement", False):
+                b = ~b & P
+        return b, _count(b)
 
-    def rect(self, pop: Population, g: RectGate, parent, comp: bool) -> np.ndarray:
-        K = _kernels()
-        if not K:
-            return self._rect_numpy(pop, g, parent, comp)
-        full = parent is None
-        n = self.data.n_events if full else parent.size
-        idx = _NO_IDX if full else parent
-        status = np.ones(n, dtype=np.int8)  # 1 in, 0 out, 2 undecided (see _rect_dim)
-        fast, slow = [], []  # (dim, t, raw bound, ge): compiled raw comparison / exact on every event
+    def _rect_plan(self, pop: Population, g: RectGate, comp):
+        """Bounds of a rectangle: ``fast`` and ``slow`` (raw-scale / exact transform), and per channel its raw cuts."""
+        fast, slow, cuts = [], [], []  # fast/slow: (dim, t, raw bound, ge); cuts: (channel, lower, upper)
         for dim, (lo, hi) in zip(g.dims, g.bounds):
             lo, hi = self.bound(lo, pop, dim), self.bound(hi, pop, dim)
             b: dict[bool, float] = {}
@@ -536,19 +472,102 @@ class _Engine:
                 if xb is not None:
                     b[ge] = xb
             if b:
-                xlo, xhi = b.get(True, 0.0), b.get(False, 0.0)
-                K.rect_dim(self.cols.base(self.cols.channel(dim.marker, pop.name), comp), idx, full,
-                           True in b, xlo, _REL_TOL * (1.0 + abs(xlo)),
-                           False in b, xhi, _REL_TOL * (1.0 + abs(xhi)), status)
-        unsure = np.flatnonzero(status == 2)
-        if unsure.size:  # values within the tolerance of a boundary: decide exactly, as _cmp does
-            status[unsure] = self._rect_exact(pop, fast, unsure if full else parent[unsure], comp)
-        if slow:  # bounds that cannot be mapped to the raw scale: exact transform of the events left
-            cur = np.flatnonzero(status)
-            status[cur] = self._rect_exact(pop, slow, cur if full else parent[cur], comp)
-        return status.view(np.bool_)
+                cuts.append((self.cols.channel(dim.marker, pop.name), b.get(True), b.get(False)))
+        return fast, slow, cuts
 
-    def _rect_exact(self, pop: Population, bounds, ev: np.ndarray, comp: bool) -> np.ndarray:
+    def cut(self, ch: int, comp, xb: float, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Bit sets of all events surely at or above and surely below a raw-scale cut (one pass, kept).
+
+        Events in neither are within the tolerance of the cut, or NaN; the third
+        item says whether there are any.
+        """
+        col = self.cols.base(ch, comp)
+
+        def compute():
+            a, b, _, _ = _intervals(xb, xb)
+            above, below = self.full().copy(), self.full().copy()
+            self.K.interval_bits(col, a, np.inf, -np.inf, b, above, below)
+            return above, below, bool(((above | below) != self.full()).any())
+
+        return self.shared.get(("cut", ch, self._comp_key(comp), xb), compute, wait)
+
+    def _comp_key(self, comp):
+        return comp if not isinstance(comp, str) else (comp, id(self.t))  # a template's own matrix
+
+    def _inside_polygon(self, pop: Population, g: PolygonGate, comp, wait: bool = True) -> np.ndarray:
+        """Bit set of all events inside a polygon on untransformed axes (one pass, kept)."""
+        chans = tuple(self.cols.channel(d.marker, pop.name) for d in g.dims)
+        cols = [self.cols.base(c, comp) for c in chans]
+
+        def compute():
+            inside = self.full().copy()
+            self.K.winding_bits(*_vertices(g.vertices), *cols, inside)
+            return inside
+
+        return self.shared.get(("polygon", chans, self._comp_key(comp), tuple(map(tuple, g.vertices))), compute, wait)
+
+    def prefetch(self) -> None:
+        """Start, in the pool, the passes of every gate that needs no data-driven threshold."""
+        if self.shared.pool is None:
+            return
+        for pop in self.t.populations:
+            g = pop.gate
+            if isinstance(g, BooleanGate) or getattr(g, "complement", False):
+                continue
+            comp = next((d.compensated for d in g.dims if d.compensated), False)
+            try:
+                if isinstance(g, RectGate) and all(self._known(b) for bs in g.bounds for b in bs):
+                    for ch, lo, hi in self._rect_plan(pop, g, comp)[2]:
+                        for xb in (lo, hi):
+                            if xb is not None:
+                                self.cut(ch, comp, xb, wait=False)
+                elif isinstance(g, PolygonGate) and all(d.transform is None and d.ratio is None for d in g.dims):
+                    self._inside_polygon(pop, g, comp, wait=False)
+            except (MarkerError, GatingError, ThresholdError):  # reported when the population is gated
+                continue
+
+    def _known(self, b: Any) -> bool:
+        """Whether a bound is known before gating (a number, a fixed threshold or one given for the batch)."""
+        if not isinstance(b, ThresholdRef):
+            return True
+        spec = self.t.thresholds.get(b.marker, {}).get(b.cut)
+        return (b.marker, b.cut) in self.fixed or isinstance(spec, (int, float))
+
+    def _in_box(self, cuts, P, comp) -> tuple[np.ndarray, np.ndarray | None]:
+        """Bit sets of the events of ``P`` surely inside raw-scale bounds ``[(channel, lower, upper)]``, and of
+        those undecided (within the tolerance of a bound, or NaN; ``None`` if no event of the sample is)."""
+        sure, maybe, band = P.copy(), None, False
+        sides = []  # (bit set of the events surely inside this bound, of those surely outside)
+        for ch, lo, hi in cuts:
+            if lo is not None:
+                above, below, b = self.cut(ch, comp, lo)
+                sides.append((above, below))
+                band |= b
+            if hi is not None:
+                above, below, b = self.cut(ch, comp, hi)
+                sides.append((below, above))
+                band |= b
+        for inside, _ in sides:
+            sure &= inside
+        if band:
+            maybe = P.copy()
+            for _, outside in sides:
+                maybe &= ~outside
+            maybe &= ~sure
+        return sure, maybe
+
+    def rect(self, pop: Population, g: RectGate, P, comp) -> np.ndarray:
+        fast, slow, cuts = self._rect_plan(pop, g, comp)
+        out, unsure = self._in_box(cuts, P, comp)
+        if unsure is not None and unsure.any():  # within the tolerance of a boundary: decide exactly, as _cmp does
+            ev = _members(unsure, self.n)
+            _assign(out, ev[self._rect_exact(pop, fast, ev, comp)], True)
+        if slow:  # bounds that cannot be mapped to the raw scale: exact transform of the events left
+            ev = _members(out, self.n)
+            _assign(out, ev[~self._rect_exact(pop, slow, ev, comp)], False)
+        return out
+
+    def _rect_exact(self, pop: Population, bounds, ev: np.ndarray, comp) -> np.ndarray:
         """Membership of events ``ev`` for ``bounds`` ([(dim, t, raw bound or None, ge)]), via :func:`_cmp`."""
         ok = np.ones(ev.size, dtype=bool)
         for dim, t, xb, ge in bounds:
@@ -560,173 +579,146 @@ class _Engine:
             ok &= _cmp(vals, xb, t, ge, exact)
         return ok
 
-    def _rect_numpy(self, pop: Population, g: RectGate, parent, comp: bool) -> np.ndarray:
-        n = self.data.n_events if parent is None else parent.size
-        keep = np.ones(n, dtype=bool)
-        for dim, (lo, hi) in zip(g.dims, g.bounds):
-            lo, hi = self.bound(lo, pop, dim), self.bound(hi, pop, dim)
-            cur = np.flatnonzero(keep) if not keep.all() else None
-            sub = parent if cur is None else (cur if parent is None else parent[cur])
-            vals = self.cols.raw(dim, sub, comp, pop.name)
-            ok = np.ones(vals.size, dtype=bool)
-
-            def exact(rel, _sub=sub, _dim=dim):
-                ev = self._sel(_sub)[rel]
-                return self.cols.transformed(_dim, ev, comp, pop.name)
-
-            if lo is not None:
-                ok &= _cmp(vals, self.cols.raw_bound(dim, lo), lo, True, exact)
-            if hi is not None:
-                ok &= _cmp(vals, self.cols.raw_bound(dim, hi), hi, False, exact)
-            if cur is None:
-                keep &= ok
-            else:
-                keep[cur[~ok]] = False
-        return keep
-
-    def _box_candidates(self, pop: Population, dims, lows, highs, parent, comp) -> np.ndarray:
-        """Indices (relative to the parent) that may lie inside a transformed-space box (inclusive)."""
-        K = _kernels()
-        full = parent is None
-        n = self.data.n_events if full else parent.size
-        cand = np.ones(n, dtype=bool)
+    def _box_candidates(self, pop: Population, dims, lows, highs, P, comp) -> np.ndarray:
+        """Indices of the events of ``P`` that may lie inside a transformed-space box (edges included)."""
+        cuts = []
         for dim, lo, hi in zip(dims, lows, highs):
-            xl, xh = self.cols.raw_bound(dim, lo), self.cols.raw_bound(dim, hi)
-            if xl is None or xh is None:
-                continue
-            lo_t, hi_t = xl - _REL_TOL * (1.0 + abs(xl)), xh + _REL_TOL * (1.0 + abs(xh))
-            if K and dim.ratio is None:
-                col = self.cols.base(self.cols.channel(dim.marker, pop.name), comp)
-                K.range_and(col, _NO_IDX if full else parent, full, lo_t, hi_t, cand)
-            else:
-                vals = self.cols.raw(dim, parent, comp, pop.name)
-                cand &= vals >= lo_t
-                cand &= vals <= hi_t
-        return np.flatnonzero(cand)
+            a, b = self.cols.raw_bound(dim, lo), self.cols.raw_bound(dim, hi)
+            if a is not None and b is not None and dim.ratio is None:
+                cuts.append((self.cols.channel(dim.marker, pop.name), a, b))
+        sure, unsure = self._in_box(cuts, P, comp)
+        return _members(sure if unsure is None else sure | unsure, self.n)
 
-    def polygon(self, pop: Population, g: PolygonGate, parent, comp: bool) -> np.ndarray:
+    def polygon(self, pop: Population, g: PolygonGate, P, comp) -> np.ndarray:
+        if all(d.transform is None and d.ratio is None for d in g.dims):
+            # untransformed axes (scatter): one pass over the two columns (every event, kept)
+            return self._inside_polygon(pop, g, comp) & P
         v = np.asarray(g.vertices, dtype=np.float64)
-        full = parent is None
-        n = self.data.n_events if full else parent.size
-        K = _kernels()
-        if K and all(d.transform is None and d.ratio is None for d in g.dims):
-            # untransformed axes (scatter): one fused pass over the parent's events
-            cx, cy = (self.cols.base(self.cols.channel(d.marker, pop.name), comp) for d in g.dims)
-            keep = np.empty(n, dtype=bool)
-            K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), cx, cy,
-                         _NO_IDX if full else parent, full, keep)
-            return keep
-        rel = self._box_candidates(pop, g.dims, v.min(axis=0), v.max(axis=0), parent, comp)
-        ev = self._sel(parent)[rel]
+        ev = self._box_candidates(pop, g.dims, v.min(axis=0), v.max(axis=0), P, comp)
         px = self.cols.transformed(g.dims[0], ev, comp, pop.name)
         py = self.cols.transformed(g.dims[1], ev, comp, pop.name)
-        keep = np.zeros(n, dtype=bool)
-        keep[rel] = points_in_polygon(v, px, py)
-        return keep
+        out = np.zeros_like(P)
+        _assign(out, ev[points_in_polygon(v, px, py)], True)
+        return out
 
-    def ellipse(self, pop: Population, g: EllipseGate, parent, comp: bool) -> np.ndarray:
+    def ellipse(self, pop: Population, g: EllipseGate, P, comp) -> np.ndarray:
         from flowutils.gating import points_in_ellipsoid
 
         c = np.asarray(g.center, dtype=float)
         cov = np.asarray(g.covariance, dtype=float)
         half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square) * (1 + 1e-9) + 1e-12
-        n = self.data.n_events if parent is None else parent.size
         if np.array_equal(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0):
-            rel = self._box_candidates(pop, g.dims, c - half, c + half, parent, comp)
+            ev = self._box_candidates(pop, g.dims, c - half, c + half, P, comp)
         else:  # not an ellipsoid (Gating-ML allows any matrix): the region is unbounded, test every event
-            rel = np.arange(n)
-        ev = self._sel(parent)[rel]
-        pts = np.column_stack([self.cols.transformed(d, ev, comp, pop.name) for d in g.dims])
-        keep = np.zeros(n, dtype=bool)
-        if rel.size:
-            keep[rel] = points_in_ellipsoid(cov, c, g.distance_square, pts)
-        return keep
+            ev = _members(P, self.n)
+        out = np.zeros_like(P)
+        if ev.size:
+            pts = np.column_stack([self.cols.transformed(d, ev, comp, pop.name) for d in g.dims])
+            _assign(out, ev[np.asarray(points_in_ellipsoid(cov, c, g.distance_square, pts), dtype=bool)], True)
+        return out
 
-    def boolean(self, g: BooleanGate, parent) -> np.ndarray:
-        n = self.data.n_events
-        masks = []
-        for name, complement in g.refs:
-            m = np.zeros(n, dtype=bool)
-            m[self.idx[name]] = True
-            masks.append(~m if complement else m)
+    def boolean(self, g: BooleanGate, P) -> np.ndarray:
+        operands = [~self.bits[name] if complement else self.bits[name] for name, complement in g.refs]
         if g.op == "and":
-            res = np.logical_and.reduce(masks)
+            res = np.bitwise_and.reduce(operands)
         elif g.op == "or":
-            res = np.logical_or.reduce(masks)
+            res = np.bitwise_or.reduce(operands)
         else:
-            res = ~masks[0]
-        if parent is not None:
-            pm = np.zeros(n, dtype=bool)
-            pm[parent] = True
-            res &= pm
-        return np.flatnonzero(res)
+            res = ~operands[0]
+        return res & P  # also clears the bits past the last event that ~ set
+
+
+def _count(bits: np.ndarray) -> int:
+    return int(np.bitwise_count(bits).sum())
+
+
+def _members(bits: np.ndarray, n: int) -> np.ndarray:
+    """Sorted indices of the events in a bit set."""
+    return np.flatnonzero(unpack(bits, n))
+
+
+def _assign(bits: np.ndarray, ev: np.ndarray, value: bool) -> None:
+    """Set (``value``) or clear the bits of events ``ev`` (in place)."""
+    if ev.size:
+        one = np.left_shift(np.uint64(1), (ev & 63).astype(np.uint64))
+        if value:
+            np.bitwise_or.at(bits, ev >> 6, one)
+        else:
+            np.bitwise_and.at(bits, ev >> 6, ~one)
+
+
+def _vertices(vertices) -> tuple:
+    """Vertex x and y for the winding kernel: tuples (compiled per vertex count, unrolled) for small polygons."""
+    v = np.asarray(vertices, dtype=np.float64)
+    if len(v) <= TUPLE_VERTICES:
+        return tuple(float(x) for x in v[:, 0]), tuple(float(y) for y in v[:, 1])
+    return np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1])
+
+
+def _intervals(xlo: float | None, xhi: float | None) -> tuple[float, float, float, float]:
+    """Sure and maybe intervals ``(a, b, a2, b2)`` of raw-scale bounds (see :mod:`immuneprofile._kernels`).
+
+    Surely inside: more than the tolerance inside each bound; maybe inside: within
+    the tolerance of a bound (decided exactly by the engine). ``None``: unbounded.
+    """
+    a, a2, b, b2 = -np.inf, -np.inf, np.inf, np.inf
+    if xlo is not None:
+        tol = _REL_TOL * (1.0 + abs(xlo))
+        a, a2 = float(np.nextafter(xlo + tol, np.inf)), xlo - tol
+    if xhi is not None:
+        tol = _REL_TOL * (1.0 + abs(xhi))
+        b, b2 = float(np.nextafter(xhi - tol, -np.inf)), xhi + tol
+    return a, b, a2, b2
 
 
 def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """Winding-number point-in-polygon, vectorised over points.
+    """Winding-number point-in-polygon, vectorised over points (boolean per point).
 
     Same arithmetic and the same bounding-box rule as FlowUtils'
     ``points_in_polygon`` (Sunday's algorithm; odd winding count = inside), so
     membership is identical, edge cases included. Compiled with numba when
-    available, NumPy otherwise (:func:`_points_in_polygon_numpy`, same result).
+    available, NumPy otherwise (same result).
     """
-    v = np.asarray(vertices, dtype=np.float64)
-    px = np.asarray(px, dtype=np.float64)
-    py = np.asarray(py, dtype=np.float64)
-    K = _kernels()
-    if not K:
-        return _points_in_polygon_numpy(v, px, py)
-    out = np.empty(px.shape[0], dtype=bool)
-    return K.pip_gather(np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1]), px, py, _NO_IDX, True, out)
+    px = np.ascontiguousarray(px, dtype=np.float64)
+    py = np.ascontiguousarray(py, dtype=np.float64)
+    out = full_bits(px.shape[0])
+    _kernels().winding_bits(*_vertices(vertices), px, py, out)
+    return unpack(out, px.shape[0])
 
 
-def _points_in_polygon_numpy(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """NumPy version of :func:`points_in_polygon` (edge by edge over all points)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    px = np.asarray(px, dtype=np.float64)
-    py = np.asarray(py, dtype=np.float64)
-    inside_box = ~((px < v[:, 0].min()) | (px > v[:, 0].max()) | (py < v[:, 1].min()) | (py > v[:, 1].max()))
-    idx = np.flatnonzero(inside_box)
-    x, y = px[idx], py[idx]
-    wind = np.zeros(idx.size, dtype=np.int64)
-    nv = len(v)
-    for i in range(nv):
-        ax, ay = v[i]
-        bx, by = v[(i + 1) % nv]
-        up = (ay <= y) & (y < by)
-        down = (ay > y) & (by <= y)
-        cand = np.flatnonzero(up | down)
-        if cand.size == 0:
-            continue
-        is_left = (bx - ax) * (y[cand] - ay) - (x[cand] - ax) * (by - ay)
-        wind[cand] += (up[cand] & (is_left > 0)).astype(np.int64)
-        wind[cand] -= (down[cand] & (is_left < 0)).astype(np.int64)
-    out = np.zeros(px.size, dtype=bool)
-    out[idx] = wind % 2 != 0
-    return out
+@overload
+def gate_sample(data: FCSData, template: Template, *, thresholds: Mapping[tuple[str, str], Any] | None = None,
+                threads: int = 0) -> GatingResult: ...
 
 
-def gate_sample(
-    data: FCSData,
-    template: Template,
-    *,
-    thresholds: Mapping[tuple[str, str], float] | None = None,
-) -> GatingResult:
-    """Gate one sample with a template.
+@overload
+def gate_sample(data: FCSData, template: Sequence[Template], *,
+                thresholds: Mapping[tuple[str, str], Any] | None = None, threads: int = 0) -> list[GatingResult]: ...
+
+
+def gate_sample(data, template, *, thresholds=None, threads=0):
+    """Gate one sample with a template (or several).
 
     Parameters
     ----------
     data
         A sample loaded with :func:`immuneprofile.load_fcs`.
     template
-        A template loaded with :func:`immuneprofile.load_template`.
+        A template loaded with :func:`immuneprofile.load_template`, or a list of
+        templates: each is gated, and a population (or data-driven threshold)
+        defined identically in several of them (same channels, transforms,
+        resolved bounds and ancestry) is computed once.
     thresholds
-        Optional ``{(marker, cut): value}`` overriding the template's thresholds
+        Optional ``{(marker, cut): value}`` overriding the templates' thresholds
         (used for batch-scope data-driven thresholds).
+    threads
+        Threads for the engine's passes over the events (``0``: all cores; ``1``:
+        none). The result does not depend on it.
 
     Returns
     -------
     GatingResult
+        Or a list of them, one per template, for a list of templates.
 
     Raises
     ------
@@ -735,19 +727,36 @@ def gate_sample(
     GatingError
         Anything else that prevents gating, naming the file, template and population.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        eng = _Engine(data, template, thresholds)
-        idx = eng.run()
-    return GatingResult(
-        sample_id=data.sample_id,
-        path=data.path,
-        template=template,
-        n_events=data.n_events,
-        indices=idx,
-        thresholds=list(eng.fits.values()),
-        data=data,
-    )
+    if isinstance(template, Template):
+        return _gate_templates(data, [template], [thresholds], threads)[0]
+    templates = list(template)
+    return _gate_templates(data, templates, [thresholds] * len(templates), threads)
+
+
+def _gate_templates(data: FCSData, templates: Sequence[Template],
+                    fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0) -> list[GatingResult]:
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    shared = _Shared(pool)
+    out = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            engines = [_Engine(data, t, fx, shared) for t, fx in zip(templates, fixed)]
+            for eng in engines:
+                eng.prefetch()
+            for eng in engines:
+                bits = eng.run()
+                out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.t,
+                                        n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
+                                        data=data, counts=dict(eng.counts)))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out
 
 
 @dataclass

@@ -115,6 +115,7 @@ class FCSData:
     metadata: dict[str, str]
     sample: Any = field(repr=False, default=None)
     _columns: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _found: dict[str, int] = field(default_factory=dict, repr=False)  # find_channel's answers
 
     @property
     def n_events(self) -> int:
@@ -148,6 +149,12 @@ class FCSData:
             If no channel, or more than one, matches. The message names the file,
             the marker, ``context`` (e.g. template and population) and what the file offers.
         """
+        found = self._found.get(name)
+        if found is None:
+            found = self._found[name] = self._find_channel(name, context)
+        return found
+
+    def _find_channel(self, name: str, context: str) -> int:
         norm = normalize_marker(name)
         pnn = [normalize_marker(c) for c in self.channels]
         if norm in pnn:

@@ -30,7 +30,9 @@ class ThresholdError(ValueError):
 
 def _subsample(values: np.ndarray, seed: int = 0) -> np.ndarray:
     v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
+    finite = np.isfinite(v)
+    if not finite.all():
+        v = v[finite]
     if v.size > MAX_FIT_EVENTS:
         v = np.random.default_rng(seed).choice(v, MAX_FIT_EVENTS, replace=False)
     return v
@@ -52,8 +54,7 @@ def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
     if not sigma > 0:
         sigma = 1e-3
     lo, hi = float(v.min()) - 3 * sigma, float(v.max()) + 3 * sigma
-    edges = np.linspace(lo, hi, 2 * _GRID + 1)
-    counts, _ = np.histogram(v, bins=edges)
+    counts, edges = np.histogram(v, bins=2 * _GRID, range=(lo, hi))  # equal bins: NumPy's fast path
     grid = 0.5 * (edges[:-1] + edges[1:])
     step = grid[1] - grid[0]
     half = int(np.ceil(4 * sigma / step))

@@ -9,9 +9,12 @@ identical values.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Mapping
 
-__all__ = ["TransformError", "make_transform", "transform_key", "DEFAULT_FLUORESCENCE", "MONOTONE"]
+import numpy as np
+
+__all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "make_transform", "transform_key"]
 
 DEFAULT_FLUORESCENCE: dict[str, Any] = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
 
@@ -92,3 +95,59 @@ def make_transform(spec: Mapping[str, Any] | None):
     if k == "log":
         return fkt.LogTransform(param_t=spec["T"], param_m=spec["M"])
     raise TransformError(f"unknown transform type {k!r}")
+
+
+#: Transforms FlowKit evaluates by root finding per value (slow); the others are closed-form.
+_ITERATIVE = {"logicle", "hyperlog"}
+#: Table of :func:`density_transform`: knots per octave, and the octaves (powers of two) covered.
+_PER_OCTAVE = 1024
+_OCTAVES = (-30, 40)
+
+
+def density_transform(spec: Mapping[str, Any] | None):
+    """A fast evaluator of a transform, for density estimates (data-driven thresholds).
+
+    Closed-form transforms are FlowKit's own. Logicle and hyperlog, which
+    FlowKit evaluates by root finding (~150 ns a value), are interpolated
+    linearly in a table of FlowKit's values at 1024 knots per octave of
+    ``|x|`` from ``2**-30`` to ``2**40`` (linear in between ``+-2**-30``; FlowKit's
+    own values beyond ``2**40`` and for NaN): within 2e-8 of FlowKit, ~20x faster.
+    Gating never uses this: gates compare against FlowKit's exact values
+    (:mod:`immuneprofile.gating`).
+
+    Returns
+    -------
+    callable
+        ``f(values) -> transformed values`` (1-D float arrays).
+    """
+    if spec is None:
+        return lambda x: np.asarray(x, dtype=float)
+    if spec["type"] not in _ITERATIVE:
+        xf = make_transform(spec)
+        return lambda x: np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1)
+    return _table_transform(tuple(sorted(spec.items())))
+
+
+@lru_cache(maxsize=32)
+def _table_transform(items: tuple):
+    from ._kernels import kernels
+
+    xf = make_transform(dict(items))
+
+    def exact(x: np.ndarray) -> np.ndarray:
+        return np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1)
+
+    e0, e1 = _OCTAVES
+    knots = np.ldexp(1.0 + np.arange(_PER_OCTAVE) / _PER_OCTAVE, np.arange(e0, e1)[:, None]).ravel()
+    knots = np.append(knots, 2.0 ** e1)
+    pos_tab, neg_tab = exact(knots), exact(-knots)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=float)
+        out = np.empty(x.shape[0])
+        if kernels().octave_lookup(x, e0, _PER_OCTAVE, pos_tab, neg_tab, out):
+            far = np.isnan(out)
+            out[far] = exact(x[far])
+        return out
+
+    return apply
