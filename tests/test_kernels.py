@@ -150,17 +150,38 @@ def test_bit_sets_round_trip():
 
 
 @pytest.mark.parametrize("step", [1, 3, 64, 1000])
-def test_strided_members(step):
+def test_strided_values(step):
     rng = np.random.default_rng(step)
     n = 10_001
     m = rng.random(n) < 0.3
+    col = rng.normal(size=n)
     want = np.arange(0, n, step)
-    want = want[m[want]]
+    want = col[want[m[want]]]
     for K in (COMPILED, TWINS):
         for limit in (5, n):
-            out = np.empty(n, dtype=np.int64)
-            k = K.strided_members(_kernels.pack(m), n, step, limit, out)
+            out = np.empty(limit)
+            k = K.strided_values(_kernels.pack(m), step, col, out)
             np.testing.assert_array_equal(out[:k], want[:limit])
+
+
+def test_moments_and_bin_counts_match_numpy():
+    rng = np.random.default_rng(8)
+    for t in range(60):
+        v = rng.normal(rng.normal(), abs(rng.normal()) + 1e-3, int(rng.integers(2, 3000)))
+        if t % 3 == 0:
+            v[rng.integers(0, v.size, 5)] = rng.choice([np.nan, np.inf, -np.inf], 5)
+        f = v[np.isfinite(v)]
+        edges = np.linspace(f.min() - rng.random(), f.max() + rng.random(), 1025)
+        v[:2] = edges[[1, -1]]  # values on an inner edge and on the last edge
+        f = v[np.isfinite(v)]
+        want = np.histogram(v, bins=1024, range=(edges[0], edges[-1]))[0]
+        for K in (COMPILED, TWINS):
+            counts = np.zeros(1024, dtype=np.int64)
+            K.bin_counts(v, edges, counts)
+            np.testing.assert_array_equal(counts, want)
+            n, lo, hi, sd = K.moments(v)
+            assert (n, lo, hi) == (f.size, f.min(), f.max())
+            assert sd == pytest.approx(np.std(f, ddof=1), rel=1e-12)
 
 
 def test_octave_table_kernels_agree():

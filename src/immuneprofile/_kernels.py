@@ -128,13 +128,17 @@ def _winding_bits(vx, vy, colx, coly, out):  # pragma: no cover - compiled
         out[wd] &= word
 
 
-def _strided_members(bits, n, step, limit, out):  # pragma: no cover - compiled
-    """The events ``0, step, 2 step, ...`` that are in the bit set, at most ``limit``, into ``out``; returns how many."""
+def _strided_values(bits, step, col, out):  # pragma: no cover - compiled
+    """``col[e]`` of the events ``e = 0, step, 2 step, ...`` in the bit set, in order, into ``out`` (while it has room).
+
+    Returns how many.
+    """
+    limit = out.shape[0]
     k = 0
-    for e in range(0, n, step):
+    for e in range(0, col.shape[0], step):
         if k >= limit:
             break
-        out[k] = e
+        out[k] = col[e]
         k += (bits[e >> 6] >> np.uint64(e & 63)) & np.uint64(1)
     return k
 
@@ -166,6 +170,52 @@ def _octave_lookup(x, e0, per, pos_tab, neg_tab, out):  # pragma: no cover - com
         tab = pos_tab if v > 0 else neg_tab
         out[i] = tab[idx] + (f - j) * (tab[idx + 1] - tab[idx])
     return far
+
+
+def _moments(v):  # pragma: no cover - compiled
+    """``(count, min, max, standard deviation with ddof=1)`` of the finite values of ``v``."""
+    n = 0
+    mn = np.inf
+    mx = -np.inf
+    total = 0.0
+    for x in v:
+        if np.isfinite(x):
+            n += 1
+            mn = min(mn, x)
+            mx = max(mx, x)
+            total += x
+    if n < 2:
+        return n, mn, mx, np.nan
+    mean = total / n
+    ss = 0.0
+    for x in v:
+        if np.isfinite(x):
+            ss += (x - mean) * (x - mean)
+    return n, mn, mx, np.sqrt(ss / (n - 1))
+
+
+def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
+    """``counts += np.histogram(v, bins=len(edges) - 1, range=(edges[0], edges[-1]))[0]``, same arithmetic.
+
+    ``edges`` are ``np.linspace(lo, hi, nbins + 1)``; NumPy's equal-bin path: the
+    index from ``(v - lo) / (hi - lo) * nbins``, then moved by one where ``v``
+    falls the other side of an edge; the last bin includes ``hi``.
+    """
+    nb = edges.shape[0] - 1
+    lo = edges[0]
+    hi = edges[nb]
+    denom = hi - lo
+    for x in v:
+        if not ((x >= lo) & (x <= hi)):
+            continue
+        i = int(((x - lo) / denom) * nb)
+        if i == nb:
+            i -= 1
+        if x < edges[i]:
+            i -= 1
+        if (x >= edges[i + 1]) & (i != nb - 1):
+            i += 1
+        counts[i] += 1
 
 
 # ----------------------------------------------------------------------------- NumPy twins
@@ -206,10 +256,10 @@ def _winding_bits_np(vx, vy, colx, coly, out):
     out &= pack(_pip_numpy(np.column_stack([vx, vy]), colx, coly))
 
 
-def _strided_members_np(bits, n, step, limit, out):
-    pos = np.arange(0, n, step)
-    pos = pos[unpack(bits, n)[pos]][:limit]
-    out[:pos.size] = pos
+def _strided_values_np(bits, step, col, out):
+    pos = np.arange(0, col.shape[0], step)
+    pos = pos[unpack(bits, col.shape[0])[pos]][:out.shape[0]]
+    out[:pos.size] = col[pos]
     return pos.size
 
 
@@ -234,6 +284,17 @@ def _octave_lookup_np(x, e0, per, pos_tab, neg_tab, out):
     return int(np.count_nonzero(np.isnan(out)))
 
 
+def _moments_np(v):
+    f = v[np.isfinite(v)]
+    if f.size < 2:
+        return f.size, (f.min() if f.size else np.inf), (f.max() if f.size else -np.inf), np.nan
+    return f.size, float(f.min()), float(f.max()), float(np.std(f, ddof=1))
+
+
+def _bin_counts_np(v, edges, counts):
+    counts += np.histogram(v, bins=edges.shape[0] - 1, range=(edges[0], edges[-1]))[0]
+
+
 _COMPILED: Any = None
 
 
@@ -250,12 +311,14 @@ def kernels(compiled: bool = True):
 
             jit = njit(cache=True, nogil=True)
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
-                                        strided_members=jit(_strided_members), octave_lookup=jit(_octave_lookup),
+                                        strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts),
                                         compiled=True)
     if compiled and _COMPILED:
         return _COMPILED
     from types import SimpleNamespace
 
     return SimpleNamespace(interval_bits=_interval_bits_np, winding_bits=_winding_bits_np,
-                           strided_members=_strided_members_np, octave_lookup=_octave_lookup_np,
+                           strided_values=_strided_values_np, octave_lookup=_octave_lookup_np,
+                           moments=_moments_np, bin_counts=_bin_counts_np,
                            compiled=False)

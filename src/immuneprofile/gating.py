@@ -20,9 +20,10 @@ the membership FlowKit computes, at the cost of a few comparisons per event.
 
 from __future__ import annotations
 
+import threading
 import warnings
-from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import numpy as np
@@ -269,6 +270,34 @@ def _cmp(vals_raw: np.ndarray, xb: float | None, t: float, ge: bool, exact_fn) -
     return out
 
 
+class _Spare:
+    """Bit-set arrays kept between samples (a few dozen per size), so that passes reuse warm pages."""
+
+    def __init__(self, per_size: int = 64) -> None:
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._per_size = per_size
+
+    def take(self, words: int) -> np.ndarray:
+        with self._lock:
+            free = self._free.get(words)
+            if free:
+                return free.pop()
+        return np.empty(words, dtype=np.uint64)
+
+    def give(self, arrays: list[np.ndarray]) -> None:
+        with self._lock:
+            for a in arrays:
+                free = self._free.setdefault(a.shape[0], [])
+                if len(free) < self._per_size:
+                    free.append(a)
+            while len(self._free) > 4:  # keep the sizes of the last few samples only
+                self._free.pop(next(iter(self._free)))
+
+
+_SPARE = _Spare()
+
+
 class _Shared:
     """What gating one sample has computed, kept for the next gate and the next template.
 
@@ -287,6 +316,20 @@ class _Shared:
         self.fits: dict[tuple, ThresholdFit] = {}
         self.passes: dict[tuple, Any] = {}  # key -> result, or its Future
         self.pool = pool
+        self.buffers: list[np.ndarray] = []  # the passes' bit sets, from _SPARE, given back by release()
+
+    def buffer(self, like: np.ndarray) -> np.ndarray:
+        """A copy of ``like`` in a recycled array (fresh pages cost more than the pass that fills them)."""
+        out = _SPARE.take(like.shape[0])
+        out[:] = like
+        self.buffers.append(out)
+        return out
+
+    def release(self) -> None:
+        """Give the passes' bit sets back for the next sample (they never end up in a result)."""
+        _SPARE.give(self.buffers)
+        self.buffers = []
+        self.passes.clear()
 
     def get(self, key: tuple, compute, wait: bool = True):
         """The result of pass ``key``, computed (in the pool unless waited for at once) on first request."""
@@ -357,18 +400,24 @@ class _Engine:
             if share in self.shared.fits:
                 return replace(self.shared.fits[share], marker=ref.marker, fitted_on=on or "root")
         n_fit = self.n if on is None else self.counts[on]
+        bits = self._parent_of(on)
         if spec["method"] != "quantile" and n_fit > MAX_FIT_EVENTS:
             # density rules read a subsample: the population's events among every k-th event of the
             # sample (k = ceil(count / MAX_FIT_EVENTS)): systematic, deterministic, O(n / k)
             step = -(-n_fit // MAX_FIT_EVENTS)
-            sel = np.empty(min(MAX_FIT_EVENTS, -(-self.n // step)), dtype=np.int64)
-            sel = sel[:self.K.strided_members(self._parent_of(on), self.n, step, sel.size, sel)]
+            if dim.ratio is None:
+                raw = _scratch("raw", min(MAX_FIT_EVENTS, -(-self.n // step)))
+                col = self.cols.base(self.cols.channel(dim.marker, pop.name), True)
+                raw = raw[:self.K.strided_values(bits, step, col, raw)]
+            else:
+                pos = np.arange(0, self.n, step)
+                raw = self.cols.raw(dim, pos[unpack(bits, self.n)[pos]][:MAX_FIT_EVENTS], True, pop.name)
         else:
-            sel = np.arange(self.n) if on is None else _members(self.bits[on], self.n)
-        raw = self.cols.raw(dim, sel, True, pop.name)
+            raw = self.cols.raw(dim, _members(bits, self.n), True, pop.name)
         # a density rule reads a 1024-bin density: the fast transform (within 1e-8) serves it; a quantile
         # is read off the values themselves, so they are FlowKit's exact ones
-        values = self.cols.exact(dim, raw) if spec["method"] == "quantile" else density_transform(dim.transform)(raw)
+        values = self.cols.exact(dim, raw) if spec["method"] == "quantile" else \
+            density_transform(dim.transform)(raw, out=_scratch("values", raw.shape[0]))
         value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
         if spec.get("scope") == "batch":
             note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
@@ -485,7 +534,7 @@ class _Engine:
 
         def compute():
             a, b, _, _ = _intervals(xb, xb)
-            above, below = self.full().copy(), self.full().copy()
+            above, below = self.shared.buffer(self.full()), self.shared.buffer(self.full())
             self.K.interval_bits(col, a, np.inf, -np.inf, b, above, below)
             return above, below, bool(((above | below) != self.full()).any())
 
@@ -500,7 +549,7 @@ class _Engine:
         cols = [self.cols.base(c, comp) for c in chans]
 
         def compute():
-            inside = self.full().copy()
+            inside = self.shared.buffer(self.full())
             self.K.winding_bits(*_vertices(g.vertices), *cols, inside)
             return inside
 
@@ -626,6 +675,18 @@ class _Engine:
         else:
             res = ~operands[0]
         return res & P  # also clears the bits past the last event that ~ set
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int) -> np.ndarray:
+    """A float array of ``size`` reused by this thread's next fits (a fit reads it and keeps nothing)."""
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.shape[0] < size:
+        buf = np.empty(max(size, MAX_FIT_EVENTS))
+        setattr(_SCRATCH, name, buf)
+    return buf[:size]
 
 
 def _count(bits: np.ndarray) -> int:
@@ -756,6 +817,7 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        shared.release()
     return out
 
 

@@ -118,14 +118,25 @@ def density_transform(spec: Mapping[str, Any] | None):
     Returns
     -------
     callable
-        ``f(values) -> transformed values`` (1-D float arrays).
+        ``f(values, out=None) -> transformed values`` (1-D float arrays; into ``out`` if given).
     """
     if spec is None:
-        return lambda x: np.asarray(x, dtype=float)
+        return _into(lambda x: np.asarray(x, dtype=float))
     if spec["type"] not in _ITERATIVE:
         xf = make_transform(spec)
-        return lambda x: np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1)
+        return _into(lambda x: np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1))
     return _table_transform(tuple(sorted(spec.items())))
+
+
+def _into(f):
+    def apply(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        y = f(x)
+        if out is None:
+            return y
+        out[:] = y
+        return out
+
+    return apply
 
 
 @lru_cache(maxsize=32)
@@ -142,9 +153,9 @@ def _table_transform(items: tuple):
     knots = np.append(knots, 2.0 ** e1)
     pos_tab, neg_tab = exact(knots), exact(-knots)
 
-    def apply(x: np.ndarray) -> np.ndarray:
+    def apply(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=float)
-        out = np.empty(x.shape[0])
+        out = np.empty(x.shape[0]) if out is None else out
         if kernels().octave_lookup(x, e0, _PER_OCTAVE, pos_tab, neg_tab, out):
             far = np.isnan(out)
             out[far] = exact(x[far])
