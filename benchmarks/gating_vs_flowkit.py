@@ -17,16 +17,19 @@ For each size, each side runs in its own subprocess (so that peak memory is its 
 * FlowKit: ``fk.Sample(path)`` plus ``GatingStrategy.gate_sample(sample)`` for each
   template (the strategies are built beforehand with
   :func:`immuneprofile.interop.to_gating_strategy`: they are the user's gating definition).
-* immuneprofile: ``load_fcs(path)`` plus ``gate_sample(data, template)`` for each template.
+* immuneprofile: ``load_fcs(path)`` plus ``gate_sample(data, templates)`` (the three templates in one
+  call: populations they define identically, such as lymphocytes -> singlets -> live -> CD3+ in two of
+  them, are computed once).
 
 Reported: median seconds over several runs (load and gating separately, and
 their sum), the ratio, events per second, the engine alone on loaded data
-against the floor of merely reading the touched columns once
-(``np.ascontiguousarray(data.events[:, j])`` per channel), peak memory
-(tracemalloc, in a separate untimed run; also as a multiple of the event matrix,
-``events x channels x 8`` bytes) and whether every population's membership is
-identical. The batch part gates 50 files of 100k events with
-``gate_files(..., jobs=1)`` and ``jobs=0`` (all cores).
+(all cores, and one thread) against the floor of merely reading the touched
+columns once (one pass over each contiguous column of the column-major
+matrix), peak memory (tracemalloc, in a separate untimed run; also as a
+multiple of the event matrix, ``events x channels x 8`` bytes) and whether
+every population's membership is identical. The batch part gates 50 files of
+100k events with ``gate_files(paths, templates, jobs=1)`` and ``jobs=0`` (all
+cores).
 
 Exit status: 0 if every membership is identical, 1 otherwise.
 """
@@ -147,7 +150,7 @@ def worker_flowkit(path: str, reps: int) -> dict:
 
     tracemalloc.start()
     sample = fk.Sample(path)
-    results = [gs.gate_sample(sample) for gs in strategies]
+    _results = [gs.gate_sample(sample) for gs in strategies]  # kept alive until the peak is read
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return dict(side="flowkit", n_events=n_events, n_channels=n_channels, load=loads, gate=gates,
@@ -161,8 +164,7 @@ def worker_immuneprofile(path: str, reps: int) -> dict:
 
     templates = load_templates()
     warm = load_fcs(str(sample_path(SETUP_EVENTS)))  # warm-up: imports, compiled kernels
-    for t in templates:
-        gate_sample(warm, t)
+    gate_sample(warm, templates)
     del warm
 
     loads, gates = [], []
@@ -170,54 +172,48 @@ def worker_immuneprofile(path: str, reps: int) -> dict:
         t0 = time.perf_counter()
         data = load_fcs(path)
         t1 = time.perf_counter()
-        results = [gate_sample(data, t) for t in templates]
+        results = gate_sample(data, templates)
         t2 = time.perf_counter()
         loads.append(t1 - t0)
         gates.append(t2 - t1)
     members = memberships(templates, results, lambda t, res, name: res.mask(name))
     del results
 
-    # the engine alone on loaded data (no column cached: it pays for its own reads) vs the floor
+    # the engine alone on loaded data vs the floor, interleaved (the machine's speed drifts)
     touched = sorted({data.find_channel(m) for t in templates for m in t.markers})
-    engine, floor, floor_rm = [], [], []
-    row_major = data.sample.get_events(source="raw")  # the file's own (row-major) layout, as FlowKit holds it
-    for _ in range(max(reps, 5)):
-        data._columns.clear()
+    engine, engine1, floor = [], [], []
+    for _ in range(max(reps, 9)):
         t0 = time.perf_counter()
-        for t in templates:
-            gate_sample(data, t)
+        gate_sample(data, templates)
         engine.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gate_sample(data, templates, threads=1)
+        engine1.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         # one pass over each touched column (a sum: every value is read once, nothing written);
         # the event matrix is column-major, so a column is a contiguous block
         checksum = sum(float(np.add.reduce(data.events[:, j])) for j in touched)
         floor.append(time.perf_counter() - t0)
         del checksum
-        # the same columns copied out of a row-major matrix (what reading them costs before the
-        # loader has made the matrix column-major, which load_fcs does once per file)
-        t0 = time.perf_counter()
-        cols = [np.ascontiguousarray(row_major[:, j]) for j in touched]
-        floor_rm.append(time.perf_counter() - t0)
-        del cols
     n_events, n_channels = data.n_events, len(data.channels)
-    del data, row_major
+    del data
 
     tracemalloc.start()
     data = load_fcs(path)
     loaded = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
-    results = [gate_sample(data, t) for t in templates]
+    results = gate_sample(data, templates)
     engine_peak = tracemalloc.get_traced_memory()[1] - loaded
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     # the whole pipeline's peak: the loader's transient peak may exceed the engine's
     del results, data
     tracemalloc.start()
-    data = load_fcs(path)
+    _data = load_fcs(path)  # kept alive until the peak is read
     load_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return dict(side="immuneprofile", n_events=n_events, n_channels=n_channels, load=loads, gate=gates,
-                engine=engine, floor=floor, floor_row_major=floor_rm, touched=len(touched), peak_bytes=max(peak, load_peak),
+                engine=engine, engine1=engine1, floor=floor, touched=len(touched), peak_bytes=max(peak, load_peak),
                 engine_peak_bytes=engine_peak, loaded_bytes=loaded, members=members)
 
 
@@ -243,18 +239,17 @@ def run_batch(n_files: int, n_events: int) -> dict:
 
     paths = [ensure_sample(n_events, seed=SEED + 1000 + i, tag=f"_batch{i:02d}") for i in range(n_files)]
     templates = load_templates()
-    gate_files(paths[:2], templates[0], jobs=1)  # warm-up
+    gate_files(paths[:2], templates, jobs=1)  # warm-up
     out = {"files": n_files, "events": n_events, "cores": os.cpu_count() or 1}
     tables = {}
     for label, jobs in (("serial", 1), ("parallel", 0)):
         t0 = time.perf_counter()
-        batches = [gate_files(paths, t, jobs=jobs) for t in templates]
+        batch = gate_files(paths, templates, jobs=jobs)
         out[label] = time.perf_counter() - t0
-        errors = {p: e for b in batches for p, e in b.errors.items()}
-        if errors:
-            raise SystemExit(f"batch ({label}) errors: {errors}")
-        tables[label] = [b.table for b in batches]
-    same = all(a.equals(b) for a, b in zip(tables["serial"], tables["parallel"]))
+        if batch.errors:
+            raise SystemExit(f"batch ({label}) errors: {batch.errors}")
+        tables[label] = batch.table
+    same = tables["serial"].equals(tables["parallel"])
     out["identical"] = bool(same)
     return out
 
@@ -333,7 +328,7 @@ def main(argv=None) -> int:
     print("Gating the three case-series templates (34 populations) on one sample; median seconds")
     hdr = (f"{'events':>9} {'ch':>3} {'pops':>4} | {'FlowKit':>8} {'(load':>7} {'gate)':>7} | {'ours':>7} "
            f"{'(load':>6} {'gate)':>6} | {'ratio':>6} {'gate ratio':>10} | {'FK ev/s':>8} {'our ev/s':>8} | "
-           f"{'engine':>7} {'floor':>6} {'x':>5} {'floorRM':>7} {'x':>5} | {'FK peak':>12} {'our peak':>12} {'engine':>11} | same")
+           f"{'engine':>7} {'1 thr':>6} {'floor':>6} {'x':>5} {'1 thr x':>7} | {'FK peak':>12} {'our peak':>12} {'engine':>11} | same")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -343,24 +338,22 @@ def main(argv=None) -> int:
         ip_l, ip_g = median(ip_res["load"]), median(ip_res["gate"])
         fk_t = median([a + b for a, b in zip(fk_res["load"], fk_res["gate"])])
         ip_t = median([a + b for a, b in zip(ip_res["load"], ip_res["gate"])])
-        eng, flo = median(ip_res["engine"]), median(ip_res["floor"])
-        flo_rm = median(ip_res["floor_row_major"])
+        eng, eng1, flo = median(ip_res["engine"]), median(ip_res["engine1"]), median(ip_res["floor"])
         r.update(fk_total=fk_t, ip_total=ip_t, fk_load=fk_l, fk_gate=fk_g, ip_load=ip_l, ip_gate=ip_g,
-                 engine=eng, floor=flo, floor_row_major=flo_rm, matrix_bytes=matrix)
+                 engine=eng, engine1=eng1, floor=flo, matrix_bytes=matrix)
         pops = len(fk_res["members"])
         print(f"{n:>9,} {ip_res['n_channels']:>3} {pops:>4} | {fk_t:8.3f} {fk_l:7.3f} {fk_g:7.3f} | {ip_t:7.3f} "
               f"{ip_l:6.3f} {ip_g:6.3f} | {fk_t / ip_t:5.1f}x {fk_g / eng:9.1f}x | {n / fk_t:8.2e} {n / ip_t:8.2e} | "
-              f"{eng:7.3f} {flo:6.3f} {eng / flo:4.1f}x {flo_rm:7.3f} {eng / flo_rm:4.1f}x | {mb(fk_res['peak_bytes']):6.0f}MB {fk_res['peak_bytes'] / matrix:3.1f}x "
+              f"{eng:7.4f} {eng1:6.4f} {flo:6.4f} {eng / flo:4.1f}x {eng1 / flo:6.1f}x | {mb(fk_res['peak_bytes']):6.0f}MB {fk_res['peak_bytes'] / matrix:3.1f}x "
               f"{mb(ip_res['peak_bytes']):6.0f}MB {ip_res['peak_bytes'] / matrix:3.1f}x "
               f"{mb(ip_res['engine_peak_bytes']):5.0f}MB {ip_res['engine_peak_bytes'] / matrix:3.1f}x | "
               f"{'yes' if r['identical'] else 'NO'}")
     print()
     print("ratio: FlowKit (load + gate) / ours (load + gate); gate ratio: FlowKit gating / our engine alone;")
-    print("engine: our gating of the three templates on loaded data, column extraction included;")
-    print("floor: reading each touched column once (one pass over each contiguous column of the column-major")
-    print("matrix load_fcs gives); floorRM: copying the touched columns out of the row-major matrix the FCS file")
-    print("gives (the read before any layout change); peaks: tracemalloc, x = multiple of the event matrix;")
-    print("engine peak: memory the engine adds to the loaded sample.")
+    print("engine: our gating of the three templates on loaded data (all cores; '1 thr': threads=1), data-driven")
+    print("thresholds fitted included; floor: reading each touched column once (one pass over each contiguous")
+    print("column of the column-major matrix load_fcs gives), x = engine / floor; peaks: tracemalloc, x = multiple")
+    print("of the event matrix; engine peak: memory the engine adds to the loaded sample.")
 
     batch = None
     if not (args.quick or args.no_batch):

@@ -88,3 +88,40 @@ def test_result_views(big):
         assert res.count(name) == int(m.sum())
     with pytest.raises(KeyError):
         res.masks["no such population"]
+
+
+def test_gate_files_with_several_templates(big, tmp_path):
+    from immuneprofile import gate_files
+
+    path, _, templates, _, together = big
+    bad = tmp_path / "broken.fcs"
+    bad.write_bytes(b"FCS3.1   garbage")
+    for jobs in (1, 2):
+        batch = gate_files([path, bad, path], templates, jobs=jobs)
+        assert list(batch.errors) == [str(bad)] and "broken.fcs" in batch.errors[str(bad)]
+        assert len(batch.results) == 2 * len(templates)
+        assert [r.template.name for r in batch.results] == [t.name for t in templates] * 2
+        for res, want in zip(batch.results[:3], together):
+            assert res.counts == want.counts
+        assert set(batch.table.template) == set(NAMES)
+        assert len(batch.table) == 2 * sum(len(t.populations) for t in templates)
+
+
+def test_cli_gate_with_several_templates(big, tmp_path):
+    import anndata
+    from click.testing import CliRunner
+
+    from immuneprofile.cli import main
+
+    path, _, templates, _, together = big
+    out = tmp_path / "out"
+    args = ["gate", *(a for n in NAMES for a in ("-t", str(GATING / f"{n}.yaml"))), str(path), "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    tab = pd.read_csv(out / "populations.csv")
+    assert list(tab.template.unique()) == list(NAMES)
+    for res in together:
+        got = tab[tab.template == res.template.name].set_index("population")["count"]
+        assert got.to_dict() == res.counts
+    for n in NAMES:
+        assert anndata.read_h5ad(out / f"events_{n}.h5ad").n_obs == 100_000

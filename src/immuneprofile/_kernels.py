@@ -218,6 +218,69 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
         counts[i] += 1
 
 
+def _medians(ev, chans, bits, buf, hist, out):  # pragma: no cover - compiled
+    """``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if none, or any NaN).
+
+    The members' values are gathered into ``buf``; the two middle order
+    statistics are found by one radix pass (``hist``: 65,536 bins of the top 16
+    bits of an order-preserving integer key, i.e. 1/16 of an octave) and a sort
+    of the values in their bins only. The result is ``np.median``'s: the middle
+    value, or the mean of the two middle values.
+    """
+    n = ev.shape[0]
+    u = buf.view(np.uint64)
+    sign = np.uint64(1) << np.uint64(63)
+    ones = ~np.uint64(0)
+    sh = np.uint64(48)
+    for c in range(chans.shape[0]):
+        ch = chans[c]
+        m = 0
+        nan = 0
+        for w in range(bits.shape[0]):
+            word = bits[w]
+            if word == 0:
+                continue
+            base = w << 6
+            for j in range(min(64, n - base)):
+                x = ev[base + j, ch]
+                buf[m] = x
+                hit = (word >> np.uint64(j)) & np.uint64(1)
+                m += hit
+                nan += hit & np.uint64(x != x)
+        if m == 0 or nan:
+            out[c] = np.nan
+            continue
+        hist[:] = 0
+        for i in range(m):
+            key = u[i] ^ (ones if u[i] & sign else sign)  # order-preserving: negatives flipped, positives offset
+            hist[key >> sh] += 1
+        k1 = (m - 1) // 2
+        k2 = m // 2
+        cum = 0
+        b1 = -1
+        b2 = -1
+        base1 = 0
+        for b in range(hist.shape[0]):
+            h = hist[b]
+            if b1 < 0 and cum + h > k1:
+                b1 = b
+                base1 = cum
+            if cum + h > k2:
+                b2 = b
+                break
+            cum += h
+        t = 0
+        for i in range(m):
+            key = u[i] ^ (ones if u[i] & sign else sign)
+            b = np.int64(key >> sh)
+            if b >= b1 and b <= b2:
+                buf[t] = buf[i]  # t <= i: compacts in place
+                u[t] = u[i]
+                t += 1
+        part = np.sort(buf[:t])
+        out[c] = (part[k1 - base1] + part[k2 - base1]) / 2.0 if k1 != k2 else part[k1 - base1]
+
+
 # ----------------------------------------------------------------------------- NumPy twins
 def _interval_bits_np(col, lo1, hi1, lo2, hi2, out1, out2):
     with np.errstate(invalid="ignore"):
@@ -295,6 +358,13 @@ def _bin_counts_np(v, edges, counts):
     counts += np.histogram(v, bins=edges.shape[0] - 1, range=(edges[0], edges[-1]))[0]
 
 
+def _medians_np(ev, chans, bits, buf, hist, out):
+    members = unpack(bits, ev.shape[0])
+    for c, ch in enumerate(chans):
+        v = ev[members, ch]
+        out[c] = np.median(v) if v.size else np.nan
+
+
 _COMPILED: Any = None
 
 
@@ -312,7 +382,7 @@ def kernels(compiled: bool = True):
             jit = njit(cache=True, nogil=True)
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
-                                        moments=jit(_moments), bin_counts=jit(_bin_counts),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=jit(_medians),
                                         compiled=True)
     if compiled and _COMPILED:
         return _COMPILED
@@ -320,5 +390,5 @@ def kernels(compiled: bool = True):
 
     return SimpleNamespace(interval_bits=_interval_bits_np, winding_bits=_winding_bits_np,
                            strided_values=_strided_values_np, octave_lookup=_octave_lookup_np,
-                           moments=_moments_np, bin_counts=_bin_counts_np,
+                           moments=_moments_np, bin_counts=_bin_counts_np, medians=_medians_np,
                            compiled=False)

@@ -17,8 +17,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-t", "--template", "template_path", required=True, type=click.Path(dir_okay=False),
-              help="Gating template (YAML), e.g. gating/treg.yaml.")
+@click.option("-t", "--template", "template_paths", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Gating template (YAML), e.g. gating/treg.yaml. Repeatable: each file is read once and "
+                   "gated with every template.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory (created if missing).")
@@ -28,12 +29,13 @@ def main() -> None:
               help="Worker processes (0 = all cores). With more than 1, no AnnData is written.")
 @click.option("--anndata/--no-anndata", default=True, show_default=True,
               help="Write the gated events as events.h5ad.")
-def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation: str, jobs: int,
+def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, compensation: str, jobs: int,
          anndata: bool) -> None:
     """Gate FILES with a template; write populations.csv/.parquet, thresholds.csv and events.h5ad.
 
-    A file that cannot be read or gated is reported and skipped; the exit code is
-    1 if any file failed.
+    With several templates (-t repeated) the tables have a row per template and
+    population, and the events go to events_<template>.h5ad. A file that cannot
+    be read or gated is reported and skipped; the exit code is 1 if any file failed.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -44,28 +46,30 @@ def gate(template_path: str, files: tuple[str, ...], out_dir: str, compensation:
 
     err = Console(stderr=True, soft_wrap=True)
     try:
-        template = load_template(template_path)
+        templates = [load_template(p) for p in template_paths]
     except TemplateError as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         sys.exit(2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with Progress(console=err, transient=False) as bar:
-        task = bar.add_task(f"gating with {template.name}", total=len(files))
+        task = bar.add_task(f"gating with {', '.join(t.name for t in templates)}", total=len(files))
 
         def tick(path: str, error: str | None) -> None:
             bar.advance(task)
             if error:
                 bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
 
-        batch = gate_files(files, template, compensation=compensation, jobs=jobs, progress=tick)
+        batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
     write_tables(out, batch.table, batch.thresholds, batch.errors)
     if batch.results and anndata and jobs == 1:
-        try:
-            to_anndata(batch.results).write_h5ad(out / "events.h5ad")
-        except ValueError as exc:
-            err.print(f"[yellow]AnnData not written:[/yellow] {exc}", markup=True, highlight=False)
-    n_ok, n_bad = len(batch.results), len(batch.errors)
+        for t in templates:
+            name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
+            try:
+                to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
+            except ValueError as exc:
+                err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
+    n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)
 

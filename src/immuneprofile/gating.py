@@ -47,6 +47,7 @@ from .transforms import MONOTONE, density_transform, make_transform, transform_k
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
 
 _REL_TOL = 1e-6
+_THREADS_FROM = 200_000  # events: smaller samples are gated on one thread
 
 
 
@@ -774,7 +775,8 @@ def gate_sample(data, template, *, thresholds=None, threads=0):
         (used for batch-scope data-driven thresholds).
     threads
         Threads for the engine's passes over the events (``0``: all cores; ``1``:
-        none). The result does not depend on it.
+        none; samples under 200,000 events always use one). The result does not
+        depend on it.
 
     Returns
     -------
@@ -800,7 +802,8 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     from concurrent.futures import ThreadPoolExecutor
 
     threads = threads if threads > 0 else (os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    # below ~200k events a pass takes tens of microseconds: starting threads would cost more than it saves
+    pool = ThreadPoolExecutor(threads) if threads > 1 and data.n_events >= _THREADS_FROM else None
     shared = _Shared(pool)
     out = []
     try:
@@ -843,23 +846,25 @@ class Batch:
     errors: dict[str, str]
 
 
-def _gate_path(path: str, template: Template, compensation: Any, keep_data: bool,
-               fixed: Mapping[tuple[str, str], Any] | None = None):
+def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep_data: bool,
+               fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int):
+    """Load one file and gate it with every template: ``(path, results, table, thresholds, error)``."""
     from .io import FCSError, load_fcs
     from .stats import population_table, thresholds_table
     from .thresholds import ThresholdError
 
     try:
-        res = gate_sample(load_fcs(path, compensation), template, thresholds=fixed or None)
+        results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)
     except (FCSError, MarkerError, GatingError, ThresholdError) as exc:
         return path, None, None, None, str(exc)
     except Exception as exc:  # a file must never take the batch down
         return path, None, None, None, f"{path}: {type(exc).__name__}: {exc}"
-    table = population_table([res])
-    th = thresholds_table([res])
+    table = population_table(results)
+    th = thresholds_table(results)
     if not keep_data:
-        res.data = None
-    return path, res, table, th, None
+        for res in results:
+            res.data = None
+    return path, results, table, th, None
 
 
 def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[dict, str | None, Population, Dim]]:
@@ -972,25 +977,28 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
 
 def gate_files(
     paths: Iterable[str],
-    template: Template,
+    template: Template | Sequence[Template],
     *,
     compensation: Any = "auto",
     jobs: int = 1,
     progress: Any = None,
 ) -> Batch:
-    """Gate a batch of FCS files with one template; bad files are reported, not fatal.
+    """Gate a batch of FCS files with a template (or several); bad files are reported, not fatal.
 
     Parameters
     ----------
     paths
         FCS files.
     template
-        The gating template.
+        The gating template, or a list of templates: each file is read once and
+        gated with all of them (populations they share computed once, see
+        :func:`immuneprofile.gate_sample`).
     compensation
         As for :func:`immuneprofile.load_fcs` (``"auto"``: each file's own spillover).
     jobs
         Worker processes (``1``: in-process, results keep their event data for
-        AnnData export; ``0`` or negative: all cores).
+        AnnData export, and the engine uses every core; ``0`` or negative: all
+        cores, one file per process).
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
 
@@ -1001,25 +1009,31 @@ def gate_files(
     Returns
     -------
     Batch
+        ``results`` holds one result per file and template (files in order,
+        templates in order within a file); the tables have a ``template`` column.
     """
     import os
 
     import pandas as pd
 
+    templates = [template] if isinstance(template, Template) else list(template)
     paths = [os.fspath(p) for p in paths]
     if jobs <= 0:
         jobs = os.cpu_count() or 1
-    batch_fits, batch_error = _fit_batch_thresholds(paths, template, compensation, jobs)
-    if batch_error is not None:
-        for p in paths:
-            if progress:
-                progress(p, batch_error)
-        return Batch(results=[], table=pd.DataFrame(), thresholds=pd.DataFrame(),
-                     errors={p: batch_error for p in paths})
+    fixed = []
+    for t in templates:
+        batch_fits, batch_error = _fit_batch_thresholds(paths, t, compensation, jobs)
+        if batch_error is not None:
+            for p in paths:
+                if progress:
+                    progress(p, batch_error)
+            return Batch(results=[], table=pd.DataFrame(), thresholds=pd.DataFrame(),
+                         errors={p: batch_error for p in paths})
+        fixed.append(batch_fits)
     outs = []
     if jobs == 1 or len(paths) <= 1:
         for p in paths:
-            out = _gate_path(p, template, compensation, True, batch_fits)
+            out = _gate_path(p, templates, compensation, True, fixed, 0)
             outs.append(out)
             if progress:
                 progress(p, out[4])
@@ -1027,7 +1041,7 @@ def gate_files(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
-            futs = [pool.submit(_gate_path, p, template, compensation, False, batch_fits) for p in paths]
+            futs = [pool.submit(_gate_path, p, templates, compensation, False, fixed, 1) for p in paths]
             for fut in futs:
                 out = fut.result()
                 outs.append(out)
@@ -1036,5 +1050,5 @@ def gate_files(
     ok = [o for o in outs if o[4] is None]
     table = pd.concat([o[2] for o in ok], ignore_index=True) if ok else pd.DataFrame()
     th = pd.concat([o[3] for o in ok], ignore_index=True) if ok else pd.DataFrame()
-    return Batch(results=[o[1] for o in ok], table=table, thresholds=th,
+    return Batch(results=[r for o in ok for r in o[1]], table=table, thresholds=th,
                  errors={o[0]: o[4] for o in outs if o[4] is not None})
