@@ -1,8 +1,21 @@
 """The vectorised gating engine.
 
 :func:`gate_sample` evaluates a whole :class:`~immuneprofile.template.Template`
-on one :class:`~immuneprofile.io.FCSData` at once. Each population is computed
-once, from its parent's events only, and is stored as a sorted index array.
+(or several) on one :class:`~immuneprofile.io.FCSData` at once. Each
+population is a bit set over the sample's events (``uint64`` words,
+:mod:`immuneprofile._kernels`), computed once.
+
+How populations are computed
+----------------------------
+Every cut of a rectangle gate (a marker against a bound) is one compiled pass
+over the whole column, into the bit sets of the events surely above and
+surely below it; every polygon on untransformed axes (scatter) is one pass
+over its two columns. These passes do not depend on the parent, so they are
+kept for the sample and shared by every gate that uses the same cut or
+polygon (siblings, quadrant cells, other templates); a population is then its
+parent's bit set ANDed with its passes' bit sets. Populations that several
+templates define identically are computed once (:meth:`_Engine.key`). With
+threads, the passes that need no data-driven threshold start at once.
 
 Exactness with FlowKit
 ----------------------
@@ -13,9 +26,9 @@ for transforms that are increasing on the whole line) and compares raw values.
 Events within a relative ``1e-6`` of a mapped boundary are "uncertain" and are
 transformed with FlowKit's own transform object and compared exactly as FlowKit
 compares them (``>= min``, ``< max``; winding number for polygons; Mahalanobis
-``<=`` for ellipses). Polygons and ellipses transform only the events of the
-parent that fall inside their (raw-scale) bounding box. The membership is thus
-the membership FlowKit computes, at the cost of a few comparisons per event.
+``<=`` for ellipses). Polygons and ellipses on transformed axes transform only
+the events of the parent that fall inside their (raw-scale) bounding box. The
+membership is thus the membership FlowKit computes.
 """
 
 from __future__ import annotations
@@ -909,12 +922,15 @@ def _batch_values(path: str, sub: Template, template: Template, compensation: An
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             data = load_fcs(path, compensation)
-            res = gate_sample(data, sub, thresholds=dict(known) or None)
+            res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
             cols = _Columns(data, template)
             out = {}
-            for key, on, pop_name, dim in targets:
+            for key, on, pop_name, dim, method in targets:
                 sel = None if on is None else res.indices[on]
-                out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
+                if method == "quantile":  # read off the values: FlowKit's exact ones
+                    out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
+                else:  # a density: the fast transform serves (as for per-sample fits)
+                    out[key] = density_transform(dim.transform)(cols.raw(dim, sel, True, pop_name))
             return out
     except Exception:  # reported by pass 2, which gates (and fails on) the same file
         return None
@@ -950,7 +966,7 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
             return fits, f"template {template.path}: batch thresholds {sorted(pending)} depend on each other"
         need_all = set().union(*subsets.values())
         sub = replace(template, populations=[p for p in template.populations if p.name in need_all])
-        targets = [(k, pending[k][1], pending[k][2].name, pending[k][3]) for k in ready]
+        targets = [(k, pending[k][1], pending[k][2].name, pending[k][3], pending[k][0]["method"]) for k in ready]
         if jobs > 1 and len(paths) > 1:
             from concurrent.futures import ProcessPoolExecutor
 
