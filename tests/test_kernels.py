@@ -243,3 +243,45 @@ def test_case_series_templates_with_and_without_kernels(monkeypatch, tmp_path):
         assert f.counts == s.counts
         for name in f.bits:
             np.testing.assert_array_equal(f.mask(name), s.mask(name), err_msg=name)
+
+
+def convex_polygon(rng, kind):
+    if kind == "rectangle":
+        (x0, x1), (y0, y1) = np.sort(rng.uniform(-1e5, 3e5, 2)), np.sort(rng.uniform(-1e5, 3e5, 2))
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    if kind == "grid":  # integer vertices: points exactly on edges and vertices
+        return np.array([[0, 0], [4, 0], [6, 3], [3, 5], [-1, 2]], dtype=float) * rng.integers(1, 4)
+    ang = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 12))))
+    v = np.column_stack([np.cos(ang), np.sin(ang)]) * rng.uniform(1, 3e5) + rng.uniform(-1e5, 1e5, 2)
+    return v[::-1] if kind == "clockwise" else v
+
+
+@pytest.mark.parametrize("kind", ["ellipse-ish", "clockwise", "rectangle", "grid"])
+@pytest.mark.parametrize("seed", range(15))
+def test_convex_kernel_and_winding_fallback_match_flowutils(kind, seed):
+    """Half-planes decide the points far from every edge; the winding count the rest: FlowUtils' answer."""
+    rng = np.random.default_rng(500 + seed)
+    v = convex_polygon(rng, kind)
+    edges = _kernels.convex_edges(tuple(map(tuple, v)))
+    assert edges is not None
+    px, py = adversarial_points(rng, v)
+    want = reference_pip(v, px, py)
+    for K in (COMPILED, TWINS):
+        sure, near = _kernels.full_bits(px.size), _kernels.full_bits(px.size)
+        K.convex_bits(*edges, px, py, sure, near)
+        got, undecided = _kernels.unpack(sure, px.size).copy(), _kernels.unpack(near, px.size)
+        assert not (got & undecided).any()
+        assert np.array_equal(got[~undecided], want[~undecided])  # decided: FlowUtils' answer
+        got[undecided] = winding(K, v, px[undecided], py[undecided])
+        np.testing.assert_array_equal(got, want)
+    assert _kernels.unpack(near, px.size).sum() < 0.5 * px.size  # most points are decided by half-planes
+
+
+def test_convex_edges_rejects_what_is_not_strictly_convex():
+    square = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    assert _kernels.convex_edges(tuple(square)) is not None
+    assert _kernels.convex_edges(tuple(square[:2] + [(2.0, 0.0)] + square[2:])) is None  # straight angle
+    assert _kernels.convex_edges(tuple(square + [square[0]])) is None  # closing vertex repeated
+    assert _kernels.convex_edges(((0.0, 0.0), (2.0, 2.0), (2.0, 0.0), (0.0, 2.0))) is None  # bow tie
+    star = [(np.cos(a), np.sin(a)) for a in np.arange(5) * 4 * np.pi / 5]  # pentagram: turns one way, twice
+    assert _kernels.convex_edges(tuple(star)) is None

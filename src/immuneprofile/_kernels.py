@@ -24,11 +24,12 @@ leave it out.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TUPLE_VERTICES", "full_bits", "kernels", "nwords", "pack", "unpack"]
+__all__ = ["TUPLE_VERTICES", "convex_edges", "full_bits", "kernels", "nwords", "pack", "unpack"]
 
 #: Polygons with at most this many vertices get kernels compiled for their vertex count.
 TUPLE_VERTICES = 16
@@ -126,6 +127,44 @@ def _winding_bits(vx, vy, colx, coly, out):  # pragma: no cover - compiled
             outside = (x < min_x) | (x > max_x) | (y < min_y) | (y > max_y)
             word |= np.uint64((not outside) & (w % 2 != 0)) << np.uint64(j)
         out[wd] &= word
+
+
+def _convex_bits(ax, ay, dx, dy, eps, box, colx, coly, sure, near):  # pragma: no cover - compiled
+    """A strictly convex polygon by half-planes: ``sure &=`` surely inside, ``near &=`` undecided.
+
+    ``ax, ay, dx, dy, eps`` are tuples, one entry per edge (:func:`convex_edges`):
+    start vertex, direction (oriented so that the inside is on the positive
+    side of ``is_left``) and a bound of ``is_left``'s rounding error for points
+    in the bounding box ``box = (min_x, max_x, min_y, max_y)``. A point of the
+    box more than ``eps`` inside every edge is inside, and FlowUtils' winding
+    count says so too (none of the signs it computes can be wrong); a point
+    more than ``eps`` outside some edge and within ``eps`` of none is outside,
+    likewise. The others in the box are undecided: the engine gives them the
+    winding test. Outside the box nothing is inside (as in FlowUtils; NaN too).
+    """
+    n = colx.shape[0]
+    ne = len(ax)
+    min_x, max_x, min_y, max_y = box
+    for wd in range((n + 63) >> 6):
+        start = wd << 6
+        xs = colx[start:min(start + 64, n)]
+        ys = coly[start:min(start + 64, n)]
+        ws = np.uint64(0)
+        wn = np.uint64(0)
+        for j in range(xs.shape[0]):
+            x = xs[j]
+            y = ys[j]
+            live = (x >= min_x) & (x <= max_x) & (y >= min_y) & (y <= max_y)
+            inside = live
+            close = False
+            for i in range(ne):
+                il = (dx[i] * (y - ay[i])) - ((x - ax[i]) * dy[i])
+                inside = inside & (il > eps[i])
+                close = close | (abs(il) <= eps[i])
+            ws |= np.uint64(inside) << np.uint64(j)
+            wn |= np.uint64(live & close & (not inside)) << np.uint64(j)
+        sure[wd] &= ws
+        near[wd] &= wn
 
 
 def _strided_values(bits, step, col, out):  # pragma: no cover - compiled
@@ -319,6 +358,20 @@ def _winding_bits_np(vx, vy, colx, coly, out):
     out &= pack(_pip_numpy(np.column_stack([vx, vy]), colx, coly))
 
 
+def _convex_bits_np(ax, ay, dx, dy, eps, box, colx, coly, sure, near):
+    min_x, max_x, min_y, max_y = box
+    with np.errstate(invalid="ignore"):
+        live = (colx >= min_x) & (colx <= max_x) & (coly >= min_y) & (coly <= max_y)
+        inside = live.copy()
+        close = np.zeros(colx.shape[0], dtype=bool)
+        for i in range(len(ax)):
+            il = (dx[i] * (coly - ay[i])) - ((colx - ax[i]) * dy[i])
+            inside &= il > eps[i]
+            close |= np.abs(il) <= eps[i]
+    sure &= pack(inside)
+    near &= pack(live & close & ~inside)
+
+
 def _strided_values_np(bits, step, col, out):
     pos = np.arange(0, col.shape[0], step)
     pos = pos[unpack(bits, col.shape[0])[pos]][:out.shape[0]]
@@ -381,6 +434,7 @@ def kernels(compiled: bool = True):
 
             jit = njit(cache=True, nogil=True)
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
+                                        convex_bits=jit(_convex_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
                                         moments=jit(_moments), bin_counts=jit(_bin_counts), medians=jit(_medians),
                                         compiled=True)
@@ -388,7 +442,43 @@ def kernels(compiled: bool = True):
         return _COMPILED
     from types import SimpleNamespace
 
-    return SimpleNamespace(interval_bits=_interval_bits_np, winding_bits=_winding_bits_np,
+    return SimpleNamespace(interval_bits=_interval_bits_np, winding_bits=_winding_bits_np, convex_bits=_convex_bits_np,
                            strided_values=_strided_values_np, octave_lookup=_octave_lookup_np,
                            moments=_moments_np, bin_counts=_bin_counts_np, medians=_medians_np,
                            compiled=False)
+
+
+@lru_cache(maxsize=256)
+def convex_edges(vertices: tuple[tuple[float, float], ...]):
+    """Edges of a strictly convex polygon for :func:`_convex_bits`, or ``None`` if it is not one.
+
+    Strictly convex: at most :data:`TUPLE_VERTICES` vertices, no zero-length
+    edge, every turn the same way (no straight angle) and one full turn in all
+    (which rules out stars). Returns tuples ``(ax, ay, dx, dy, eps, box)``, each
+    edge oriented so that the inside is on the positive side of ``is_left``,
+    ``eps`` bounding its rounding error (about 200x the worst case) for points
+    of the bounding box ``box``.
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    if len(v) < 3 or len(v) > TUPLE_VERTICES or not np.all(np.isfinite(v)):
+        return None
+    d = np.roll(v, -1, axis=0) - v
+    if np.any((d[:, 0] == 0) & (d[:, 1] == 0)):
+        return None
+    nxt = np.roll(d, -1, axis=0)
+    cross = d[:, 0] * nxt[:, 1] - d[:, 1] * nxt[:, 0]
+    if not (np.all(cross > 0) or np.all(cross < 0)):
+        return None
+    if abs(abs(np.sum(np.arctan2(cross, np.sum(d * nxt, axis=1)))) - 2 * np.pi) > 1e-6:
+        return None
+    s = 1.0 if cross[0] > 0 else -1.0
+    # |is_left| = |dx (y - ay) - (x - ax) dy| <= |dx| h + |dy| w in the box; each of its four roundings errs by
+    # at most 2**-53 of what it rounds, so 1e-13 of that bound is ~200x the worst case
+    w, h = float(np.ptp(v[:, 0])), float(np.ptp(v[:, 1]))
+    eps = 1e-13 * (np.abs(d[:, 0]) * h + np.abs(d[:, 1]) * w)
+
+    def tup(a) -> tuple[float, ...]:
+        return tuple(float(x) for x in a)
+
+    box = (float(v[:, 0].min()), float(v[:, 0].max()), float(v[:, 1].min()), float(v[:, 1].max()))
+    return tup(v[:, 0]), tup(v[:, 1]), tup(s * d[:, 0]), tup(s * d[:, 1]), tup(eps), box

@@ -42,7 +42,7 @@ from typing import Any, overload
 import numpy as np
 
 from ._kernels import kernels as _kernels
-from ._kernels import TUPLE_VERTICES, full_bits, unpack
+from ._kernels import TUPLE_VERTICES, convex_edges, full_bits, unpack
 from .io import FCSData, MarkerError
 from .template import (
     BooleanGate,
@@ -564,7 +564,15 @@ class _Engine:
 
         def compute():
             inside = self.shared.buffer(self.full())
-            self.K.winding_bits(*_vertices(g.vertices), *cols, inside)
+            edges = convex_edges(tuple(map(tuple, g.vertices)))
+            if edges is None:
+                self.K.winding_bits(*_vertices(g.vertices), *cols, inside)
+                return inside
+            near = self.shared.buffer(self.full())  # a convex polygon by half-planes, edges by winding count
+            self.K.convex_bits(*edges, *cols, inside, near)
+            if near.any():
+                ev = _members(near, self.n)
+                _assign(inside, ev[points_in_polygon(g.vertices, cols[0][ev], cols[1][ev])], True)
             return inside
 
         return self.shared.get(("polygon", chans, self._comp_key(comp), tuple(map(tuple, g.vertices))), compute, wait)
