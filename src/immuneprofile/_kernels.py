@@ -170,15 +170,19 @@ def _convex_bits(ax, ay, dx, dy, eps, box, colx, coly, sure, near):  # pragma: n
 def _strided_values(bits, step, col, out):  # pragma: no cover - compiled
     """``col[e]`` of the events ``e = 0, step, 2 step, ...`` in the bit set, in order, into ``out`` (while it has room).
 
-    Returns how many.
+    Returns how many. The members are found first (a branch-free pass over the
+    bits), then only their values are read.
     """
     limit = out.shape[0]
+    pos = np.empty(limit, dtype=np.int64)
     k = 0
     for e in range(0, col.shape[0], step):
         if k >= limit:
             break
-        out[k] = col[e]
+        pos[k] = e
         k += (bits[e >> 6] >> np.uint64(e & 63)) & np.uint64(1)
+    for i in range(k):
+        out[i] = col[pos[i]]
     return k
 
 
@@ -188,9 +192,15 @@ def _octave_lookup(x, e0, per, pos_tab, neg_tab, out):  # pragma: no cover - com
     ``pos_tab[(o - e0) * per + k]`` is its value at ``2**o * (1 + k / per)``
     (``neg_tab`` at minus that); between ``-2**e0`` and ``2**e0`` it is taken as
     linear. Values beyond the tables, and NaN, give NaN; returns their count.
+    ``per`` is a power of two: octave and knot come straight from the bits of
+    the float (exponent, top mantissa bits), the fraction from the others.
     """
     x0 = 2.0 ** e0
     x1 = 2.0 ** (e0 + (pos_tab.shape[0] - 1) // per)
+    shift = 52 - int(np.log2(per))
+    low = (np.int64(1) << shift) - 1
+    scale = 1.0 / float(np.int64(1) << shift)
+    bits = x.view(np.int64)
     far = 0
     for i in range(x.shape[0]):
         v = x[i]
@@ -202,12 +212,13 @@ def _octave_lookup(x, e0, per, pos_tab, neg_tab, out):  # pragma: no cover - com
             out[i] = np.nan
             far += 1
             continue
-        m, e = math.frexp(a)  # a = m * 2**e, 0.5 <= m < 1: octave e - 1
-        f = (2.0 * m - 1.0) * per
-        j = int(f)
-        idx = (e - 1 - e0) * per + j
+        b = bits[i]
+        octave = ((b >> 52) & 0x7FF) - 1023  # a = 2**octave * (1 + mantissa / 2**52)
+        mant = b & ((np.int64(1) << 52) - 1)
+        idx = (octave - e0) * per + (mant >> shift)
+        frac = float(mant & low) * scale
         tab = pos_tab if v > 0 else neg_tab
-        out[i] = tab[idx] + (f - j) * (tab[idx + 1] - tab[idx])
+        out[i] = tab[idx] + frac * (tab[idx + 1] - tab[idx])
     return far
 
 
