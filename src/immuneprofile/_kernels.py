@@ -23,7 +23,6 @@ leave it out.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Any
 

@@ -173,6 +173,7 @@ class _Columns:
         self._xform_obj: dict[str, Any] = {}
         self._inv: dict[tuple, float] = {}
         self._chan: dict[str, int] = {}
+        self._tkeys: dict[int, str] = {}  # id(spec) -> transform_key (the template keeps its specs alive)
 
     def channel(self, name: str, pop: str) -> int:
         idx = self._chan.get(name)
@@ -205,10 +206,17 @@ class _Columns:
             self._raw_cols[ch] = col
         return col
 
+    def tkey(self, spec: Mapping[str, Any] | None) -> str:
+        """:func:`~immuneprofile.transforms.transform_key` of a spec of the template (kept per spec)."""
+        key = self._tkeys.get(id(spec))
+        if key is None:
+            key = self._tkeys[id(spec)] = transform_key(spec)
+        return key
+
     def xform(self, spec: Mapping[str, Any] | None):
         if spec is None:
             return None
-        key = transform_key(spec)
+        key = self.tkey(spec)
         obj = self._xform_obj.get(key)
         if obj is None:
             obj = self._xform_obj[key] = make_transform(spec)
@@ -240,7 +248,7 @@ class _Columns:
         """Exact transformed values for events ``idx`` (cached per event, computed once)."""
         if dim.transform is None:
             return self.raw(dim, idx, compensated, pop)
-        key = (dim.marker, dim.ratio, transform_key(dim.transform), compensated)
+        key = (dim.marker, dim.ratio, self.tkey(dim.transform), compensated)
         n = self.data.n_events
         cache = self._xf.get(key)
         if cache is None:
@@ -260,7 +268,7 @@ class _Columns:
             return t
         if spec["type"] not in MONOTONE or dim.ratio is not None:
             return None
-        key = (transform_key(spec), t)
+        key = (self.tkey(spec), t)
         v = self._inv.get(key)
         if v is None:
             v = float(np.asarray(self.xform(spec).inverse(np.array([[t]], dtype=float))).reshape(-1)[0])
@@ -446,7 +454,7 @@ class _Engine:
         if isinstance(dim.compensated, str):  # a template's own matrix: not comparable across templates
             return None
         chans = tuple(self.cols.channel(c, pop.name) for c in dim.channels)
-        return (chans, transform_key(dim.transform), bool(dim.compensated), dim.ratio[2:] if dim.ratio else None)
+        return (chans, self.cols.tkey(dim.transform), bool(dim.compensated), dim.ratio[2:] if dim.ratio else None)
 
     def key(self, pop: Population) -> tuple | None:
         """What defines ``pop``'s events: its gate (thresholds resolved), channels and ancestry; ``None``: not shareable."""
