@@ -132,5 +132,21 @@ def test_events_are_column_major_and_layout_does_not_change_membership():
     t = _template("tcell")
     a = gate_sample(data, t)
     row_major = replace(data, events=np.ascontiguousarray(data.events), _columns={})
-    b = gate_sample(row_major, t)  # row-major input goes through the one-pass column extraction
+    b = gate_sample(row_major, t)  # row-major input: columns are copied out once
     assert all(np.array_equal(a.indices[n], b.indices[n]) for n in t.names)
+
+
+@pytest.mark.parametrize("source", ["example", "reference", "custom matrix"])
+def test_compensated_events_are_flowkits_bit_for_bit(source):
+    """load_fcs compensates column-major without FlowUtils' copies: the values must still be FlowKit's."""
+    from conftest import SHARED
+
+    if source == "example":
+        data = load_fcs(EXAMPLE / "P2_W04_monocyte.fcs")
+    elif source == "reference":
+        data = load_fcs(SHARED / "fcs" / "test_comp_example.fcs")
+    else:  # a user-given matrix: the file's own, perturbed
+        ref = load_fcs(EXAMPLE / "P2_W04_monocyte.fcs")
+        data = load_fcs(EXAMPLE / "P2_W04_monocyte.fcs", compensation=ref.spill.matrix * 0.97 + np.eye(len(ref.spill.matrix)) * 0.03)
+    assert data.spill is not None and data.events.flags.f_contiguous
+    assert np.array_equal(data.events, data.spill.apply(data.sample), equal_nan=True)

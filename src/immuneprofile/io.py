@@ -233,6 +233,29 @@ def _spill_keyword(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def _compensate(matrix: Any, sample: Any) -> np.ndarray:
+    """FlowKit's ``Matrix.apply(sample)``, written column-major.
+
+    The compensated values are those of FlowKit's own path (FlowUtils'
+    ``compensate``): the same ``np.linalg.solve`` call on the same arrays, whose
+    result, transposed, is already column-major; the other channels are copied
+    from the raw events. This skips FlowUtils' copy of the whole matrix and the
+    transposition that would follow (tests/test_errors.py checks the values
+    are bit for bit FlowKit's).
+    """
+    fluoro = {sample.pnn_labels[i] for i in sample.fluoro_indices}
+    if not set(matrix.detectors) <= fluoro:
+        raise ValueError("Detectors must be a subset of the Sample's fluorochromes")
+    idx = [sample.get_channel_index(d) for d in matrix.detectors]
+    raw = sample.get_events(source="raw")
+    out = np.empty(raw.shape, dtype=np.float64, order="F")
+    rest = [j for j in range(raw.shape[1]) if j not in set(idx)]
+    if rest:
+        out[:, rest] = raw[:, rest]
+    out[:, idx] = np.linalg.solve(matrix.matrix.T, raw[:, idx].T).T  # FlowUtils' arithmetic
+    return out
+
+
 def load_fcs(
     path: str | os.PathLike,
     compensation: str | os.PathLike | np.ndarray | pd.DataFrame | None = "auto",
@@ -298,15 +321,13 @@ def load_fcs(
     if spill_src is not None:
         try:
             matrix = Matrix(spill_src, detectors, fluorochromes, null_channels=sample.null_channels)
-            comp = matrix.apply(sample)  # FlowKit's own arithmetic; not stored in the Sample
+            events = _compensate(matrix, sample)
         except Exception as exc:
             what = "its $SPILLOVER keyword" if mode == "FCS" else f"compensation {compensation!r}"
             raise FCSError(f"{path}: cannot compensate with {what}: {exc}") from exc
     else:
-        comp = sample.get_events(source="raw")
-    # column-major: every channel is one contiguous block, read without a copy by the engine
-    events = np.asfortranarray(comp)
-    del comp
+        # column-major: every channel is one contiguous block, read without a copy by the engine
+        events = np.asfortranarray(sample.get_events(source="raw"))
 
     scatter = list(sample.scatter_indices)
     if sample.time_index is not None:
