@@ -15,7 +15,8 @@ import numpy as np
 
 __all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
 
-#: Density rules are fitted on at most this many events (a seeded random subsample).
+#: Density rules are fitted on at most this many events (the engine passes a systematic subsample;
+#: larger inputs are subsampled at random with a fixed seed).
 MAX_FIT_EVENTS = 20_000
 _GRID = 512
 
