@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "reference"
 EXAMPLE = ROOT / "example_data"
 GATING = ROOT / "gating"
+COMP_FCS = SHARED / "fcs" / "test_comp_example.fcs"  # a real file with $SPILLOVER
 
 
 def flowkit_sample(path):
@@ -30,3 +31,13 @@ def shared():
     if not SHARED.exists():
         pytest.fail(f"reference data missing: {SHARED} (the project expects ../shared beside it)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def comp_data():
+    """The real compensated reference file, loaded once."""
+    from immuneprofile import load_fcs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_fcs(COMP_FCS)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 
-from conftest import SHARED, flowkit_sample
+from conftest import COMP_FCS, SHARED, flowkit_sample
 from immuneprofile import gate_sample, load_fcs, parse_template
 from immuneprofile.interop import flowkit_gate_path, to_gating_strategy
 from immuneprofile.transforms import make_transform, normalize_spec
 
-COMP_FCS = SHARED / "fcs" / "test_comp_example.fcs"
 MARKERS = ["pStat3", "CD33", "CD20", "CD3", "pp38", "CD4"]
 TRANSFORMS = [
     {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0},
@@ -105,13 +103,6 @@ def random_template(rng: np.random.Generator, data) -> dict:
         pops.append({"name": name, "parent": parent, "gate": g})
         names.extend([f"{name}{k}" for k in ("++", "+-", "-+", "--")] if kind == "quadrant" else [name])
     return doc
-
-
-@pytest.fixture(scope="module")
-def comp_data():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_fcs(COMP_FCS)
 
 
 @pytest.mark.parametrize("seed", range(40))

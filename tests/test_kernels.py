@@ -9,7 +9,6 @@ C point-in-polygon, NumPy comparisons).
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -203,15 +202,6 @@ def test_octave_table_kernels_agree():
         K.octave_lookup(x, e0, 64, *tabs, out)
         outs.append(out)
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-12, equal_nan=True)
-
-
-@pytest.fixture(scope="module")
-def comp_data():
-    from test_flowkit_equivalence import COMP_FCS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_fcs(COMP_FCS)
 
 
 @pytest.mark.parametrize("seed", range(12))

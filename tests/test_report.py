@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from conftest import EXAMPLE, GATING, SHARED
+from conftest import COMP_FCS, EXAMPLE, GATING
 from immuneprofile import gate_files, load_template, parse_template
 from immuneprofile.cli import main
 from immuneprofile.reference import add_reference
 from immuneprofile.report import build_report, gate_figure, gate_panels
 
-COMP_FCS = SHARED / "fcs" / "test_comp_example.fcs"
 
 DOC = {
     "name": "demo",
