@@ -555,7 +555,7 @@ class _Engine:
         col = self.cols.base(ch, comp)
 
         def compute():
-            a, b, _, _ = _intervals(xb, xb)
+            a, b = _sure_cut(xb)
             above, below = self.shared.buffer(self.full()), self.shared.buffer(self.full())
             self.K.interval_bits(col, a, np.inf, -np.inf, b, above, below)
             return above, below, bool(((above | below) != self.full()).any())
@@ -746,20 +746,14 @@ def _vertices(vertices) -> tuple:
     return np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1])
 
 
-def _intervals(xlo: float | None, xhi: float | None) -> tuple[float, float, float, float]:
-    """Sure and maybe intervals ``(a, b, a2, b2)`` of raw-scale bounds (see :mod:`immuneprofile._kernels`).
+def _sure_cut(xb: float) -> tuple[float, float]:
+    """``(a, b)`` for a raw-scale cut: values ``>= a`` are surely at or above it, values ``<= b`` surely below.
 
-    Surely inside: more than the tolerance inside each bound; maybe inside: within
-    the tolerance of a bound (decided exactly by the engine). ``None``: unbounded.
+    Surely: more than the tolerance (relative ``1e-6``) away, so that the rounding
+    of ``T^-1`` cannot matter; the values in between are decided exactly.
     """
-    a, a2, b, b2 = -np.inf, -np.inf, np.inf, np.inf
-    if xlo is not None:
-        tol = _REL_TOL * (1.0 + abs(xlo))
-        a, a2 = float(np.nextafter(xlo + tol, np.inf)), xlo - tol
-    if xhi is not None:
-        tol = _REL_TOL * (1.0 + abs(xhi))
-        b, b2 = float(np.nextafter(xhi - tol, -np.inf)), xhi + tol
-    return a, b, a2, b2
+    tol = _REL_TOL * (1.0 + abs(xb))
+    return float(np.nextafter(xb + tol, np.inf)), float(np.nextafter(xb - tol, -np.inf))
 
 
 def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
