@@ -515,8 +515,7 @@ class _Engine:
         if isinstance(g, BooleanGate):
             b = self.boolean(g, P)
         else:
-            # FlowKit compensates all dims of a gate if any is (a matrix id if a dim names one)
-            comp = next((d.compensated for d in g.dims if d.compensated), False)
+            comp = _compensated(g)
             if isinstance(g, RectGate):
                 b = self.rect(pop, g, P, comp)
             elif isinstance(g, PolygonGate):
@@ -593,7 +592,7 @@ class _Engine:
             g = pop.gate
             if isinstance(g, BooleanGate) or getattr(g, "complement", False):
                 continue
-            comp = next((d.compensated for d in g.dims if d.compensated), False)
+            comp = _compensated(g)
             try:
                 if isinstance(g, RectGate) and all(self._known(b) for bs in g.bounds for b in bs):
                     for ch, lo, hi in self._rect_plan(pop, g, comp)[2]:
@@ -717,6 +716,11 @@ def _scratch(name: str, size: int) -> np.ndarray:
         buf = np.empty(max(size, MAX_FIT_EVENTS))
         setattr(_SCRATCH, name, buf)
     return buf[:size]
+
+
+def _compensated(g: Any) -> bool | str:
+    """FlowKit compensates all dims of a gate if any is (with a matrix id if a dim names one)."""
+    return next((d.compensated for d in g.dims if d.compensated), False)
 
 
 def _count(bits: np.ndarray) -> int:
