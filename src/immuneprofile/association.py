@@ -50,6 +50,7 @@ from immuneprofile.clinical import (
     join_clinical,
     pasi_response,
     read_populations,
+    select_populations,
     subset_changes,
 )
 
@@ -389,11 +390,7 @@ def associate(
         data = subset_changes(data, value=value, pseudocount=pseudocount)
     feats = _feature_keys(data)
     if populations is not None:
-        wanted = list(populations)
-        absent = sorted(set(wanted) - set(data["population"]))
-        if absent:
-            raise ValueError(f"population(s) {absent} not found in the table")
-        data = data[data["population"].isin(wanted)]
+        data = select_populations(data, populations)
 
     n_patients_total = int(data["patient"].nunique())
     small = n_patients_total < min_patients

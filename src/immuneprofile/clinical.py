@@ -46,6 +46,7 @@ __all__ = [
     "read_populations",
     "join_clinical",
     "pasi_response",
+    "select_populations",
     "subset_changes",
 ]
 
@@ -671,6 +672,15 @@ def pasi_response(clinical: pd.DataFrame | PathLike) -> pd.DataFrame:
 def _feature_keys(df: pd.DataFrame) -> list[str]:
     """Grouping keys identifying one measured subset (population, plus panel if present)."""
     return ["population", "panel"] if "panel" in df.columns else ["population"]
+
+
+def select_populations(table: pd.DataFrame, populations: Sequence[str]) -> pd.DataFrame:
+    """The rows of ``table`` for ``populations``; a ``ValueError`` names any that it lacks."""
+    wanted = list(populations)
+    absent = sorted(set(wanted) - set(table["population"]))
+    if absent:
+        raise ValueError(f"population(s) {absent} not found in the table")
+    return table[table["population"].isin(wanted)]
 
 
 def subset_changes(

@@ -249,7 +249,8 @@ def _compensate(matrix: Any, sample: Any) -> np.ndarray:
     idx = [sample.get_channel_index(d) for d in matrix.detectors]
     raw = sample.get_events(source="raw")
     out = np.empty(raw.shape, dtype=np.float64, order="F")
-    rest = [j for j in range(raw.shape[1]) if j not in set(idx)]
+    chosen = set(idx)
+    rest = [j for j in range(raw.shape[1]) if j not in chosen]
     if rest:
         out[:, rest] = raw[:, rest]
     out[:, idx] = np.linalg.solve(matrix.matrix.T, raw[:, idx].T).T  # FlowUtils' arithmetic

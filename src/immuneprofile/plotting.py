@@ -270,11 +270,10 @@ def plot_subset_trajectories(
     if "panel" in df.columns:
         df["panel"] = df["panel"].fillna("").astype(str)
     if populations is not None:
+        from .clinical import select_populations
+
         populations = list(populations)
-        absent = sorted(set(populations) - set(df["population"]))
-        if absent:
-            raise ValueError(f"population(s) {absent} not found in the table")
-        df = df[df["population"].isin(populations)]
+        df = select_populations(df, populations)
         order = {p: i for i, p in enumerate(populations)}
         keys = sorted(df[feats].drop_duplicates().itertuples(index=False, name=None),
                       key=lambda k: (order[k[0]], k[1:]))
