@@ -66,7 +66,7 @@ def ensure_sample(n: int, seed: int = SEED, tag: str = "") -> Path:
     """Write a simulated full-panel file of ``n`` events unless it exists."""
     path = sample_path(n, tag)
     if not path.exists():
-        from immuneprofile import simulate
+        from immuneprofile.study import simulate
 
         DATA.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def strategies_for(path, templates) -> list:
     engine fitted on the same file, as fixed cuts.
     """
     from immuneprofile import gate_sample, load_fcs
-    from immuneprofile.interop import to_gating_strategy
+    from immuneprofile.interop.flowkit import to_gating_strategy
 
     data = load_fcs(path)
     out = []
@@ -124,7 +124,7 @@ def worker_flowkit(path: str, reps: int) -> dict:
 
     import flowkit as fk
 
-    from immuneprofile.interop import flowkit_gate_path
+    from immuneprofile.interop.flowkit import flowkit_gate_path
 
     templates = load_templates()
     setup = str(sample_path(SETUP_EVENTS))

@@ -11,7 +11,7 @@ import pytest
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
 
-from immuneprofile.association import (
+from immuneprofile.study.association import (
     METHODS,
     associate,
     correlate,
@@ -19,7 +19,7 @@ from immuneprofile.association import (
     rmcorr,
     spearman_changes,
 )
-from immuneprofile.clinical import ClinicalDataError, join_clinical, subset_changes
+from immuneprofile.study.clinical import ClinicalDataError, join_clinical, subset_changes
 
 from cohort import make_cohort as _make_cohort
 
@@ -71,7 +71,7 @@ def test_rmcorr_matches_ancova_ols(seed, slope, noise):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_rmcorr_matches_pingouin(seed):
-    pg = pytest.importorskip("pingouin")
+    import pingouin as pg
     df = synthetic_rm(seed, noise=1.5)
     res = rmcorr(df, "x", "y", "subject")
     ref = pg.rm_corr(data=df, x="x", y="y", subject="subject")

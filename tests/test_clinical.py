@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from immuneprofile.clinical import (
+from immuneprofile.study.clinical import (
     ClinicalDataError,
     join_clinical,
     pasi_response,

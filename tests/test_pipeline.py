@@ -12,14 +12,14 @@ from click.testing import CliRunner
 from conftest import EXAMPLE, GATING, flowkit_sample
 from immuneprofile import gate_sample, load_fcs, load_template, population_table, to_anndata
 from immuneprofile.cli import main
-from immuneprofile.interop import flowkit_gate_path, to_gating_strategy
-from immuneprofile.study import DEFAULT_TEMPLATES
+from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
+from immuneprofile.study.run import DEFAULT_TEMPLATES
 
 SHEET = pd.read_csv(EXAMPLE / "samples.csv")
 
 
 def _template(panel):
-    return load_template(GATING / DEFAULT_TEMPLATES[panel])
+    return load_template(DEFAULT_TEMPLATES[panel])
 
 
 @pytest.mark.parametrize("file,panel", list(SHEET[["file", "panel"]].itertuples(index=False, name=None)))

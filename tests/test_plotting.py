@@ -9,8 +9,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from immuneprofile.association import associate
-from immuneprofile.clinical import join_clinical, read_clinical, subset_changes
+from immuneprofile.study.association import associate
+from immuneprofile.study.clinical import join_clinical, read_clinical, subset_changes
 from immuneprofile.plotting import (
     plot_association_heatmap,
     plot_pasi_trajectories,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import EXAMPLE, ROOT
 from immuneprofile.cli import main
-from immuneprofile.reference import (
+from immuneprofile.qc.reference import (
     CHECK_COLUMNS,
     DuplicateBatchError,
     ReferenceDBError,

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from conftest import COMP_FCS, EXAMPLE, GATING
 from immuneprofile import gate_files, load_template, parse_template
 from immuneprofile.cli import main
-from immuneprofile.reference import add_reference
-from immuneprofile.report import build_report, gate_figure, gate_panels
+from immuneprofile.qc.reference import add_reference
+from immuneprofile.qc.report import build_report, gate_figure, gate_panels
 
 
 DOC = {

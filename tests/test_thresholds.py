@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 
 from immuneprofile import gate_files, gate_sample, load_fcs, parse_template, thresholds_table
-from immuneprofile.thresholds import ThresholdError, ThresholdWarning, fit_threshold
+from immuneprofile.engine.thresholds import ThresholdError, ThresholdWarning, fit_threshold
 
 # two populations of a marker: 70 % negative N(1.0, 0.25), 30 % positive N(3.0, 0.35)
 W, MU, SD = (0.7, 0.3), (1.0, 3.0), (0.25, 0.35)

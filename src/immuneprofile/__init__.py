@@ -2,30 +2,60 @@
 
 The public API::
 
-    from immuneprofile import load_fcs, load_template, gate_sample, population_table
-    data = load_fcs("P1_W00_treg.fcs")            # FlowKit read + compensation
-    tmpl = load_template("gating/treg.yaml")      # validated, marker-named template
-    res = gate_sample(data, tmpl)                 # vectorised engine, FlowKit-identical
-    table = population_table([res])               # tidy pandas table
+    import immuneprofile as ip
+    data = ip.load_fcs("P1_W00_treg.fcs")          # FlowKit read + compensation
+    tmpl = ip.load_template("treg")                # a shipped template by name, or a YAML path
+    res = ip.gate_sample(data, tmpl)               # vectorised engine, FlowKit-identical
+    table = ip.population_table([res])             # tidy pandas table
+
+The package's layout and data flow are described in ``docs/architecture.md``.
 """
 
-from .gatingml import read_gatingml, write_gatingml
-from .gating import Batch, GatingError, GatingResult, gate_files, gate_sample
-from .io import FCSData, FCSError, MarkerError, load_fcs
-from .stats import population_table, thresholds_table, to_anndata
-from .template import Template, TemplateError, load_template, parse_template
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from immuneprofile.batch import Batch, gate_files
+from immuneprofile.engine.gating import GatingResult, gate_sample
+from immuneprofile.exceptions import (
+    ClinicalDataError,
+    FCSError,
+    GatingError,
+    GatingMLError,
+    ImmuneProfileError,
+    ImmuneProfileWarning,
+    MarkerError,
+    ReferenceDBError,
+    TemplateError,
+    ThresholdError,
+    ThresholdWarning,
+    TransformError,
+)
+from immuneprofile.interop.gatingml import read_gatingml, write_gatingml
+from immuneprofile.io.fcs import FCSData, load_fcs
+from immuneprofile.stats import population_table, thresholds_table, to_anndata
+from immuneprofile.template.parse import Template, load_template, parse_template
+
+try:
+    __version__ = version("immuneprofile")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Batch",
+    "ClinicalDataError",
     "FCSData",
     "FCSError",
     "GatingError",
+    "GatingMLError",
     "GatingResult",
+    "ImmuneProfileError",
+    "ImmuneProfileWarning",
     "MarkerError",
+    "ReferenceDBError",
     "Template",
     "TemplateError",
+    "ThresholdError",
+    "ThresholdWarning",
+    "TransformError",
     "gate_files",
     "gate_sample",
     "load_fcs",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from immuneprofile import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,8 +17,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-t", "--template", "template_paths", required=True, multiple=True, type=click.Path(dir_okay=False),
-              help="Gating template (YAML), e.g. gating/treg.yaml. Repeatable: each file is read once and "
+@click.option("-t", "--template", "template_paths", required=True, multiple=True,
+              help="Gating template: a YAML file or a shipped template's name (treg, monocytes, "
+                   "tcell_skin_homing). Repeatable: each file is read once and "
                    "gated with every template.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -40,9 +41,9 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     from rich.console import Console
     from rich.progress import Progress
 
-    from .gating import gate_files
-    from .stats import to_anndata, write_tables
-    from .template import TemplateError, load_template
+    from immuneprofile.batch import gate_files
+    from immuneprofile.stats import to_anndata, write_tables
+    from immuneprofile.template.parse import TemplateError, load_template
 
     err = Console(stderr=True, soft_wrap=True)
     try:
@@ -80,12 +81,14 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
 @click.option("--clinical", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Clinical CSV; if given, subset shifts are correlated with PASI.")
 @click.option("-t", "--template", "templates", multiple=True, metavar="PANEL=YAML",
-              help="Template for a panel (repeatable); default: tcell, treg, monocyte templates in gating/.")
-@click.option("--gating-dir", default="gating", show_default=True, type=click.Path(file_okay=False))
+              help="Template for a panel (repeatable): a YAML path or a shipped template's name; default: the "
+                   "shipped tcell_skin_homing, treg and monocytes templates.")
+@click.option("--gating-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder where template names given with -t are looked up first.")
 @click.option("--compensation", default="auto", show_default=True)
 @click.option("-j", "--jobs", default=1, show_default=True, type=int)
 @click.option("--anndata/--no-anndata", default=False, show_default=True)
-def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tuple[str, ...], gating_dir: str,
+def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tuple[str, ...], gating_dir: str | None,
           compensation: str, jobs: int, anndata: bool) -> None:
     """Gate every file of SAMPLE_SHEET (file, sample_id, patient, week, panel) with its panel's template.
 
@@ -94,9 +97,9 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
     """
     from rich.console import Console
 
-    from .clinical import ClinicalDataError
-    from .study import DEFAULT_TEMPLATES, run_study
-    from .template import TemplateError
+    from immuneprofile.study.clinical import ClinicalDataError
+    from immuneprofile.study.run import DEFAULT_TEMPLATES, run_study
+    from immuneprofile.template.parse import TemplateError
 
     err = Console(stderr=True, soft_wrap=True)
     mapping: dict[str, str] = dict(DEFAULT_TEMPLATES)
@@ -128,7 +131,7 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 @click.option("--seed", default=0, show_default=True, type=int)
 def simulate(out_dir: str, n_events: int, seed: int) -> None:
     """Write a simulated case-series study (FCS files, truth, clinical and sample sheets) to OUT_DIR."""
-    from .simulate import simulate_study
+    from immuneprofile.study.simulate import simulate_study
 
     simulate_study(out_dir, n_events=n_events, seed=seed)
     click.echo(f"wrote simulated study to {out_dir}")
@@ -144,8 +147,8 @@ def simulate(out_dir: str, n_events: int, seed: int) -> None:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir: str) -> None:
     """Relate subset shifts to PASI: changes from baseline, PASI75/90, rmcorr, mixed models, plots."""
-    from .association import correlate
-    from .clinical import ClinicalDataError
+    from immuneprofile.study.association import correlate
+    from immuneprofile.study.clinical import ClinicalDataError
 
     try:
         res = correlate(populations, clinical, samples, out_dir)
@@ -173,7 +176,7 @@ def reference() -> None:
 def reference_add(db: str, batch_id: str, populations: str, samples: tuple[str, ...], date: str | None,
                   note: str) -> None:
     """Store the reference sample's population frequencies of one batch."""
-    from .reference import ReferenceDBError, add_reference
+    from immuneprofile.qc.reference import ReferenceDBError, add_reference
 
     try:
         rows = add_reference(db, batch_id, populations, sample=list(samples) or None, date=date, note=note)
@@ -202,7 +205,7 @@ def reference_check(db: str, populations: str, samples: tuple[str, ...], batch_i
     from rich.console import Console
     from rich.table import Table
 
-    from .reference import ReferenceDBError, check_reference, write_levey_jennings
+    from immuneprofile.qc.reference import ReferenceDBError, check_reference, write_levey_jennings
 
     try:
         res = check_reference(db, populations, batch_id=batch_id, sample=list(samples) or None,
@@ -233,7 +236,7 @@ def reference_check(db: str, populations: str, samples: tuple[str, ...], batch_i
 @click.option("--batch", "batch_id", required=True, help="Batch to delete.")
 def reference_remove(db: str, batch_id: str) -> None:
     """Delete a stored batch (e.g. one added by mistake)."""
-    from .reference import ReferenceDBError, remove_batch
+    from immuneprofile.qc.reference import ReferenceDBError, remove_batch
 
     try:
         remove_batch(db, batch_id)
@@ -257,8 +260,8 @@ def reference_remove(db: str, batch_id: str) -> None:
 def report_cmd(template_path: str, files: tuple[str, ...], out_dir: str, reference_db: str | None,
                reference_samples: tuple[str, ...], compensation: str) -> None:
     """Gate FILES and write an HTML report: gating plots, population tables, reference check, warnings."""
-    from .report import make_report
-    from .template import TemplateError
+    from immuneprofile.qc.report import make_report
+    from immuneprofile.template.parse import TemplateError
 
     try:
         path, batch = make_report(template_path, files, out_dir, compensation=compensation,

@@ -165,7 +165,7 @@ def plot_pasi_trajectories(
     -------
     matplotlib.figure.Figure
     """
-    from immuneprofile.clinical import pasi_response
+    from immuneprofile.study.clinical import pasi_response
 
     panels = tuple(panels)
     bad = [p for p in panels if p not in ("absolute", "improvement")]
@@ -270,7 +270,7 @@ def plot_subset_trajectories(
     if "panel" in df.columns:
         df["panel"] = df["panel"].fillna("").astype(str)
     if populations is not None:
-        from .clinical import select_populations
+        from immuneprofile.study.clinical import select_populations
 
         populations = list(populations)
         df = select_populations(df, populations)

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .gating import GatingResult
+from immuneprofile.engine.gating import GatingResult
+from immuneprofile.exceptions import MarkerError
 
 __all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "TABLE_COLUMNS"]
 
@@ -42,7 +43,7 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
         top-level populations; percentages are in percent (0–100).
     """
-    from ._kernels import kernels
+    from immuneprofile.engine._kernels import kernels
 
     K = kernels()
     rows = []
@@ -53,7 +54,7 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
             for m in t.markers:
                 try:
                     chans[m] = res.data.find_channel(m)
-                except KeyError:
+                except MarkerError:
                     continue
         if chans:
             ev = res.data.events
@@ -142,7 +143,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from .transforms import make_transform
+    from immuneprofile.engine.transforms import make_transform
 
     if isinstance(results, GatingResult):
         results = [results]

@@ -5,7 +5,7 @@ batch. This module keeps its population frequencies, batch after batch, in a
 small SQLite study database (created on first use) and checks a new batch
 against that history with Westgard-style rules::
 
-    from immuneprofile.reference import add_reference, check_reference, levey_jennings
+    from immuneprofile.qc.reference import add_reference, check_reference, levey_jennings
     add_reference("study.sqlite", "B01", table, sample="REF_treg", date="2024-03-04")
     result = check_reference("study.sqlite", new_table, sample="REF_treg")
     result[result.status == "fail"]
@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from immuneprofile.exceptions import DuplicateBatchError, ReferenceDBError
 
 __all__ = [
     "ReferenceDBError",
@@ -88,14 +89,6 @@ CREATE TABLE IF NOT EXISTS reference_values (
     PRIMARY KEY (batch_id, template, population)
 );
 """
-
-
-class ReferenceDBError(ValueError):
-    """The reference database or the reference sample cannot be used; the message says why and how to fix it."""
-
-
-class DuplicateBatchError(ReferenceDBError):
-    """A batch id is already stored in the reference database."""
 
 
 # --------------------------------------------------------------------------- database
@@ -481,15 +474,6 @@ def write_levey_jennings(db: PathLike, check: pd.DataFrame, out_dir: PathLike, *
 GOLDEN_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count"]
 
 
-def _panel_templates() -> dict[str, tuple[str, ...]]:
-    try:
-        from .simulate import PANEL_TEMPLATES
-
-        return dict(PANEL_TEMPLATES)
-    except ImportError:  # pragma: no cover
-        return {"tcell": ("tcell_skin_homing",), "treg": ("treg",), "monocyte": ("monocytes",)}
-
-
 def golden_tables(root: PathLike = ".", *, jobs: int = 1) -> dict[str, pd.DataFrame]:
     """Gate every ``example_data/*.fcs`` with its panel's template(s); ``{template: counts table}``.
 
@@ -497,15 +481,16 @@ def golden_tables(root: PathLike = ".", *, jobs: int = 1) -> dict[str, pd.DataFr
     panel ``tcell`` uses ``gating/tcell_skin_homing.yaml``, ``treg`` ``gating/treg.yaml`` and
     ``monocyte`` ``gating/monocytes.yaml``. Any file that fails to gate raises.
     """
-    from .gating import gate_files
-    from .template import load_template
+    from immuneprofile.batch import gate_files
+    from immuneprofile.template.parse import load_template
 
     root = Path(os.fspath(root))
     sheet_path = root / "example_data" / "samples.csv"
     if not sheet_path.exists():
         raise FileNotFoundError(f"{sheet_path} not found: generate the example data first")
     sheet = pd.read_csv(sheet_path)
-    panels = _panel_templates()
+    from immuneprofile.template.shipped import PANEL_TEMPLATES as panels
+
     files: dict[str, list[str]] = {}
     for r in sheet.itertuples(index=False):
         if str(r.panel) not in panels:
@@ -514,7 +499,7 @@ def golden_tables(root: PathLike = ".", *, jobs: int = 1) -> dict[str, pd.DataFr
             files.setdefault(t, []).append(str(root / "example_data" / str(r.file)))
     out = {}
     for t, paths in files.items():
-        batch = gate_files(sorted(paths), load_template(root / "gating" / f"{t}.yaml"), jobs=jobs)
+        batch = gate_files(sorted(paths), load_template(t), jobs=jobs)
         if batch.errors:
             raise RuntimeError(f"template {t}: files failed to gate: {batch.errors}")
         tab = batch.table[GOLDEN_COLUMNS].copy()

@@ -33,6 +33,7 @@ from typing import Union
 
 import numpy as np
 import pandas as pd
+from immuneprofile.exceptions import ClinicalDataError
 
 __all__ = [
     "ClinicalDataError",
@@ -67,14 +68,6 @@ SAMPLE_REQUIRED = ("patient", "week")
 POPULATION_REQUIRED = ("sample_id", "population", "pct_parent")
 
 _WEEK_RE = re.compile(r"^\s*(?:w(?:eek|k)?)?\s*[-_]?\s*([+-]?\d+(?:\.\d+)?)\s*$", re.IGNORECASE)
-
-
-class ClinicalDataError(ValueError):
-    """Invalid or inconsistent clinical / sample metadata.
-
-    Messages name the offending file (or ``<DataFrame>``), the row(s) or
-    patient(s) concerned, and the problem.
-    """
 
 
 # --------------------------------------------------------------------------- helpers

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from immuneprofile.clinical import (
+from immuneprofile.study.clinical import (
     DEFAULT_PSEUDOCOUNT,
     PathLike,
     _as_clinical,

@@ -3,7 +3,7 @@
 ::
 
     from immuneprofile import gate_files, load_template
-    from immuneprofile.report import build_report
+    from immuneprofile.qc.report import build_report
     batch = gate_files(files, load_template("gating/treg.yaml"))   # in-process: keeps the events
     build_report(batch, "report/", reference_db="study.sqlite", reference_sample="REF_treg")
 
@@ -32,8 +32,9 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .gating import Batch, GatingResult
-from .template import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
+from immuneprofile.batch import Batch
+from immuneprofile.engine.gating import GatingResult
+from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
 
 __all__ = ["gate_figure", "gate_panels", "report_warnings", "build_report", "make_report",
            "MAX_POINTS", "MIN_POPULATION_EVENTS", "MIN_SAMPLE_EVENTS"]
@@ -98,7 +99,7 @@ class _Values:
         return self._raw[:, j]
 
     def get(self, dim: Dim, idx: np.ndarray, comp: bool) -> np.ndarray:
-        from .transforms import make_transform, transform_key
+        from immuneprofile.engine.transforms import make_transform, transform_key
 
         if dim.ratio is not None:
             num, den, a, b, c = dim.ratio
@@ -464,8 +465,8 @@ def build_report(
     pathlib.Path
         The report file.
     """
-    from . import __version__
-    from .reference import ReferenceDBError, check_reference, levey_jennings
+    from immuneprofile import __version__
+    from immuneprofile.qc.reference import ReferenceDBError, check_reference, levey_jennings
 
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
@@ -555,8 +556,8 @@ def build_report(
 def make_report(template: Template | PathLike, files: Sequence[PathLike], out_dir: PathLike, *,
                 compensation: Any = "auto", **kwargs: Any) -> tuple[Path, Batch]:
     """Gate ``files`` with ``template`` (in-process) and write the report; returns ``(report path, batch)``."""
-    from .gating import gate_files
-    from .template import load_template
+    from immuneprofile.batch import gate_files
+    from immuneprofile.template.parse import load_template
 
     if not isinstance(template, Template):
         template = load_template(template)

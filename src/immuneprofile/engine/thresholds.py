@@ -12,6 +12,7 @@ import warnings
 from typing import Any, Mapping
 
 import numpy as np
+from immuneprofile.exceptions import ThresholdError, ThresholdWarning
 
 __all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
 
@@ -19,14 +20,6 @@ __all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks
 #: larger inputs are subsampled at random with a fixed seed).
 MAX_FIT_EVENTS = 20_000
 _GRID = 512
-
-
-class ThresholdWarning(UserWarning):
-    """A data-driven threshold fell back to its template value."""
-
-
-class ThresholdError(ValueError):
-    """A data-driven threshold could not be fitted and has no fallback."""
 
 
 def _subsample(values: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -48,7 +41,7 @@ def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
     at 1024 bins the density is indistinguishable from the exact one at the
     scale thresholds are read.
     """
-    from ._kernels import kernels
+    from immuneprofile.engine._kernels import kernels
 
     K = kernels()
     v = np.ascontiguousarray(v, dtype=float)

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from .transforms import DEFAULT_FLUORESCENCE, TransformError, normalize_spec
+from immuneprofile.engine.transforms import DEFAULT_FLUORESCENCE, TransformError, normalize_spec
+from immuneprofile.exceptions import TemplateError
 
 __all__ = [
     "TemplateError",
@@ -40,10 +41,6 @@ _RULE_KEYS = {"method", "scope", "on", "fallback", "fraction", "q", "min_height"
 _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "neg": ("pos", False),
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
                "lo": ("hi", False), "dim": ("hi", False)}
-
-
-class TemplateError(ValueError):
-    """A template is malformed; the message names the file, the population and the fix."""
 
 
 @dataclass(frozen=True)
@@ -566,7 +563,13 @@ def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Templa
 
 
 def load_template(path: str | os.PathLike) -> Template:
-    """Load and validate a YAML gating template.
+    """Load and validate a YAML gating template: a file, or a shipped template by name.
+
+    Parameters
+    ----------
+    path
+        A YAML file, or the name of a shipped template (``"treg"``, ``"monocytes"``,
+        ``"tcell_skin_homing"``; :func:`~immuneprofile.template.shipped_templates` lists them).
 
     Raises
     ------
@@ -577,12 +580,17 @@ def load_template(path: str | os.PathLike) -> Template:
     """
     import yaml
 
-    path = os.fspath(path)
+    from immuneprofile.template.shipped import resolve_template
+
+    path = os.fspath(resolve_template(path))
     try:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
     except FileNotFoundError:
-        raise TemplateError(f"{path}: template file not found") from None
+        from immuneprofile.template.shipped import shipped_templates
+
+        raise TemplateError(f"{path}: template file not found (shipped templates, usable by name: "
+                            f"{', '.join(shipped_templates())})") from None
     except yaml.YAMLError as exc:
         raise TemplateError(f"{path}: not valid YAML: {exc}") from exc
     return parse_template(doc, path)

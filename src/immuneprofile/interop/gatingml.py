@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .template import (
+from immuneprofile.template.parse import (
     BooleanGate,
     Dim,
     EllipseGate,
@@ -60,7 +60,8 @@ from .template import (
     ThresholdRef,
     _is_scatter,
 )
-from .transforms import normalize_spec
+from immuneprofile.engine.transforms import normalize_spec
+from immuneprofile.exceptions import GatingMLError, GatingMLWarning
 
 __all__ = [
     "read_gatingml",
@@ -78,14 +79,6 @@ NS_DATATYPE = "http://www.isac-net.org/std/Gating-ML/v2.0/datatypes"
 NS_TRANSFORMS = "http://www.isac-net.org/std/Gating-ML/v2.0/transformations"
 NS_IP = "urn:immuneprofile:gatingml:1"
 _GML_NS = {NS_GATING, NS_DATATYPE, NS_TRANSFORMS}
-
-
-class GatingMLError(ValueError):
-    """A Gating-ML document cannot be read or a template cannot be written as one."""
-
-
-class GatingMLWarning(UserWarning):
-    """A Gating-ML document needed repair (e.g. gates wrapped in a non-Gating-ML element)."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -717,7 +710,7 @@ def _threshold_values(template: Template, data, given: Mapping[tuple[str, str], 
             raise GatingMLError(
                 f"template {template.path}: thresholds {', '.join(f'{m}.{c}' for m, c in missing)} are "
                 f"data-driven; pass `data` (they are fitted on it) or `thresholds={{(marker, cut): value}}`")
-        from .gating import gate_sample
+        from immuneprofile.engine.gating import gate_sample
 
         res = gate_sample(data, template, thresholds=given)
         for f in res.thresholds:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 import numpy as np
+from immuneprofile.exceptions import TransformError
 
 __all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "make_transform", "transform_key"]
 
@@ -29,10 +30,6 @@ _PARAMS = {
     "linear": ("T", "A"),
     "log": ("T", "M"),
 }
-
-
-class TransformError(ValueError):
-    """A transform specification is malformed."""
 
 
 def normalize_spec(spec: Any) -> dict[str, Any] | None:
@@ -141,7 +138,7 @@ def _into(f):
 
 @lru_cache(maxsize=32)
 def _table_transform(items: tuple):
-    from ._kernels import kernels
+    from immuneprofile.engine._kernels import kernels
 
     xf = make_transform(dict(items))
 

@@ -41,6 +41,8 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from immuneprofile.template.shipped import PANEL_TEMPLATES
+
 __all__ = [
     "MARKERS",
     "DETECTORS",
@@ -134,13 +136,6 @@ def _build_panel(panel: str) -> list[tuple[str, str]]:
 #: Panel name -> ordered list of ``($PnN, $PnS)``; scatter and Time have an empty $PnS.
 PANELS: dict[str, list[tuple[str, str]]] = {p: _build_panel(p) for p in _PANEL_MARKERS}
 
-#: Gating templates (file stems in ``gating/``) that apply to each panel.
-PANEL_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "tcell": ("tcell_skin_homing",),
-    "treg": ("treg",),
-    "monocyte": ("monocytes",),
-    "full": ("tcell_skin_homing", "treg", "monocytes"),
-}
 
 # Spillover of fluorochrome (row detector) into another detector (column), fraction.
 _SPILL_PAIRS: dict[tuple[str, str], float] = {

@@ -14,29 +14,28 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from .gating import gate_files
-from .stats import to_anndata, write_tables
-from .template import Template, TemplateError, load_template
+from immuneprofile.batch import gate_files
+from immuneprofile.stats import to_anndata, write_tables
+from immuneprofile.template.parse import Template, TemplateError, load_template
+from immuneprofile.template.shipped import PANEL_TEMPLATES
 
 __all__ = ["DEFAULT_TEMPLATES", "run_study"]
 
-#: Panel name -> template file (relative to the project's ``gating/`` folder).
-DEFAULT_TEMPLATES: dict[str, str] = {
-    "tcell": "tcell_skin_homing.yaml",
-    "treg": "treg.yaml",
-    "monocyte": "monocytes.yaml",
-}
+#: Panel name -> shipped template (by name, see :func:`immuneprofile.load_template`).
+DEFAULT_TEMPLATES: dict[str, str] = {panel: names[0] for panel, names in PANEL_TEMPLATES.items() if len(names) == 1}
 
 
-def _resolve_templates(templates: Mapping[str, str | os.PathLike | Template], gating_dir: Path) -> dict[str, Template]:
+def _resolve_templates(templates: Mapping[str, str | os.PathLike | Template],
+                       gating_dir: Path | None) -> dict[str, Template]:
     out = {}
     for panel, t in templates.items():
         if isinstance(t, Template):
             out[panel] = t
             continue
         p = Path(t)
-        if not p.is_absolute() and not p.exists():
-            p = gating_dir / p
+        if gating_dir is not None and not p.is_absolute() and not p.exists():
+            cand = gating_dir / (p if p.suffix else p.with_suffix(".yaml"))
+            p = cand if cand.exists() else p
         out[panel] = load_template(p)
     return out
 
@@ -46,7 +45,7 @@ def run_study(
     out_dir: str | os.PathLike,
     *,
     templates: Mapping[str, str | os.PathLike | Template] | None = None,
-    gating_dir: str | os.PathLike = "gating",
+    gating_dir: str | os.PathLike | None = None,
     clinical: str | os.PathLike | None = None,
     compensation: Any = "auto",
     jobs: int = 1,
@@ -63,8 +62,10 @@ def run_study(
         Where ``populations.csv``/``.parquet``, ``thresholds.csv``, ``errors.csv`` and,
         with ``clinical``, the correlation outputs are written.
     templates
-        Panel -> template (path or :class:`Template`); defaults to :data:`DEFAULT_TEMPLATES`
-        under ``gating_dir``.
+        Panel -> template (path, shipped template name or :class:`Template`); defaults to
+        :data:`DEFAULT_TEMPLATES`, the shipped templates.
+    gating_dir
+        A folder where relative template names are looked up first (default: none).
     clinical
         Clinical CSV (``patient, week, pasi[, treatment]``); if given, run
         :func:`immuneprofile.association.correlate` on the gated table.
@@ -79,13 +80,13 @@ def run_study(
         ``table`` (population table with sheet metadata), ``errors`` (path -> message),
         ``files`` (name -> path written) and, with ``clinical``, ``correlation``.
     """
-    from .clinical import read_sample_sheet
+    from immuneprofile.study.clinical import read_sample_sheet
 
     sheet_path = Path(sample_sheet)
     sheet = read_sample_sheet(sheet_path)
     if "file" not in sheet.columns or "panel" not in sheet.columns:
         raise TemplateError(f"{sheet_path}: the sample sheet needs `file` and `panel` columns to run a study")
-    tmpl = _resolve_templates(templates or DEFAULT_TEMPLATES, Path(gating_dir))
+    tmpl = _resolve_templates(templates or DEFAULT_TEMPLATES, None if gating_dir is None else Path(gating_dir))
     unknown = sorted(set(sheet["panel"]) - set(tmpl))
     if unknown:
         raise TemplateError(f"{sheet_path}: panel(s) {unknown} have no template; "
@@ -111,7 +112,7 @@ def run_study(
     files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
     result: dict[str, Any] = {"table": table, "errors": errors, "files": files}
     if clinical is not None and not table.empty:
-        from .association import correlate
+        from immuneprofile.study.association import correlate
 
         corr = correlate(table, clinical, sheet, out)
         result["correlation"] = corr

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from immuneprofile.exceptions import FCSError, MarkerError
 
 __all__ = [
     "FCSError",
@@ -26,17 +27,6 @@ __all__ = [
     "normalize_marker",
     "MARKER_ALIASES",
 ]
-
-
-class FCSError(ValueError):
-    """An FCS file could not be read or compensated; the message names the file."""
-
-
-class MarkerError(KeyError):
-    """A marker named by a template is absent from (or ambiguous in) an FCS file."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
 
 
 #: Case-insensitive alias groups: every spelling in a group names the same marker.

@@ -1,0 +1,31 @@
+"""Exchange with other tools: FlowKit GatingStrategy, Gating-ML 2.0."""
+
+from __future__ import annotations
+
+from immuneprofile.interop.flowkit import (
+    flowkit_gate_path,
+    to_gating_strategy,
+)
+from immuneprofile.interop.gatingml import (
+    GatingMLError,
+    GatingMLWarning,
+    NS_DATATYPE,
+    NS_GATING,
+    NS_TRANSFORMS,
+    from_gating_strategy,
+    read_gatingml,
+    write_gatingml,
+)
+
+__all__ = [
+    "GatingMLError",
+    "GatingMLWarning",
+    "NS_DATATYPE",
+    "NS_GATING",
+    "NS_TRANSFORMS",
+    "flowkit_gate_path",
+    "from_gating_strategy",
+    "read_gatingml",
+    "to_gating_strategy",
+    "write_gatingml",
+]

@@ -1,0 +1,21 @@
+"""FCS reading, compensation and marker matching."""
+
+from __future__ import annotations
+
+from immuneprofile.io.fcs import (
+    FCSData,
+    FCSError,
+    MARKER_ALIASES,
+    MarkerError,
+    load_fcs,
+    normalize_marker,
+)
+
+__all__ = [
+    "FCSData",
+    "FCSError",
+    "MARKER_ALIASES",
+    "MarkerError",
+    "load_fcs",
+    "normalize_marker",
+]
