@@ -272,3 +272,34 @@ def test_cli_report(tmp_path):
     table = pd.read_csv(tmp_path / "rep" / "populations.csv")
     assert set(table["sample_id"]) == {"P2_W00_tcell"}
     assert html.count('<img class="gating"') == 1
+
+
+def test_report_draws_the_values_the_engine_gates():
+    """Gating-ML compliance case with a template spillover matrix (``compensation-ref="MySpill"``): the
+    values a report panel draws are FlowKit's values for that gate, event for event, and the engine's
+    membership is exactly the rectangle on them."""
+    import flowkit as fk
+
+    from conftest import SHARED
+    from immuneprofile import gate_sample, load_fcs, read_gatingml
+    from immuneprofile.engine import EventValues
+    from immuneprofile.qc.report import panel_events
+
+    gml = SHARED / "gatingml2_compliance"
+    doc, fcs = gml / "gml" / "gml_matrix_rect3_gate.xml", gml / "data1.fcs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tmpl = read_gatingml(doc)
+        res = gate_sample(load_fcs(fcs), tmpl)
+        gs = fk.parse_gating_xml(str(doc))
+        sample = fk.Sample(str(fcs))
+        truth = gs._preprocess_sample_events(sample, gs.get_gate("Rectangle3"))  # FlowKit's gate input
+    pop = tmpl.populations[0]
+    idx, parent_n, (x, y) = panel_events(res, pop, EventValues(res.data, tmpl), res.n_events,
+                                         np.random.default_rng(0))
+    assert parent_n == res.n_events and np.array_equal(idx, np.arange(res.n_events))
+    np.testing.assert_allclose(x, truth["FITC"].to_numpy(), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(y, truth["PE"].to_numpy(), rtol=1e-12, atol=1e-9)
+    inside = (x >= 5) & (x < 70) & (y >= 9) & (y < 208)
+    assert np.array_equal(res.mask(pop.name), inside)
+    assert 0 < inside.sum() < res.n_events

@@ -18,11 +18,11 @@ from immuneprofile.engine.gating import (
     GatingError,
     GatingResult,
     ThresholdFit,
-    _Columns,
     _gate_templates,
     gate_sample,
 )
 from immuneprofile.engine.transforms import density_transform
+from immuneprofile.engine.values import EventValues
 from immuneprofile.io.fcs import MarkerError
 from immuneprofile.template.parse import Dim, Population, RectGate, Template, ThresholdRef
 
@@ -115,7 +115,7 @@ def _batch_values(path: str, sub: Template, template: Template, compensation: An
             warnings.simplefilter("ignore")
             data = load_fcs(path, compensation)
             res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
-            cols = _Columns(data, template)
+            cols = EventValues(data, template)
             out = {}
             for key, on, pop_name, dim, method in targets:
                 sel = None if on is None else res.indices[on]

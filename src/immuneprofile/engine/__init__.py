@@ -16,6 +16,7 @@ from immuneprofile.engine.transforms import (
     make_transform,
     transform_key,
 )
+from immuneprofile.engine.values import Compensation, EventValues, gate_compensation
 from immuneprofile.engine.thresholds import (
     ThresholdError,
     ThresholdWarning,
@@ -24,6 +25,8 @@ from immuneprofile.engine.thresholds import (
 )
 
 __all__ = [
+    "Compensation",
+    "EventValues",
     "DEFAULT_FLUORESCENCE",
     "GatingError",
     "GatingResult",
@@ -35,6 +38,7 @@ __all__ = [
     "density_peaks",
     "density_transform",
     "fit_threshold",
+    "gate_compensation",
     "gate_sample",
     "make_transform",
     "transform_key",

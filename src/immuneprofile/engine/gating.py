@@ -55,7 +55,8 @@ from immuneprofile.template.parse import (
     ThresholdRef,
 )
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
-from immuneprofile.engine.transforms import MONOTONE, density_transform, make_transform, transform_key
+from immuneprofile.engine.transforms import density_transform
+from immuneprofile.engine.values import EventValues, gate_compensation
 from immuneprofile.exceptions import GatingError
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
@@ -159,122 +160,6 @@ class _Unpacked(Mapping):
         return len(self._res.bits)
 
 
-class _Columns:
-    """Per-sample column access with lazily, exactly transformed values."""
-
-    def __init__(self, data: FCSData, template: Template):
-        self.data = data
-        self.template = template
-        self._raw_cols: dict[int, np.ndarray] = {}
-        self._xf: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-        self._xform_obj: dict[str, Any] = {}
-        self._inv: dict[tuple, float] = {}
-        self._chan: dict[str, int] = {}
-        self._tkeys: dict[int, str] = {}  # id(spec) -> transform_key (the template keeps its specs alive)
-
-    def channel(self, name: str, pop: str) -> int:
-        idx = self._chan.get(name)
-        if idx is None:
-            idx = self.data.find_channel(name, context=f"template {self.template.path}, population {pop!r}")
-            self._chan[name] = idx
-        return idx
-
-    def matrix_column(self, ch: int, matrix_id: str) -> np.ndarray:
-        """Column ``ch`` of the raw events compensated with ``template.compensation[matrix_id]`` (as FlowKit)."""
-        cache = self.__dict__.setdefault("_matrix_events", {})
-        ev = cache.get(matrix_id)
-        if ev is None:
-            from flowkit import Matrix
-
-            frame = self.template.compensation[matrix_id]
-            m = Matrix(np.asarray(frame, dtype=float), list(frame.columns), list(frame.index))
-            ev = cache[matrix_id] = m.apply(self.data.sample)
-        return np.ascontiguousarray(ev[:, ch])
-
-    def base(self, ch: int, compensated: bool | str) -> np.ndarray:
-        """Contiguous column ``ch`` of the compensated (or, if not ``compensated``, raw) events."""
-        if isinstance(compensated, str):  # a spillover matrix of the template (Gating-ML spectrumMatrix)
-            return self.matrix_column(ch, compensated)
-        if compensated or self.data.compensation is None:
-            return self.data.column(ch)
-        col = self._raw_cols.get(ch)
-        if col is None:
-            col = np.ascontiguousarray(self.data.sample.get_events(source="raw")[:, ch])
-            self._raw_cols[ch] = col
-        return col
-
-    def tkey(self, spec: Mapping[str, Any] | None) -> str:
-        """:func:`~immuneprofile.transforms.transform_key` of a spec of the template (kept per spec)."""
-        key = self._tkeys.get(id(spec))
-        if key is None:
-            key = self._tkeys[id(spec)] = transform_key(spec)
-        return key
-
-    def xform(self, spec: Mapping[str, Any] | None):
-        if spec is None:
-            return None
-        key = self.tkey(spec)
-        obj = self._xform_obj.get(key)
-        if obj is None:
-            obj = self._xform_obj[key] = make_transform(spec)
-        return obj
-
-    def raw(self, dim: Dim, idx: np.ndarray | None, compensated: bool, pop: str) -> np.ndarray:
-        """Untransformed values of ``dim`` (ratio computed as FlowKit does) for events ``idx``."""
-        if dim.ratio is not None:
-            num, den, a, b, c = dim.ratio
-            x = self.base(self.channel(num, pop), compensated)
-            y = self.base(self.channel(den, pop), compensated)
-            if idx is not None:
-                x, y = x[idx], y[idx]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return a * ((x - b) / (y - c))
-        col = self.base(self.channel(dim.marker, pop), compensated)
-        return col if idx is None else col[idx]
-
-    def exact(self, dim: Dim, raw_vals: np.ndarray) -> np.ndarray:
-        """Transform values with FlowKit's transform object, as FlowKit does (column arrays)."""
-        xf = self.xform(dim.transform)
-        if xf is None or raw_vals.size == 0:
-            return np.asarray(raw_vals, dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = xf.apply(np.asarray(raw_vals, dtype=float).reshape(-1, 1))
-        return np.asarray(out, dtype=float).reshape(-1)
-
-    def transformed(self, dim: Dim, idx: np.ndarray | None, compensated: bool, pop: str) -> np.ndarray:
-        """Exact transformed values for events ``idx`` (cached per event, computed once)."""
-        if dim.transform is None:
-            return self.raw(dim, idx, compensated, pop)
-        key = (dim.marker, dim.ratio, self.tkey(dim.transform), compensated)
-        n = self.data.n_events
-        cache = self._xf.get(key)
-        if cache is None:
-            cache = self._xf[key] = (np.empty(n), np.zeros(n, dtype=bool))
-        vals, have = cache
-        sel = np.arange(n) if idx is None else idx
-        need = sel[~have[sel]]
-        if need.size:
-            vals[need] = self.exact(dim, self.raw(dim, need, compensated, pop))
-            have[need] = True
-        return vals[sel]
-
-    def raw_bound(self, dim: Dim, t: float) -> float | None:
-        """``T^-1(t)`` for increasing transforms (``None`` if not applicable)."""
-        spec = dim.transform
-        if spec is None:
-            return t
-        if spec["type"] not in MONOTONE or dim.ratio is not None:
-            return None
-        key = (self.tkey(spec), t)
-        v = self._inv.get(key)
-        if v is None:
-            v = float(np.asarray(self.xform(spec).inverse(np.array([[t]], dtype=float))).reshape(-1)[0])
-            if not np.isfinite(v):
-                return None
-            self._inv[key] = v
-        return v
-
-
 def _cmp(vals_raw: np.ndarray, xb: float | None, t: float, ge: bool, exact_fn) -> np.ndarray:
     """``T(v) >= t`` (ge) or ``T(v) < t`` from raw values, exact near the boundary."""
     if xb is None:
@@ -366,7 +251,7 @@ class _Engine:
         self.data = data
         self.t = template
         self.n = data.n_events
-        self.cols = _Columns(data, template)
+        self.cols = EventValues(data, template)
         self.bits: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
         self.keys: dict[str, tuple | None] = {}
@@ -512,7 +397,7 @@ class _Engine:
         if isinstance(g, BooleanGate):
             b = self.boolean(g, P)
         else:
-            comp = _compensated(g)
+            comp = gate_compensation(g)
             if isinstance(g, RectGate):
                 b = self.rect(pop, g, P, comp)
             elif isinstance(g, PolygonGate):
@@ -589,7 +474,7 @@ class _Engine:
             g = pop.gate
             if isinstance(g, BooleanGate) or getattr(g, "complement", False):
                 continue
-            comp = _compensated(g)
+            comp = gate_compensation(g)
             try:
                 if isinstance(g, RectGate) and all(self._known(b) for bs in g.bounds for b in bs):
                     for ch, lo, hi in self._rect_plan(pop, g, comp)[2]:
@@ -713,11 +598,6 @@ def _scratch(name: str, size: int) -> np.ndarray:
         buf = np.empty(max(size, MAX_FIT_EVENTS))
         setattr(_SCRATCH, name, buf)
     return buf[:size]
-
-
-def _compensated(g: Any) -> bool | str:
-    """FlowKit compensates all dims of a gate if any is (with a matrix id if a dim names one)."""
-    return next((d.compensated for d in g.dims if d.compensated), False)
 
 
 def _count(bits: np.ndarray) -> int:

@@ -27,16 +27,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 
 from immuneprofile.batch import Batch
 from immuneprofile.engine.gating import GatingResult
+from immuneprofile.engine.values import EventValues, gate_compensation
 from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
 
-__all__ = ["gate_figure", "gate_panels", "report_warnings", "build_report", "make_report",
+__all__ = ["gate_figure", "gate_panels", "panel_events", "report_warnings", "build_report", "make_report",
            "MAX_POINTS", "MIN_POPULATION_EVENTS", "MIN_SAMPLE_EVENTS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -80,44 +82,6 @@ def gate_panels(template: Template) -> list[list[Population]]:
     return panels
 
 
-class _Values:
-    """Transformed values of gate dimensions for a subset of events (as the engine computes them)."""
-
-    def __init__(self, res: GatingResult):
-        self.res = res
-        self.data = res.data
-        self._xf: dict[str, Any] = {}
-        self._raw: Any = None
-
-    def _col(self, name: str, comp: bool) -> np.ndarray:
-        d = self.data
-        j = d.find_channel(name)
-        if comp or d.compensation is None or d.sample is None:
-            return d.column(j)
-        if self._raw is None:
-            self._raw = d.sample.get_events(source="raw")
-        return self._raw[:, j]
-
-    def get(self, dim: Dim, idx: np.ndarray, comp: bool) -> np.ndarray:
-        from immuneprofile.engine.transforms import make_transform, transform_key
-
-        if dim.ratio is not None:
-            num, den, a, b, c = dim.ratio
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = a * ((self._col(num, comp)[idx] - b) / (self._col(den, comp)[idx] - c))
-        else:
-            v = self._col(dim.marker, comp)[idx]
-        v = np.asarray(v, dtype=float)
-        if dim.transform is not None and v.size:
-            key = transform_key(dim.transform)
-            xf = self._xf.get(key)
-            if xf is None:
-                xf = self._xf[key] = make_transform(dim.transform)
-            with np.errstate(all="ignore"):
-                v = np.asarray(xf.apply(v.reshape(-1, 1)), dtype=float).reshape(-1)
-        return v
-
-
 def _axis_label(dim: Dim) -> str:
     t = dim.transform["type"] if dim.transform else "linear"
     return f"{dim.marker} ({t})"
@@ -140,121 +104,181 @@ def _fmt_pct(n: int, d: int) -> str:
     return f"{100.0 * n / d:.1f}%" if d else "n/a"
 
 
-def _draw_panel(ax, res: GatingResult, pops: list[Population], vals: _Values, th: dict, max_points: int,
-                rng: np.random.Generator) -> None:
-    from matplotlib.colors import LogNorm
-    from matplotlib.patches import Ellipse, Polygon, Rectangle
+def panel_events(result: GatingResult, pop: Population, values: EventValues, max_points: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, int, list[np.ndarray]]:
+    """The events a panel draws: ``(event indices, parent size, values of the gate's first two dimensions)``.
 
-    pop = pops[0]
-    g = pop.gate
-    parent_idx = np.arange(res.n_events) if pop.parent is None else res.indices[pop.parent]
-    parent_n = int(parent_idx.size)
-    if parent_idx.size > max_points:
-        parent_idx = np.sort(rng.choice(parent_idx, max_points, replace=False))
-    comp = any(d.compensated for d in g.dims)
-    dims = g.dims
-    parent_name = pop.parent or "all events"
-    notes: list[str] = []
+    The indices are the parent's events (a fixed random subsample of at most
+    ``max_points``); the values are the ones the engine gates on
+    (:class:`~immuneprofile.engine.EventValues`, with the gate's compensation).
+    """
+    idx = np.arange(result.n_events) if pop.parent is None else result.indices[pop.parent]
+    parent_n = int(idx.size)
+    if idx.size > max_points:
+        idx = np.sort(rng.choice(idx, max_points, replace=False))
+    comp = gate_compensation(pop.gate)
+    return idx, parent_n, [values.transformed(d, idx, comp, pop.name) for d in pop.gate.dims[:2]]
+
+
+def _resolved_bounds(g: Any, th: dict, notes: list[str]) -> list[tuple[Any, Any]]:
+    """A rectangle's bounds with thresholds resolved (noted when unresolved, or beyond the drawn two axes)."""
+    if not isinstance(g, RectGate):
+        if len(g.dims) > 2:
+            notes.append(f"{len(g.dims)}-D gate: first two dimensions shown")
+        return []
 
     def bound(b):
-        if isinstance(b, ThresholdRef):
-            v = th.get((b.marker, b.cut))
-            if v is None:
-                notes.append(f"{b} unresolved")
-            return v
-        return b
+        if not isinstance(b, ThresholdRef):
+            return b
+        v = th.get((b.marker, b.cut))
+        if v is None:
+            notes.append(f"{b} unresolved")
+        return v
 
-    x = vals.get(dims[0], parent_idx, comp)
-    if isinstance(g, RectGate):
-        bounds = [(bound(lo), bound(hi)) for lo, hi in g.bounds]
-        for d, (lo, hi) in zip(dims[2:], bounds[2:]):
-            rng_txt = " & ".join(s for s in ((f">= {lo:.3g}" if lo is not None else ""),
-                                            (f"< {hi:.3g}" if hi is not None else "")) if s)
-            notes.append(f"and {d.marker} {rng_txt}")
-    else:
-        bounds = []
-    if len(dims) > 2 and not isinstance(g, RectGate):
-        notes.append(f"{len(dims)}-D gate: first two dimensions shown")
-    n = res.count(pop.name)
-    comp_txt = " (complement)" if getattr(g, "complement", False) else ""
+    bounds = [(bound(lo), bound(hi)) for lo, hi in g.bounds]
+    for d, (lo, hi) in zip(g.dims[2:], bounds[2:]):
+        parts = ([f">= {lo:.3g}"] if lo is not None else []) + ([f"< {hi:.3g}"] if hi is not None else [])
+        notes.append(f"and {d.marker} {' & '.join(parts)}")
+    return bounds
+
+
+def _panel_title(ax, res: GatingResult, pops: list[Population], parent_n: int) -> None:
+    pop, g = pops[0], pops[0].gate
+    parent_name = pop.parent or "all events"
     if len(pops) == 1:
+        n = res.count(pop.name)
+        comp_txt = " (complement)" if getattr(g, "complement", False) else ""
         ax.set_title(f"{pop.name}{comp_txt}\n{n:,} events, {_fmt_pct(n, parent_n)} of {parent_name}", fontsize=8)
     else:
-        ax.set_title(f"{g.quadrant[0] if getattr(g, 'quadrant', None) else pop.name}\nof {parent_name} "
-                     f"({parent_n:,} events)", fontsize=8)
-    ls = "--" if comp_txt else "-"
-    if len(dims) == 1:
-        lo, hi = bounds[0]
-        xl = _limits(x, [lo, hi])
-        fin = x[np.isfinite(x)]
-        if fin.size:
-            ax.hist(np.clip(fin, *xl), bins=128, range=xl, color="#4c72b0", alpha=0.8, histtype="stepfilled")
-        ax.set_xlim(*xl)
-        ax.axvspan(xl[0] if lo is None else lo, xl[1] if hi is None else hi, color=GATE_COLOR, alpha=0.12,
-                   gid=f"gate:{pop.name}")
-        for b in (lo, hi):
-            if b is not None:
-                ax.axvline(b, color=GATE_COLOR, lw=1.2, ls=ls, gid=f"cut:{pop.name}")
-        ax.set_xlabel(_axis_label(dims[0]), fontsize=7)
-        ax.set_ylabel("events", fontsize=7)
+        group = g.quadrant[0] if getattr(g, "quadrant", None) else pop.name
+        ax.set_title(f"{group}\nof {parent_name} ({parent_n:,} events)", fontsize=8)
+
+
+def _draw_histogram(ax, pop: Population, x: np.ndarray, bounds: tuple[Any, Any], ls: str) -> None:
+    """A 1-D gate: the parent's histogram, the gated range shaded, its cuts as lines."""
+    lo, hi = bounds
+    xl = _limits(x, [lo, hi])
+    fin = x[np.isfinite(x)]
+    if fin.size:
+        ax.hist(np.clip(fin, *xl), bins=128, range=xl, color="#4c72b0", alpha=0.8, histtype="stepfilled")
+    ax.set_xlim(*xl)
+    ax.axvspan(xl[0] if lo is None else lo, xl[1] if hi is None else hi, color=GATE_COLOR, alpha=0.12,
+               gid=f"gate:{pop.name}")
+    for b in (lo, hi):
+        if b is not None:
+            ax.axvline(b, color=GATE_COLOR, lw=1.2, ls=ls, gid=f"cut:{pop.name}")
+    ax.set_xlabel(_axis_label(pop.gate.dims[0]), fontsize=7)
+    ax.set_ylabel("events", fontsize=7)
+
+
+def _rect_extent(g: RectGate, bounds) -> tuple[list, list]:
+    return list(bounds[0]), list(bounds[1])
+
+
+def _polygon_extent(g: PolygonGate, bounds) -> tuple[list, list]:
+    return [v[0] for v in g.vertices], [v[1] for v in g.vertices]
+
+
+def _ellipse_extent(g: EllipseGate, bounds) -> tuple[list, list]:
+    c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
+    half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square)
+    return [c[0] - half[0], c[0] + half[0]], [c[1] - half[1], c[1] + half[1]]
+
+
+def _draw_quadrant(ax, res: GatingResult, pops: list[Population], bounds, parent_n: int) -> None:
+    xc = bounds[0][0] if bounds[0][0] is not None else bounds[0][1]
+    yc = bounds[1][0] if bounds[1][0] is not None else bounds[1][1]
+    g = pops[0].gate
+    grp = g.quadrant[0] if g.quadrant else pops[0].name
+    if xc is not None:
+        ax.axvline(xc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
+    if yc is not None:
+        ax.axhline(yc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
+    for q in pops:
+        (qlo, _), (ylo, _) = q.gate.bounds[0], q.gate.bounds[1]
+        right, top = qlo is not None, ylo is not None
+        qn = res.count(q.name)
+        ax.text(0.98 if right else 0.02, 0.97 if top else 0.03, f"{q.name}\n{qn:,} ({_fmt_pct(qn, parent_n)})",
+                transform=ax.transAxes, ha="right" if right else "left", va="top" if top else "bottom",
+                fontsize=6, color="black", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+
+
+def _draw_rect(ax, g: RectGate, name: str, bounds, xl, yl, ls: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    (x0, x1), (y0, y1) = bounds[0], bounds[1]
+    far_x, far_y = 1e9 * (xl[1] - xl[0]), 1e9 * (yl[1] - yl[0])
+    x0 = xl[0] - far_x if x0 is None else x0
+    x1 = xl[1] + far_x if x1 is None else x1
+    y0 = yl[0] - far_y if y0 is None else y0
+    y1 = yl[1] + far_y if y1 is None else y1
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls, gid=f"gate:{name}"))
+
+
+def _draw_polygon(ax, g: PolygonGate, name: str, bounds, xl, yl, ls: str) -> None:
+    from matplotlib.patches import Polygon
+
+    ax.add_patch(Polygon(np.asarray(g.vertices), closed=True, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls,
+                         gid=f"gate:{name}"))
+
+
+def _draw_ellipse(ax, g: EllipseGate, name: str, bounds, xl, yl, ls: str) -> None:
+    from matplotlib.patches import Ellipse
+
+    c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
+    w, v = np.linalg.eigh(cov)
+    angle = math.degrees(math.atan2(v[1, 1], v[0, 1]))
+    ax.add_patch(Ellipse(tuple(c), 2 * math.sqrt(g.distance_square * w[1]), 2 * math.sqrt(g.distance_square * w[0]),
+                         angle=angle, fill=False, ec=GATE_COLOR, lw=1.3, gid=f"gate:{name}"))
+
+
+#: per drawable gate type: (its extent on the two axes drawn, how to draw its outline)
+_GATE_DRAWING: dict[type, tuple[Callable, Callable]] = {
+    RectGate: (_rect_extent, _draw_rect),
+    PolygonGate: (_polygon_extent, _draw_polygon),
+    EllipseGate: (_ellipse_extent, _draw_ellipse),
+}
+
+
+def _draw_density(ax, res: GatingResult, pops: list[Population], xy: list[np.ndarray], bounds, parent_n: int,
+                  ls: str) -> None:
+    """A 2-D gate: the parent's density on the gate's first two axes, the gate's outline over it."""
+    from matplotlib.colors import LogNorm
+
+    g = pops[0].gate
+    extent, draw = _GATE_DRAWING[type(g)]
+    gx, gy = extent(g, bounds)
+    x, y = xy
+    xl, yl = _limits(x, gx), _limits(y, gy)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.any():
+        ax.hist2d(np.clip(x[ok], *xl), np.clip(y[ok], *yl), bins=128, range=[xl, yl], cmap="viridis",
+                  norm=LogNorm(), cmin=1, rasterized=True)
+    ax.set_xlim(*xl)
+    ax.set_ylim(*yl)
+    if isinstance(g, RectGate) and g.kind == "quadrant":
+        _draw_quadrant(ax, res, pops, bounds, parent_n)
     else:
-        y = vals.get(dims[1], parent_idx, comp)
-        gx: list[Any] = []
-        gy: list[Any] = []
-        if isinstance(g, RectGate):
-            gx, gy = list(bounds[0]), list(bounds[1])
-        elif isinstance(g, PolygonGate):
-            gx = [v[0] for v in g.vertices]
-            gy = [v[1] for v in g.vertices]
-        elif isinstance(g, EllipseGate):
-            c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
-            half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square)
-            gx, gy = [c[0] - half[0], c[0] + half[0]], [c[1] - half[1], c[1] + half[1]]
-        xl, yl = _limits(x, gx), _limits(y, gy)
-        ok = np.isfinite(x) & np.isfinite(y)
-        if ok.any():
-            ax.hist2d(np.clip(x[ok], *xl), np.clip(y[ok], *yl), bins=128, range=[xl, yl], cmap="viridis",
-                      norm=LogNorm(), cmin=1, rasterized=True)
-        ax.set_xlim(*xl)
-        ax.set_ylim(*yl)
-        if isinstance(g, RectGate) and g.kind == "quadrant":
-            xc = bounds[0][0] if bounds[0][0] is not None else bounds[0][1]
-            yc = bounds[1][0] if bounds[1][0] is not None else bounds[1][1]
-            grp = g.quadrant[0] if g.quadrant else pop.name
-            if xc is not None:
-                ax.axvline(xc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
-            if yc is not None:
-                ax.axhline(yc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
-            for q in pops:
-                (qlo, _), (ylo, _) = q.gate.bounds[0], q.gate.bounds[1]
-                right, top = qlo is not None, ylo is not None
-                qn = res.count(q.name)
-                ax.text(0.98 if right else 0.02, 0.97 if top else 0.03,
-                        f"{q.name}\n{qn:,} ({_fmt_pct(qn, parent_n)})", transform=ax.transAxes,
-                        ha="right" if right else "left", va="top" if top else "bottom", fontsize=6,
-                        color="black", bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
-        elif isinstance(g, RectGate):
-            (x0, x1), (y0, y1) = bounds[0], bounds[1]
-            x0 = xl[0] - 1e9 * (xl[1] - xl[0]) if x0 is None else x0
-            x1 = xl[1] + 1e9 * (xl[1] - xl[0]) if x1 is None else x1
-            y0 = yl[0] - 1e9 * (yl[1] - yl[0]) if y0 is None else y0
-            y1 = yl[1] + 1e9 * (yl[1] - yl[0]) if y1 is None else y1
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls,
-                                   gid=f"gate:{pop.name}"))
-        elif isinstance(g, PolygonGate):
-            ax.add_patch(Polygon(np.asarray(g.vertices), closed=True, fill=False, ec=GATE_COLOR, lw=1.3, ls=ls,
-                                 gid=f"gate:{pop.name}"))
-        elif isinstance(g, EllipseGate):
-            c, cov = np.asarray(g.center[:2]), np.asarray(g.covariance)[:2, :2]
-            w, v = np.linalg.eigh(cov)
-            angle = math.degrees(math.atan2(v[1, 1], v[0, 1]))
-            ax.add_patch(Ellipse(tuple(c), 2 * math.sqrt(g.distance_square * w[1]),
-                                 2 * math.sqrt(g.distance_square * w[0]), angle=angle, fill=False,
-                                 ec=GATE_COLOR, lw=1.3, gid=f"gate:{pop.name}"))
-        ax.set_xlabel(_axis_label(dims[0]), fontsize=7)
-        ax.set_ylabel(_axis_label(dims[1]), fontsize=7)
+        draw(ax, g, pops[0].name, bounds, xl, yl, ls)
+    ax.set_xlabel(_axis_label(g.dims[0]), fontsize=7)
+    ax.set_ylabel(_axis_label(g.dims[1]), fontsize=7)
+
+
+def _draw_panel(ax, res: GatingResult, pops: list[Population], vals: EventValues, th: dict, max_points: int,
+                rng: np.random.Generator) -> None:
+    pop = pops[0]
+    g = pop.gate
+    _, parent_n, xy = panel_events(res, pop, vals, max_points, rng)
+    notes: list[str] = []
+    bounds = _resolved_bounds(g, th, notes)
+    _panel_title(ax, res, pops, parent_n)
+    ls = "--" if getattr(g, "complement", False) else "-"
+    if len(g.dims) == 1:
+        _draw_histogram(ax, pop, xy[0], bounds[0], ls)
+    else:
+        _draw_density(ax, res, pops, xy, bounds, parent_n, ls)
     if notes:
-        ax.text(0.5, -0.32 if len(dims) > 1 else -0.3, "; ".join(notes), transform=ax.transAxes, ha="center",
+        ax.text(0.5, -0.32 if len(g.dims) > 1 else -0.3, "; ".join(notes), transform=ax.transAxes, ha="center",
                 va="top", fontsize=6, color="#555555")
     ax.tick_params(labelsize=6)
     ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 4))
@@ -284,7 +308,7 @@ def gate_figure(result: GatingResult, *, max_points: int = MAX_POINTS, ncols: in
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 3.0 * nrows), squeeze=False)
     th = {(f.marker, f.cut): f.value for f in result.thresholds}
-    vals = _Values(result)
+    vals = EventValues(result.data, result.template)
     rng = np.random.default_rng(seed)
     flat = list(axes.ravel())
     for ax, pops in zip(flat, panels):
