@@ -38,7 +38,6 @@ folded back on import.
 
 from __future__ import annotations
 
-import graphlib
 import io
 import math
 import os
@@ -49,7 +48,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from immuneprofile.template.parse import (
+from immuneprofile.template.model import (
     BooleanGate,
     Dim,
     EllipseGate,
@@ -58,7 +57,8 @@ from immuneprofile.template.parse import (
     RectGate,
     Template,
     ThresholdRef,
-    _is_scatter,
+    is_scatter,
+    topological_order,
 )
 from immuneprofile.engine.transforms import normalize_spec
 from immuneprofile.exceptions import GatingMLError, GatingMLWarning
@@ -289,8 +289,7 @@ def from_gating_strategy(gs, *, name: str = "gatingml", description: str = "", s
     tmpl = Template(name=str(info.get("name") or name), populations=_topological(pops, source),
                     thresholds={}, transforms={"default": "none", "scatter": "none"},
                     description=str(info.get("description") or description), path=source,
-                    compensation={mid: _matrix_frame(m) for mid, m in r.matrices.items()})
-    tmpl.gate_ids = gate_ids  # type: ignore[attr-defined]
+                    compensation={mid: _matrix_frame(m) for mid, m in r.matrices.items()}, gate_ids=gate_ids)
     return tmpl
 
 
@@ -368,22 +367,13 @@ def _fold_complements(pops: list[Population], complements: Mapping[str, str], na
 
 
 def _topological(pops: list[Population], source: str) -> list[Population]:
-    order = {p.name: i for i, p in enumerate(pops)}
-    ts = graphlib.TopologicalSorter()
-    for p in pops:
-        deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
-        missing = [d for d in deps if d not in order]
-        if missing:
-            raise GatingMLError(f"{source}: gate {p.name!r} refers to undefined gate(s) {missing}")
-        ts.add(p.name, *deps)
-    ts.prepare()
-    out: list[str] = []
-    while ts.is_active():
-        ready = sorted(ts.get_ready(), key=order.__getitem__)
-        out.extend(ready)
-        ts.done(*ready)
-    by = {p.name: p for p in pops}
-    return [by[n] for n in out]
+    def missing(p: Population, name: str) -> GatingMLError:
+        return GatingMLError(f"{source}: gate {p.name!r} refers to undefined gate(s) [{name!r}]")
+
+    def cycle(names: list[str]) -> GatingMLError:  # pragma: no cover - FlowKit rejects cycles first
+        return GatingMLError(f"{source}: gates {names} depend on each other")
+
+    return topological_order(pops, missing, cycle)
 
 
 def read_gatingml(path: str | os.PathLike) -> Template:
@@ -472,7 +462,7 @@ class _Writer:
         if isinstance(d.compensated, str):
             return self.matrix(d.compensated)
         if self.data is None:
-            return "uncompensated" if ch is not None and _is_scatter(ch) else "FCS"
+            return "uncompensated" if ch is not None and is_scatter(ch) else "FCS"
         if ch is not None and self.data.channels.index(ch) in self.data.scatter:
             return "uncompensated"
         if self.data.compensation == "FCS":

@@ -1,4 +1,4 @@
-"""Gating templates: the model, YAML parsing and validation."""
+"""Gating templates: the model (:mod:`.model`), YAML parsing and validation (:mod:`.parse`), shipped templates."""
 
 from __future__ import annotations
 

@@ -1,24 +1,39 @@
-"""Declarative gating templates (YAML), validated on load.
+"""Declarative gating templates: YAML -> validated :class:`~immuneprofile.template.model.Template`.
 
-See ``gating/README.md`` for the file format. A :class:`Template` is plain data:
-a topologically ordered list of :class:`Population`, each with one gate whose
-dimensions name markers (not channels).
+See ``gating/README.md`` for the file format. The model (the dataclasses) lives in
+:mod:`immuneprofile.template.model`; this module reads a parsed YAML mapping,
+validates every key and value, and builds it. Each gate type of the file format
+has one small parsing function (:data:`_GATE_PARSERS`).
 """
 
 from __future__ import annotations
 
 import difflib
-import graphlib
 import math
 import os
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 
-from immuneprofile.engine.transforms import DEFAULT_FLUORESCENCE, TransformError, normalize_spec
+from immuneprofile.engine.transforms import TransformError, normalize_spec
 from immuneprofile.exceptions import TemplateError
+from immuneprofile.template.model import (
+    BooleanGate,
+    Bound,
+    Dim,
+    EllipseGate,
+    Gate,
+    PolygonGate,
+    Population,
+    RectGate,
+    Template,
+    ThresholdRef,
+    TransformTable,
+    topological_order,
+)
 
 __all__ = [
     "TemplateError",
@@ -41,190 +56,17 @@ _RULE_KEYS = {"method", "scope", "on", "fallback", "fraction", "q", "min_height"
 _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "neg": ("pos", False),
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
                "lo": ("hi", False), "dim": ("hi", False)}
-
-
-@dataclass(frozen=True)
-class ThresholdRef:
-    """A cut point defined in the template's ``thresholds`` section (``marker.cut``)."""
-
-    marker: str
-    cut: str  # "pos" or "hi"
-
-    def __str__(self) -> str:
-        return f"{self.marker}.{self.cut}"
-
-
-Bound = Union[float, ThresholdRef, None]
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One gating dimension.
-
-    Attributes
-    ----------
-    marker
-        Marker or channel name (resolved per file by :meth:`FCSData.find_channel`);
-        for a ratio dimension, the ratio's name.
-    transform
-        Normalised transform spec (see :mod:`immuneprofile.transforms`), ``None`` = linear raw scale.
-    compensated
-        Use compensated values (default) or the uncompensated ones; a string names
-        a spillover matrix of ``Template.compensation`` (a Gating-ML spectrum matrix)
-        that the engine applies to the file's raw events.
-    ratio
-        ``(numerator, denominator, A, B, C)`` for a Gating-ML ratio dimension
-        ``A * (x - B) / (y - C)``; ``None`` otherwise.
-    """
-
-    marker: str
-    transform: Mapping[str, Any] | None = None
-    compensated: bool = True
-    ratio: tuple[str, str, float, float, float] | None = None
-
-    def __hash__(self) -> int:  # transform dicts are not hashable
-        return hash((self.marker, tuple(sorted((self.transform or {}).items())), self.compensated, self.ratio))
-
-    @property
-    def channels(self) -> tuple[str, ...]:
-        return (self.ratio[0], self.ratio[1]) if self.ratio else (self.marker,)
-
-
-@dataclass(frozen=True)
-class RectGate:
-    """Hyper-rectangle: per dimension ``lo <= v < hi`` (``None`` = unbounded).
-
-    ``kind`` records how the template wrote it (range, rectangle, threshold, quadrant).
-    For quadrants ``quadrant`` is ``(group name, {population: (x sign, y sign)})``.
-    """
-
-    dims: tuple[Dim, ...]
-    bounds: tuple[tuple[Bound, Bound], ...]
-    complement: bool = False
-    kind: str = "rectangle"
-    quadrant: tuple[str, tuple[tuple[str, str], ...]] | None = None
-
-
-@dataclass(frozen=True)
-class PolygonGate:
-    """Polygon in two dimensions; winding-number membership (odd = inside), edges inclusive."""
-
-    dims: tuple[Dim, Dim]
-    vertices: tuple[tuple[float, float], ...]
-    complement: bool = False
-
-
-@dataclass(frozen=True)
-class EllipseGate:
-    """Ellipse/ellipsoid: ``(v - c)^T Σ^-1 (v - c) <= distance_square``."""
-
-    dims: tuple[Dim, ...]
-    center: tuple[float, ...]
-    covariance: tuple[tuple[float, ...], ...]
-    distance_square: float
-
-
-@dataclass(frozen=True)
-class BooleanGate:
-    """``and``/``or``/``not`` of other populations; refs are ``(name, complement)``."""
-
-    op: str
-    refs: tuple[tuple[str, bool], ...]
-
-
-Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate]
-
-
-@dataclass(frozen=True)
-class Population:
-    """A named population: its parent (``None`` = all events) and its gate."""
-
-    name: str
-    parent: str | None
-    gate: Gate
-
-    @property
-    def dims(self) -> tuple[Dim, ...]:
-        return getattr(self.gate, "dims", ())
-
-
-@dataclass
-class Template:
-    """A validated gating template.
-
-    Attributes
-    ----------
-    name, description, path
-        Identification.
-    populations
-        Topologically ordered: every parent (and boolean operand) precedes its users.
-    thresholds
-        ``{marker: {"pos"|"hi": number or rule dict}}``.
-    transforms
-        The template's ``transforms`` section as written (for export).
-    compensation
-        ``{matrix id: pandas.DataFrame}`` spillover matrices referenced by dims whose
-        ``compensated`` is that id (rows: fluorochromes, columns: detector ``$PnN``);
-        empty for YAML templates (Gating-ML import fills it).
-    """
-
-    name: str
-    populations: list[Population]
-    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
-    transforms: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    path: str = "<template>"
-    compensation: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._by_name = {p.name: p for p in self.populations}
-
-    def __getitem__(self, name: str) -> Population:
-        return self._by_name[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._by_name
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.populations]
-
-    def children(self, name: str | None) -> list[Population]:
-        return [p for p in self.populations if p.parent == name]
-
-    def path_of(self, name: str) -> tuple[str, ...]:
-        """Ancestors of ``name`` from the root, excluding ``name`` itself."""
-        out: list[str] = []
-        p = self._by_name[name].parent
-        while p is not None:
-            out.append(p)
-            p = self._by_name[p].parent
-        return tuple(reversed(out))
-
-    @property
-    def markers(self) -> list[str]:
-        """Every marker/channel the template gates on, in first-use order."""
-        seen: dict[str, None] = {}
-        for p in self.populations:
-            for d in p.dims:
-                for c in d.channels:
-                    seen.setdefault(c, None)
-        return list(seen)
-
-    def transform_for(self, marker: str, scatter: bool | None = None) -> dict[str, Any] | None:
-        """The transform spec this template applies to ``marker`` (``scatter`` overrides name-based detection)."""
-        p = _Parser({"transforms": self.transforms}, self.path)
-        return p.spec_for(marker, scatter)
-
-    def with_thresholds(self, values: Mapping[tuple[str, str], float]) -> "Template":
-        """Copy with the given ``(marker, cut)`` thresholds fixed to numbers."""
-        th = {m: dict(c) for m, c in self.thresholds.items()}
-        for (m, c), v in values.items():
-            th.setdefault(m, {})[c] = float(v)
-        return replace(self, thresholds=th)
-
-
-# --------------------------------------------------------------------------- parsing
+_POPULATION_KEYS = {"name", "parent", "gate", "description"}
+#: the keys each gate type takes (besides ``type``)
+_GATE_KEYS: dict[str, set[str]] = {
+    "range": {"marker", "min", "max", "complement"},
+    "rectangle": {"x", "y", "xmin", "xmax", "ymin", "ymax", "complement"},
+    "threshold": {"markers", "complement"},
+    "polygon": {"x", "y", "vertices", "complement"},
+    "ellipse": {"x", "y", "dims", "center", "covariance", "distance_square"},
+    "boolean": {"op", "of"},
+    "quadrant": {"x", "y", "x_cut", "y_cut", "names"},
+}
 
 
 def _err(src: str, pop: str | None, problem: str, fix: str) -> TemplateError:
@@ -232,9 +74,10 @@ def _err(src: str, pop: str | None, problem: str, fix: str) -> TemplateError:
     return TemplateError(f"{src}: {where}{problem}. Fix: {fix}")
 
 
-def _is_scatter(marker: str) -> bool:
-    m = marker.strip().upper()
-    return m.startswith("FSC") or m.startswith("SSC") or m in ("TIME",)
+def _hint(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Parser:
@@ -245,15 +88,13 @@ class _Parser:
         if not isinstance(tr, Mapping):
             raise _err(src, None, "'transforms' must be a mapping", "see gating/README.md")
         try:
-            self.default = normalize_spec(tr.get("default", DEFAULT_FLUORESCENCE))
-            self.scatter = normalize_spec(tr.get("scatter", None))
-            self.per_marker = {str(k): normalize_spec(v) for k, v in (tr.get("channels") or {}).items()}
+            self.table = TransformTable.from_doc(tr)
         except TransformError as exc:
-            raise _err(src, None, f"bad transform: {exc}", "see the Transforms section of gating/README.md")
+            raise _err(src, None, f"bad transform: {exc}", "see the Transforms section of gating/README.md") from None
         self.transforms = dict(tr)
         self.thresholds = self._parse_thresholds(doc.get("thresholds") or {})
 
-    # -- pieces
+    # -- thresholds
     def _parse_thresholds(self, th: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(th, Mapping):
             raise _err(self.src, None, "'thresholds' must map markers to {pos: ..., hi: ...}",
@@ -275,26 +116,52 @@ class _Parser:
 
     def _parse_threshold_value(self, label: str, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return self._finite(float(value), f"threshold {label}")
         if isinstance(value, Mapping):
-            method = value.get("method")
-            if method not in THRESHOLD_METHODS:
-                raise _err(self.src, None, f"threshold {label}: unknown method {method!r}",
-                           f"use one of {sorted(THRESHOLD_METHODS)}")
-            rule = dict(value)
-            if True in rule:  # YAML 1.1 reads an unquoted `on:` key as the boolean true
-                rule["on"] = rule.pop(True)
-            unknown = set(rule) - _RULE_KEYS
-            if unknown:
-                raise _err(self.src, None, f"threshold {label}: unknown option(s) {sorted(map(str, unknown))}",
-                           f"use {sorted(_RULE_KEYS)}")
-            if rule.get("scope", "sample") not in ("sample", "batch"):
-                raise _err(self.src, None, f"threshold {label}: scope must be 'sample' or 'batch'",
-                           "write `scope: sample` or `scope: batch`")
-            return rule
+            return self._parse_rule(label, value)
         raise _err(self.src, None, f"threshold {label} must be a number or a rule, got {value!r}",
                    "write a number in transformed units or {method: valley|tail|quantile|gmm}")
 
+    def _parse_rule(self, label: str, value: Mapping[Any, Any]) -> dict[str, Any]:
+        method = value.get("method")
+        if method not in THRESHOLD_METHODS:
+            raise _err(self.src, None, f"threshold {label}: unknown method {method!r}",
+                       f"use one of {sorted(THRESHOLD_METHODS)}")
+        rule = dict(value)
+        if True in rule:  # YAML 1.1 reads an unquoted `on:` key as the boolean true
+            rule["on"] = rule.pop(True)
+        unknown = set(rule) - _RULE_KEYS
+        if unknown:
+            raise _err(self.src, None, f"threshold {label}: unknown option(s) {sorted(map(str, unknown))}",
+                       f"use {sorted(_RULE_KEYS)}")
+        if rule.get("scope", "sample") not in ("sample", "batch"):
+            raise _err(self.src, None, f"threshold {label}: scope must be 'sample' or 'batch'",
+                       "write `scope: sample` or `scope: batch`")
+        for key, v in rule.items():
+            if isinstance(v, float):
+                self._finite(v, f"threshold {label}: {key}")
+        return rule
+
+    def _finite(self, v: float, what: str, pop: str | None = None) -> float:
+        if not math.isfinite(v):
+            raise _err(self.src, pop, f"{what} is {v}", "write a finite number")
+        return v
+
+    def require_threshold(self, marker: str, cut: str, pop: str) -> None:
+        cuts = self.thresholds.get(marker)
+        if cuts is None:
+            raise _err(self.src, pop, f"marker {marker!r} has no entry in `thresholds`{_hint(marker, list(self.thresholds))}",
+                       f"add `{marker}: {{{cut}: <value>}}` under thresholds")
+        if cut not in cuts and not (cut == "hi" and "pos" in cuts):
+            raise _err(self.src, pop, f"threshold {marker}.{cut} is not defined",
+                       f"add `{cut}: <value>` to thresholds.{marker}")
+
+    def cut_ref(self, marker: str, cut: str, pop: str) -> ThresholdRef:
+        """A reference to ``marker.cut`` (``hi`` falls back to ``pos`` where only ``pos`` is defined)."""
+        self.require_threshold(marker, cut, pop)
+        return ThresholdRef(marker, cut if cut in self.thresholds[marker] else "pos")
+
+    # -- dimensions and numbers
     def dim(self, marker: Any, pop: str) -> Dim:
         if isinstance(marker, Mapping):
             return self._dim_mapping(marker, pop)
@@ -304,23 +171,25 @@ class _Parser:
         marker = marker.strip()
         return Dim(marker=marker, transform=self.spec_for(marker))
 
+    def _ratio(self, m: Mapping[str, Any], pop: str) -> tuple[str, str, float, float, float]:
+        r = m["ratio"]
+        if not isinstance(r, Sequence) or isinstance(r, str) or len(r) != 2:
+            raise _err(self.src, pop, f"ratio must be [numerator, denominator], got {r!r}",
+                       "write `ratio: [FL2-H, FL3-H]`")
+        try:
+            return str(r[0]), str(r[1]), float(m.get("A", 1)), float(m.get("B", 0)), float(m.get("C", 0))
+        except (TypeError, ValueError):
+            raise _err(self.src, pop, "ratio parameters A, B, C must be numbers", "write numbers") from None
+
     def _dim_mapping(self, m: Mapping[str, Any], pop: str) -> Dim:
         """``{marker: X, transform: ..., compensated: false}`` or ``{ratio: [X, Y], A:, B:, C:, name:}``."""
         unknown = set(m) - {"marker", "transform", "compensated", "ratio", "A", "B", "C", "name"}
         if unknown:
             raise _err(self.src, pop, f"dimension has unknown key(s) {sorted(unknown)}",
                        "use marker, transform, compensated (or ratio, A, B, C, name)")
-        ratio = None
-        if "ratio" in m:
-            r = m["ratio"]
-            if not isinstance(r, Sequence) or isinstance(r, str) or len(r) != 2:
-                raise _err(self.src, pop, f"ratio must be [numerator, denominator], got {r!r}",
-                           "write `ratio: [FL2-H, FL3-H]`")
-            try:
-                ratio = (str(r[0]), str(r[1]), float(m.get("A", 1)), float(m.get("B", 0)), float(m.get("C", 0)))
-            except (TypeError, ValueError):
-                raise _err(self.src, pop, "ratio parameters A, B, C must be numbers", "write numbers")
-            marker = str(m.get("name") or f"{r[0]}/{r[1]}")
+        ratio = self._ratio(m, pop) if "ratio" in m else None
+        if ratio is not None:
+            marker = str(m.get("name") or f"{ratio[0]}/{ratio[1]}")
         else:
             marker = m.get("marker")
             if not isinstance(marker, str) or not marker.strip():
@@ -329,15 +198,12 @@ class _Parser:
         try:
             spec = normalize_spec(m["transform"]) if "transform" in m else (None if ratio else self.spec_for(marker))
         except TransformError as exc:
-            raise _err(self.src, pop, f"bad transform: {exc}", "see the Transforms section of gating/README.md")
+            raise _err(self.src, pop, f"bad transform: {exc}",
+                       "see the Transforms section of gating/README.md") from None
         return Dim(marker=marker, transform=spec, compensated=bool(m.get("compensated", True)), ratio=ratio)
 
     def spec_for(self, marker: str, scatter: bool | None = None) -> dict[str, Any] | None:
-        if marker in self.per_marker:
-            return self.per_marker[marker]
-        if _is_scatter(marker) if scatter is None else scatter:
-            return self.scatter
-        return self.default
+        return self.table.spec_for(marker, scatter)
 
     def number(self, v: Any, pop: str, what: str, allow_ref: bool = False) -> Bound:
         if v is None:
@@ -347,119 +213,120 @@ class _Parser:
             if c not in ("pos", "hi"):
                 raise _err(self.src, pop, f"{what} {v!r} refers to an unknown cut {c!r}",
                            "refer to a threshold as MARKER.pos or MARKER.hi")
-            self.require_threshold(m, c, pop)
-            return ThresholdRef(m, c)
+            return self.cut_ref(m, c, pop)
         try:
             f = float(v)
         except (TypeError, ValueError):
             raise _err(self.src, pop, f"{what} must be a number, got {v!r}",
-                       "write a number in transformed units" + (" or MARKER.pos" if allow_ref else ""))
+                       "write a number in transformed units" + (" or MARKER.pos" if allow_ref else "")) from None
         if math.isnan(f):
             raise _err(self.src, pop, f"{what} is NaN", "write a finite number")
-        return f
+        return self._finite(f, what, pop)
 
-    def require_threshold(self, marker: str, cut: str, pop: str) -> None:
-        cuts = self.thresholds.get(marker)
-        if cuts is None:
-            close = difflib.get_close_matches(marker, list(self.thresholds), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _err(self.src, pop, f"marker {marker!r} has no entry in `thresholds`{hint}",
-                       f"add `{marker}: {{{cut}: <value>}}` under thresholds")
-        if cut not in cuts and not (cut == "hi" and "pos" in cuts):
-            raise _err(self.src, pop, f"threshold {marker}.{cut} is not defined",
-                       f"add `{cut}: <value>` to thresholds.{marker}")
+    def bounds(self, g: Mapping[str, Any], pop: str, lo_key: str, hi_key: str, marker: str) -> tuple[Bound, Bound]:
+        lo = self.number(g.get(lo_key), pop, lo_key, True)
+        hi = self.number(g.get(hi_key), pop, hi_key, True)
+        if isinstance(lo, float) and isinstance(hi, float) and lo >= hi:
+            raise _err(self.src, pop, f"{marker}: min {lo} is not below max {hi}", "swap or correct the bounds")
+        return lo, hi
 
-    def cut_ref(self, marker: str, cut: str) -> ThresholdRef:
-        cuts = self.thresholds[marker]
-        return ThresholdRef(marker, cut if cut in cuts else "pos")
-
-    # -- gates
+    # -- gates: one function per gate type (_GATE_PARSERS)
     def gate(self, pop: str, g: Any) -> list[Population] | Gate:
         if not isinstance(g, Mapping) or "type" not in g:
             raise _err(self.src, pop, "gate must be a mapping with a 'type'",
                        "write e.g. `gate: {type: range, marker: CD3, min: 0.4}`")
         kind = str(g["type"]).lower()
-        comp = bool(g.get("complement", False))
-        if kind == "range":
-            d = self.dim(g.get("marker"), pop)
-            lo = self.number(g.get("min"), pop, "min", True)
-            hi = self.number(g.get("max"), pop, "max", True)
-            if lo is None and hi is None:
-                raise _err(self.src, pop, "range gate has neither min nor max", "give min, max or both")
-            self._check_order(pop, lo, hi, d.marker)
-            return RectGate((d,), ((lo, hi),), comp, "range")
-        if kind == "rectangle":
-            dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
-            b = []
-            for axis, d in (("x", dx), ("y", dy)):
-                lo = self.number(g.get(f"{axis}min"), pop, f"{axis}min", True)
-                hi = self.number(g.get(f"{axis}max"), pop, f"{axis}max", True)
-                self._check_order(pop, lo, hi, d.marker)
-                b.append((lo, hi))
-            return RectGate((dx, dy), tuple(b), comp, "rectangle")
-        if kind == "threshold":
-            markers = g.get("markers")
-            if not isinstance(markers, Mapping) or not markers:
-                raise _err(self.src, pop, "threshold gate needs `markers: {MARKER: +|-|hi|lo}`",
-                           "write e.g. `markers: {CD4: '+', CD8: '-'}`")
-            dims, bounds = [], []
-            for m, q in markers.items():
-                q = str(q).strip().lower() if q is not None else ""
-                if q not in _QUALIFIERS:
-                    raise _err(self.src, pop, f"marker {m!r} has qualifier {q!r}",
-                               "use one of '+', '-', 'hi', 'lo', '++'")
-                cut, positive = _QUALIFIERS[q]
-                self.require_threshold(str(m), cut, pop)
-                ref = self.cut_ref(str(m), cut)
-                dims.append(self.dim(str(m), pop))
-                bounds.append((ref, None) if positive else (None, ref))
-            return RectGate(tuple(dims), tuple(bounds), comp, "threshold")
-        if kind == "polygon":
-            dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
-            verts = g.get("vertices")
-            try:
-                arr = np.asarray(verts, dtype=float)
-            except (TypeError, ValueError):
-                arr = None
-            if arr is None or arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 3:
-                raise _err(self.src, pop, f"polygon vertices must be a list of at least 3 [x, y] pairs, got {verts!r}",
-                           "write `vertices: [[x1, y1], [x2, y2], [x3, y3], ...]` with numbers")
-            if not np.isfinite(arr).all():
-                raise _err(self.src, pop, "polygon vertices contain non-finite numbers", "use finite numbers")
-            return PolygonGate((dx, dy), tuple(map(tuple, arr.tolist())), comp)
-        if kind == "ellipse":
-            dims = tuple(self.dim(m, pop) for m in (g.get("dims") or [g.get("x"), g.get("y")]))
-            try:
-                c = np.asarray(g.get("center"), dtype=float)
-                cov = np.asarray(g.get("covariance"), dtype=float)
-                d2 = float(g.get("distance_square", 1.0))
-            except (TypeError, ValueError):
-                c = cov = None
-            n = len(dims)
-            if c is None or c.shape != (n,) or cov.shape != (n, n):
-                raise _err(self.src, pop, f"ellipse needs center ({n} numbers) and a {n}x{n} covariance",
-                           "write `center: [cx, cy]`, `covariance: [[a, b], [b, c]]`, `distance_square: 1`")
-            if np.linalg.matrix_rank(cov) < n or d2 <= 0:
-                raise _err(self.src, pop, "ellipse covariance is singular or distance_square <= 0",
-                           "use a positive-definite covariance and a positive distance_square")
-            return EllipseGate(dims, tuple(c.tolist()), tuple(map(tuple, cov.tolist())), d2)
-        if kind == "boolean":
-            op = str(g.get("op", "")).lower()
-            of = g.get("of")
-            if op not in ("and", "or", "not"):
-                raise _err(self.src, pop, f"boolean op {op!r}", "use op: and | or | not")
-            if not isinstance(of, Sequence) or isinstance(of, str) or not of:
-                raise _err(self.src, pop, "boolean gate needs `of: [population, ...]`", "list the populations to combine")
-            if op == "not" and len(of) != 1:
-                raise _err(self.src, pop, "'not' takes exactly one population", "write `op: not, of: [NAME]`")
-            refs = tuple((str(r)[1:], True) if str(r).startswith("!") else (str(r), False) for r in of)
-            return BooleanGate(op, refs)
-        if kind == "quadrant":
-            return self.quadrant(pop, g)
-        raise _err(self.src, pop, f"unknown gate type {kind!r}",
-                   "use range, rectangle, polygon, ellipse, quadrant, threshold or boolean")
+        parse = _GATE_PARSERS.get(kind)
+        if parse is None:
+            raise _err(self.src, pop, f"unknown gate type {kind!r}",
+                       "use range, rectangle, polygon, ellipse, quadrant, threshold or boolean")
+        self._check_gate_keys(pop, kind, g)
+        return parse(self, pop, g)
 
-    def quadrant(self, group: str, g: Mapping[str, Any]) -> list[Population]:
+    def _check_gate_keys(self, pop: str, kind: str, g: Mapping[str, Any]) -> None:
+        allowed = _GATE_KEYS[kind]
+        for key in g:
+            if key == "type" or key in allowed:
+                continue
+            if key == "complement":
+                raise _err(self.src, pop, f"`complement` is not supported on a {kind} gate",
+                           "remove it (for a quadrant, use the opposite cell; otherwise a boolean `not` gate)")
+            raise _err(self.src, pop, f"{kind} gate has unknown key {str(key)!r}{_hint(str(key), sorted(allowed))}",
+                       f"use {', '.join(sorted(allowed))}")
+
+    def _range(self, pop: str, g: Mapping[str, Any]) -> RectGate:
+        d = self.dim(g.get("marker"), pop)
+        lo, hi = self.bounds(g, pop, "min", "max", d.marker)
+        if lo is None and hi is None:
+            raise _err(self.src, pop, "range gate has neither min nor max", "give min, max or both")
+        return RectGate((d,), ((lo, hi),), bool(g.get("complement", False)), "range")
+
+    def _rectangle(self, pop: str, g: Mapping[str, Any]) -> RectGate:
+        dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
+        b = tuple(self.bounds(g, pop, f"{axis}min", f"{axis}max", d.marker) for axis, d in (("x", dx), ("y", dy)))
+        return RectGate((dx, dy), b, bool(g.get("complement", False)), "rectangle")
+
+    def _threshold(self, pop: str, g: Mapping[str, Any]) -> RectGate:
+        markers = g.get("markers")
+        if not isinstance(markers, Mapping) or not markers:
+            raise _err(self.src, pop, "threshold gate needs `markers: {MARKER: +|-|hi|lo}`",
+                       "write e.g. `markers: {CD4: '+', CD8: '-'}`")
+        dims, bounds = [], []
+        for m, q in markers.items():
+            q = str(q).strip().lower() if q is not None else ""
+            if q not in _QUALIFIERS:
+                raise _err(self.src, pop, f"marker {m!r} has qualifier {q!r}", "use one of '+', '-', 'hi', 'lo', '++'")
+            cut, positive = _QUALIFIERS[q]
+            ref = self.cut_ref(str(m), cut, pop)
+            dims.append(self.dim(str(m), pop))
+            bounds.append((ref, None) if positive else (None, ref))
+        return RectGate(tuple(dims), tuple(bounds), bool(g.get("complement", False)), "threshold")
+
+    def _polygon(self, pop: str, g: Mapping[str, Any]) -> PolygonGate:
+        dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
+        verts = g.get("vertices")
+        try:
+            arr = np.asarray(verts, dtype=float)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 3:
+            raise _err(self.src, pop, f"polygon vertices must be a list of at least 3 [x, y] pairs, got {verts!r}",
+                       "write `vertices: [[x1, y1], [x2, y2], [x3, y3], ...]` with numbers")
+        if not np.isfinite(arr).all():
+            raise _err(self.src, pop, "polygon vertices contain non-finite numbers", "use finite numbers")
+        return PolygonGate((dx, dy), tuple(map(tuple, arr.tolist())), bool(g.get("complement", False)))
+
+    def _ellipse(self, pop: str, g: Mapping[str, Any]) -> EllipseGate:
+        dims = tuple(self.dim(m, pop) for m in (g.get("dims") or [g.get("x"), g.get("y")]))
+        n = len(dims)
+        try:
+            c = np.asarray(g.get("center"), dtype=float)
+            cov = np.asarray(g.get("covariance"), dtype=float)
+            d2 = float(g.get("distance_square", 1.0))
+        except (TypeError, ValueError):
+            c = cov = np.empty(0)
+            d2 = 1.0
+        if c.shape != (n,) or cov.shape != (n, n) or not (np.isfinite(c).all() and np.isfinite(cov).all()):
+            raise _err(self.src, pop, f"ellipse needs center ({n} numbers) and a {n}x{n} covariance",
+                       "write `center: [cx, cy]`, `covariance: [[a, b], [b, c]]`, `distance_square: 1`")
+        if np.linalg.matrix_rank(cov) < n or not d2 > 0 or not math.isfinite(d2):
+            raise _err(self.src, pop, "ellipse covariance is singular or distance_square <= 0",
+                       "use a positive-definite covariance and a positive distance_square")
+        return EllipseGate(dims, tuple(c.tolist()), tuple(map(tuple, cov.tolist())), d2)
+
+    def _boolean(self, pop: str, g: Mapping[str, Any]) -> BooleanGate:
+        op = str(g.get("op", "")).lower()
+        of = g.get("of")
+        if op not in ("and", "or", "not"):
+            raise _err(self.src, pop, f"boolean op {op!r}", "use op: and | or | not")
+        if not isinstance(of, Sequence) or isinstance(of, str) or not of:
+            raise _err(self.src, pop, "boolean gate needs `of: [population, ...]`", "list the populations to combine")
+        if op == "not" and len(of) != 1:
+            raise _err(self.src, pop, "'not' takes exactly one population", "write `op: not, of: [NAME]`")
+        refs = tuple((str(r)[1:], True) if str(r).startswith("!") else (str(r), False) for r in of)
+        return BooleanGate(op, refs)
+
+    def _quadrant(self, group: str, g: Mapping[str, Any]) -> list[Population]:
         dx, dy = self.dim(g.get("x"), group), self.dim(g.get("y"), group)
         xc = self.number(g.get("x_cut"), group, "x_cut", True)
         yc = self.number(g.get("y_cut"), group, "y_cut", True)
@@ -468,7 +335,8 @@ class _Parser:
         names = g.get("names")
         keys = ("++", "+-", "-+", "--")
         if not isinstance(names, Mapping) or set(map(str, names)) != set(keys):
-            raise _err(self.src, group, f"quadrant names must map exactly {list(keys)} to population names, got {names!r}",
+            raise _err(self.src, group,
+                       f"quadrant names must map exactly {list(keys)} to population names, got {names!r}",
                        "write `names: {'++': A, '+-': B, '-+': C, '--': D}` (first sign: x)")
         signs = tuple((str(names[k]), k) for k in keys)
         out = []
@@ -478,73 +346,68 @@ class _Parser:
             out.append(Population(pname, None, RectGate((dx, dy), (bx, by), False, "quadrant", (group, signs))))
         return out
 
-    def _check_order(self, pop: str, lo: Bound, hi: Bound, marker: str) -> None:
-        if isinstance(lo, float) and isinstance(hi, float) and lo >= hi:
-            raise _err(self.src, pop, f"{marker}: min {lo} is not below max {hi}", "swap or correct the bounds")
-
     # -- tree
     def populations(self) -> list[Population]:
         items = self.doc.get("populations")
         if not isinstance(items, Sequence) or isinstance(items, str) or not items:
             raise _err(self.src, None, "no `populations` list", "add `populations:` with at least one entry")
         pops: list[Population] = []
-        seen: dict[str, int] = {}
+        seen: set[str] = set()
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping) or "name" not in item:
-                raise _err(self.src, None, f"entry #{i + 1} of populations has no name",
-                           "give every population `name:`, `parent:` and `gate:`")
-            name = str(item["name"]).strip()
-            parent = item.get("parent", ROOT)
-            parent = None if parent in (None, ROOT, "") else str(parent).strip()
-            unknown = set(item) - {"name", "parent", "gate", "description"}
-            if unknown:
-                raise _err(self.src, name, f"unknown key(s) {sorted(unknown)}", "use name, parent, gate, description")
-            g = self.gate(name, item.get("gate"))
-            new = g if isinstance(g, list) else [Population(name, parent, g)]
-            for p in new:
-                if isinstance(g, list):
-                    p = replace(p, parent=parent)
+            for p in self._entry(i, item):
                 if p.name in seen or p.name == ROOT:
                     raise _err(self.src, p.name, "duplicate population name" if p.name != ROOT else "'root' is reserved",
                                "give every population (and quadrant) a unique name")
-                seen[p.name] = i
+                seen.add(p.name)
                 pops.append(p)
-        names = [p.name for p in pops]
-        for p in pops:
-            deps = ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
-            for d in deps:
-                if d not in seen:
-                    close = difflib.get_close_matches(d, names, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    what = "parent" if d == p.parent else "boolean operand"
-                    raise _err(self.src, p.name, f"unknown {what} {d!r}{hint}",
-                               f"define {d!r} as a population or correct the name")
+        self._names = [p.name for p in pops]
+        self._check_fitted_on(self._names)
+        return topological_order(pops, self._unknown_dependency, self._cycle)
+
+    def _entry(self, i: int, item: Any) -> list[Population]:
+        """The population(s) of entry ``i`` of ``populations`` (a quadrant gives four)."""
+        if not isinstance(item, Mapping) or "name" not in item:
+            raise _err(self.src, None, f"entry #{i + 1} of populations has no name",
+                       "give every population `name:`, `parent:` and `gate:`")
+        name = str(item["name"]).strip()
+        parent = item.get("parent", ROOT)
+        parent = None if parent in (None, ROOT, "") else str(parent).strip()
+        unknown = set(item) - _POPULATION_KEYS
+        if unknown:
+            raise _err(self.src, name, f"unknown key(s) {sorted(unknown)}", "use name, parent, gate, description")
+        g = self.gate(name, item.get("gate"))
+        if isinstance(g, list):
+            return [replace(p, parent=parent) for p in g]
+        return [Population(name, parent, g)]
+
+    def _check_fitted_on(self, names: list[str]) -> None:
         for marker, cuts in self.thresholds.items():
             for cut, rule in cuts.items():
                 on = rule.get("on") if isinstance(rule, Mapping) else None
-                if on is not None and str(on) not in seen:
-                    close = difflib.get_close_matches(str(on), names, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise _err(self.src, None, f"threshold {marker}.{cut} is fitted `on` unknown population {on!r}{hint}",
-                               "name a population of this template")
-        deps = {p.name: ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())] for p in pops}
-        ts = graphlib.TopologicalSorter(deps)
-        try:
-            ts.prepare()
-        except graphlib.CycleError as exc:
-            cycle = exc.args[1]
-            raise _err(self.src, cycle[0], f"cycle in the gate tree: {' -> '.join(cycle)}",
-                       "a population cannot be its own ancestor; change one parent")
-        # topological order, level by level, each level in file order (deterministic)
-        by_name = {p.name: p for p in pops}
-        rank = {p.name: i for i, p in enumerate(pops)}
-        done: list[Population] = []
-        while ts.is_active():
-            ready = sorted(ts.get_ready(), key=rank.__getitem__)
-            for name in ready:
-                done.append(by_name[name])
-                ts.done(name)
-        return done
+                if on is not None and str(on) not in names:
+                    raise _err(self.src, None, f"threshold {marker}.{cut} is fitted `on` unknown population "
+                               f"{on!r}{_hint(str(on), names)}", "name a population of this template")
+
+    def _unknown_dependency(self, pop: Population, name: str) -> TemplateError:
+        what = "parent" if name == pop.parent else "boolean operand"
+        return _err(self.src, pop.name, f"unknown {what} {name!r}{_hint(name, self._names)}",
+                    f"define {name!r} as a population or correct the name")
+
+    def _cycle(self, cycle: list[str]) -> TemplateError:
+        return _err(self.src, cycle[0], f"cycle in the gate tree: {' -> '.join(cycle)}",
+                    "a population cannot be its own ancestor; change one parent")
+
+
+#: the parsing function of each gate type of the file format
+_GATE_PARSERS: dict[str, Callable[[_Parser, str, Mapping[str, Any]], Any]] = {
+    "range": _Parser._range,
+    "rectangle": _Parser._rectangle,
+    "threshold": _Parser._threshold,
+    "polygon": _Parser._polygon,
+    "ellipse": _Parser._ellipse,
+    "boolean": _Parser._boolean,
+    "quadrant": _Parser._quadrant,
+}
 
 
 def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Template:
