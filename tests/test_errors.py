@@ -169,6 +169,80 @@ def test_template_errors_name_file_population_and_fix(tmp_path, body, pattern):
     assert str(p) in msg and "Fix:" in msg
 
 
+@pytest.mark.parametrize(
+    "body, pattern",
+    [
+        ("""
+         populations:
+           - {name: a, gate: {type: range, marker: CD4, mx: 0.5}}
+         """, r"population 'a': range gate has unknown key 'mx' \(did you mean 'max'\?\)"),
+        ("""
+         populations:
+           - {name: a, gate: {type: polygon, x: CD4, y: CD8, vertices: [[0, 0], [1, 0], [1, 1]], complment: true}}
+         """, r"population 'a': polygon gate has unknown key 'complment' \(did you mean 'complement'\?\)"),
+        ("""
+         populations:
+           - {name: a, gate: {type: rectangle, x: CD4, y: CD8, xmin: 0.1, ymni: 0.2}}
+         """, r"population 'a': rectangle gate has unknown key 'ymni' \(did you mean 'ymin'\?\)"),
+        ("""
+         populations:
+           - {name: q, gate: {type: quadrant, x: CD4, y: CD8, x_cut: 0.5, y_cut: 0.5, complement: true,
+                              names: {"++": a, "+-": b, "-+": c, "--": d}}}
+         """, r"population 'q': `complement` is not supported on a quadrant gate"),
+        ("""
+         thresholds: {CD4: {pos: .nan}}
+         populations:
+           - {name: a, gate: {type: threshold, markers: {CD4: "+"}}}
+         """, r"threshold CD4\.pos is nan"),
+        ("""
+         thresholds: {CD4: {pos: .inf}}
+         populations:
+           - {name: a, gate: {type: threshold, markers: {CD4: "+"}}}
+         """, r"threshold CD4\.pos is inf"),
+        ("""
+         thresholds: {CD4: {pos: {method: valley, fallback: .nan}}}
+         populations:
+           - {name: a, gate: {type: threshold, markers: {CD4: "+"}}}
+         """, r"threshold CD4\.pos: fallback is nan"),
+        ("""
+         populations:
+           - {name: a, gate: {type: range, marker: CD4, min: -.inf}}
+         """, r"population 'a': min is -inf"),
+        ("""
+         transforms: {default: {type: logicle, T: 262144, W: 3, M: 4.5, A: 0}}
+         populations:
+           - {name: a, gate: {type: range, marker: CD4, min: 0.5}}
+         """, r"logicle W = 3 is above M/2 = 2\.25"),
+        ("""
+         populations:
+           - {name: a, gate: {type: range, marker: {marker: CD4, transform: {type: logicle, W: 2.5, M: 4.5}},
+                              min: 0.5}}
+         """, r"population 'a': bad transform: logicle W = 2\.5 is above M/2"),
+    ],
+)
+def test_template_validation_of_gate_keys_and_numbers(tmp_path, body, pattern):
+    p = write(tmp_path, body)
+    with pytest.raises(TemplateError, match=pattern) as info:
+        load_template(p)
+    assert str(p) in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_hi_falls_back_to_pos_in_bounds():
+    """gating/README.md: ``hi`` falls back to ``pos`` where only ``pos`` is defined -- also as ``MARKER.hi``
+    in a range, rectangle or quadrant cut (it used to validate, then fail on every file)."""
+    doc = {"thresholds": {"FL1-H": {"pos": 0.3}}, "transforms": {"default": "none"},
+           "populations": [{"name": "r", "gate": {"type": "range", "marker": "FL1-H", "min": "FL1-H.hi"}},
+                           {"name": "q", "gate": {"type": "quadrant", "x": "FL1-H", "y": "FL2-H",
+                                                  "x_cut": "FL1-H.hi", "y_cut": 100,
+                                                  "names": {"++": "a", "+-": "b", "-+": "c", "--": "d"}}}]}
+    doc["thresholds"]["FL1-H"]["pos"] = 100.0
+    res = gate_sample(load_fcs(DATA1), parse_template(doc))
+    x = res.data.column(res.data.find_channel("FL1-H"))
+    y = res.data.column(res.data.find_channel("FL2-H"))
+    assert np.array_equal(res.mask("r"), x >= 100) and 0 < res.count("r") < res.n_events
+    assert np.array_equal(res.mask("b"), (x >= 100) & (y < 100))
+
+
 def test_invalid_yaml(tmp_path):
     p = write(tmp_path, "populations: [ {name: a, gate: {type: range")
     with pytest.raises(TemplateError, match="not valid YAML"):

@@ -64,7 +64,18 @@ def normalize_spec(spec: Any) -> dict[str, Any] | None:
         raise TransformError(f"{kind} transform takes {list(_PARAMS[kind])}, not {sorted(unknown)}")
     for p in _PARAMS[kind]:
         out[p] = float(spec.get(p, defaults[p]))
+    _check_params(out)
     return out
+
+
+def _check_params(spec: Mapping[str, Any]) -> None:
+    """Reject parameters for which the transform is undefined (FlowKit would fail on every file, or give NaN)."""
+    bad = [k for k, v in spec.items() if k != "type" and not math.isfinite(v)]
+    if bad:
+        raise TransformError(f"{spec['type']} parameter(s) {bad} must be finite numbers")
+    if spec["type"] in ("logicle", "hyperlog") and spec["W"] > spec["M"] / 2:
+        raise TransformError(f"{spec['type']} W = {spec['W']:g} is above M/2 = {spec['M'] / 2:g}; "
+                             "W must be at most M/2")
 
 
 def transform_key(spec: Mapping[str, Any] | None) -> str:
