@@ -21,24 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
-import matplotlib
+from immuneprofile._pyplot import pyplot
 
+plt = pyplot()  # the backend switch (Agg without a display), before pyplot is first used
 
-def _has_display() -> bool:
-    if sys.platform.startswith(("win", "darwin")):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-if (
-    "matplotlib.pyplot" not in sys.modules
-    and not os.environ.get("MPLBACKEND")
-    and "ipykernel" not in sys.modules
-    and not _has_display()
-):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402

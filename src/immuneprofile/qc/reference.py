@@ -43,6 +43,7 @@ from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from immuneprofile._pyplot import pyplot
 from immuneprofile.exceptions import DuplicateBatchError, ReferenceDBError
 
 __all__ = [
@@ -111,23 +112,24 @@ def _connect(db: PathLike, create: bool = True) -> sqlite3.Connection:
 
 
 def read_population_table(table: pd.DataFrame | PathLike) -> pd.DataFrame:
-    """A population table given as a DataFrame or a ``.csv``/``.parquet`` path (from ``immuneprofile gate``)."""
-    if isinstance(table, pd.DataFrame):
-        df = table
-    else:
-        p = Path(os.fspath(table))
-        if not p.exists():
-            raise ReferenceDBError(f"{p}: population table not found")
-        df = pd.read_parquet(p) if p.suffix.lower() in (".parquet", ".pq") else pd.read_csv(p)
-    need = {"sample_id", "population", "count", "pct_parent"}
-    missing = need - set(df.columns)
-    if missing:
-        raise ReferenceDBError(f"population table lacks column(s) {sorted(missing)}; "
+    """A population table given as a DataFrame or a ``.csv``/``.parquet`` path (from ``immuneprofile gate``).
+
+    Read with :func:`immuneprofile.study.read_populations` (the one reader), which
+    also checks ``sample_id``, ``population`` and ``pct_parent``; the reference
+    store also needs ``count``, and reads a missing ``template`` as ``""``.
+    """
+    from immuneprofile.exceptions import ClinicalDataError
+    from immuneprofile.study.clinical import read_populations
+
+    try:
+        df = read_populations(table)
+    except ClinicalDataError as exc:
+        raise ReferenceDBError(f"{exc} Use the populations.csv written by `immuneprofile gate`.") from None
+    if "count" not in df.columns:
+        raise ReferenceDBError("population table lacks column(s) ['count']; "
                                "use the populations.csv written by `immuneprofile gate`")
-    df = df.copy()
     if "template" not in df.columns:
         df["template"] = ""
-    df["sample_id"] = df["sample_id"].astype(str)
     df["template"] = df["template"].fillna("").astype(str)
     return df
 
@@ -362,17 +364,6 @@ def check_reference(
 # --------------------------------------------------------------------------- Levey-Jennings
 
 
-def _pyplot():
-    import matplotlib
-
-    if ("matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND")
-            and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def levey_jennings(
     db: PathLike,
     population: str,
@@ -395,7 +386,7 @@ def levey_jennings(
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
+    plt = pyplot()
     h = history(db, population, template)
     if h.empty:
         raise ReferenceDBError(f"{os.fspath(db)}: no stored values for population {population!r}"
@@ -452,7 +443,7 @@ def write_levey_jennings(db: PathLike, check: pd.DataFrame, out_dir: PathLike, *
     """One Levey-Jennings PNG per checked population (``lj_<template>_<population>.png``)."""
     import re
 
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -33,6 +33,7 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 
+from immuneprofile._pyplot import pyplot
 from immuneprofile.batch import Batch
 from immuneprofile.engine.gating import GatingResult
 from immuneprofile.engine.values import EventValues, gate_compensation
@@ -47,17 +48,6 @@ MAX_POINTS = 20_000
 MIN_POPULATION_EVENTS = 100
 MIN_SAMPLE_EVENTS = 10_000
 GATE_COLOR = "#d62728"
-
-
-def _pyplot():
-    import matplotlib
-
-    if ("matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND")
-            and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --------------------------------------------------------------------------- gate plots
@@ -301,7 +291,7 @@ def gate_figure(result: GatingResult, *, max_points: int = MAX_POINTS, ncols: in
     """
     if result.data is None:
         raise ValueError(f"{result.path}: result carries no event data (gate in-process, jobs=1)")
-    plt = _pyplot()
+    plt = pyplot()
     panels = gate_panels(result.template)
     n = max(1, len(panels))
     ncols = max(1, min(ncols, n))
@@ -323,7 +313,7 @@ def gate_figure(result: GatingResult, *, max_points: int = MAX_POINTS, ncols: in
 def _png(fig, dpi: int = 72) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

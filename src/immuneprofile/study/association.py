@@ -517,10 +517,7 @@ def correlate(
     clin = _as_clinical(clinical)
     joined = join_clinical(pops, samples, clin)
     if populations_subset is not None:
-        absent = sorted(set(populations_subset) - set(joined["population"]))
-        if absent:
-            raise ValueError(f"population(s) {absent} not found in the population table")
-        joined = joined[joined["population"].isin(list(populations_subset))]
+        joined = select_populations(joined, populations_subset)
     changes = subset_changes(joined, value=value, pseudocount=pseudocount)
     # restrict the response table to patients that have population data
     response = pasi_response(clin)
