@@ -11,6 +11,7 @@ import pytest
 import statsmodels.formula.api as smf
 from statsmodels.stats.anova import anova_lm
 
+from cohort import make_cohort as _make_cohort
 from immuneprofile.study.association import (
     METHODS,
     associate,
@@ -20,8 +21,6 @@ from immuneprofile.study.association import (
     spearman_changes,
 )
 from immuneprofile.study.clinical import ClinicalDataError, join_clinical, subset_changes
-
-from cohort import make_cohort as _make_cohort
 
 OFFSET = {"P1": 0.0, "P2": 3.0, "P3": -1.5}  # between-patient differences
 POPS = {"Treg": -0.15, "CLA+ memory": -0.10, "ncMono": -0.08, "Null": 0.0}

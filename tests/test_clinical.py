@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cohort import make_cohort as _make_cohort
 from immuneprofile.study.clinical import (
     ClinicalDataError,
     join_clinical,
@@ -20,8 +21,6 @@ from immuneprofile.study.clinical import (
     subset_changes,
     validate_clinical,
 )
-
-from cohort import make_cohort as _make_cohort
 
 
 def make_cohort(seed: int = 0):

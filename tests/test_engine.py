@@ -15,9 +15,9 @@ import pytest
 
 from conftest import GATING, flowkit_sample
 from immuneprofile import gate_sample, load_fcs, load_template, population_table
-from immuneprofile.study import simulate
-from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS
+from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
+from immuneprofile.study import simulate
 
 NAMES = ("tcell_skin_homing", "treg", "monocytes")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from conftest import COMP_FCS, SHARED, flowkit_sample
 from immuneprofile import gate_sample, load_fcs, parse_template
-from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
 from immuneprofile.engine.transforms import make_transform, normalize_spec
+from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
 
 MARKERS = ["pStat3", "CD33", "CD20", "CD3", "pp38", "CD4"]
 TRANSFORMS = [

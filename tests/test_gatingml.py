@@ -9,8 +9,8 @@ import pytest
 
 from conftest import GATING, ROOT, SHARED, flowkit_sample
 from immuneprofile import gate_sample, load_fcs, load_template, parse_template
-from immuneprofile.interop.gatingml import GatingMLError, GatingMLWarning, read_gatingml, write_gatingml
 from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
+from immuneprofile.interop.gatingml import GatingMLError, GatingMLWarning, read_gatingml, write_gatingml
 
 GML = SHARED / "gatingml2_compliance"
 DATA1 = GML / "data1.fcs"

@@ -9,14 +9,13 @@ C point-in-polygon, NumPy comparisons).
 
 from __future__ import annotations
 
-
+import flowutils.gating as flowutils_gating
 import numpy as np
 import pytest
 
 from immuneprofile import gate_sample, load_fcs, parse_template
 from immuneprofile.engine import _kernels, gating
 
-import flowutils.gating as flowutils_gating
 COMPILED = _kernels.kernels()
 TWINS = _kernels.kernels(compiled=False)
 
@@ -224,9 +223,9 @@ def test_engine_kernels_match_numpy_engine(comp_data, seed, monkeypatch):
 
 def test_case_series_templates_with_and_without_kernels(monkeypatch, tmp_path):
     """The real templates on a simulated full-panel sample: compiled and NumPy engines agree."""
-    from immuneprofile.study import simulate
     from conftest import GATING
     from immuneprofile import load_template
+    from immuneprofile.study import simulate
 
     path = simulate.write_fcs(tmp_path / "full.fcs", simulate.simulate_sample("full", 20000, rng=5))
     data = load_fcs(path)

@@ -9,13 +9,13 @@ import matplotlib
 import numpy as np
 import pytest
 
-from immuneprofile.study.association import associate
-from immuneprofile.study.clinical import join_clinical, read_clinical, subset_changes
 from immuneprofile.plotting import (
     plot_association_heatmap,
     plot_pasi_trajectories,
     plot_subset_trajectories,
 )
+from immuneprofile.study.association import associate
+from immuneprofile.study.clinical import join_clinical, read_clinical, subset_changes
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -19,7 +19,6 @@ from immuneprofile.cli import main
 from immuneprofile.qc.reference import add_reference
 from immuneprofile.qc.report import build_report, gate_figure, gate_panels
 
-
 DOC = {
     "name": "demo",
     "transforms": {"default": {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}},

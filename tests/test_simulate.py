@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import flowkit
 import numpy as np
 import pandas as pd
 import pytest
 
-import flowkit
 from immuneprofile.study import simulate as sim
 from immuneprofile.study.simulate import (
     MARKERS,

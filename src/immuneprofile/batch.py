@@ -54,9 +54,9 @@ class Batch:
 def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep_data: bool,
                fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int):
     """Load one file and gate it with every template: ``(path, results, table, thresholds, error)``."""
+    from immuneprofile.engine.thresholds import ThresholdError
     from immuneprofile.io.fcs import FCSError, load_fcs
     from immuneprofile.stats import population_table, thresholds_table
-    from immuneprofile.engine.thresholds import ThresholdError
 
     try:
         results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)

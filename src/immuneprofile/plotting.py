@@ -14,12 +14,9 @@ threshold, 25 % of baseline PASI, on the absolute panel).
 from __future__ import annotations
 
 import math
-import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 from immuneprofile._pyplot import pyplot
 
@@ -38,7 +35,7 @@ __all__ = [
     "plot_association_heatmap",
 ]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 INFUSION_PATTERN = r"infusion"
 RESTART_PATTERN = r"restart"

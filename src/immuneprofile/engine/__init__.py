@@ -8,6 +8,12 @@ from immuneprofile.engine.gating import (
     ThresholdFit,
     gate_sample,
 )
+from immuneprofile.engine.thresholds import (
+    ThresholdError,
+    ThresholdWarning,
+    density_peaks,
+    fit_threshold,
+)
 from immuneprofile.engine.transforms import (
     DEFAULT_FLUORESCENCE,
     MONOTONE,
@@ -17,12 +23,6 @@ from immuneprofile.engine.transforms import (
     transform_key,
 )
 from immuneprofile.engine.values import Compensation, EventValues, gate_compensation
-from immuneprofile.engine.thresholds import (
-    ThresholdError,
-    ThresholdWarning,
-    density_peaks,
-    fit_threshold,
-)
 
 __all__ = [
     "Compensation",

@@ -35,14 +35,18 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import numpy as np
 
-from immuneprofile.engine._kernels import kernels as _kernels
 from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, unpack
+from immuneprofile.engine._kernels import kernels as _kernels
+from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
+from immuneprofile.engine.transforms import density_transform
+from immuneprofile.engine.values import EventValues, gate_compensation
+from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData, MarkerError
 from immuneprofile.template.parse import (
     BooleanGate,
@@ -54,10 +58,6 @@ from immuneprofile.template.parse import (
     Template,
     ThresholdRef,
 )
-from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
-from immuneprofile.engine.transforms import density_transform
-from immuneprofile.engine.values import EventValues, gate_compensation
-from immuneprofile.exceptions import GatingError
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
 

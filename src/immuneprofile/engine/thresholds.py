@@ -9,9 +9,11 @@ to the number the template gives as ``fallback``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
 from immuneprofile.exceptions import ThresholdError, ThresholdWarning
 
 __all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]

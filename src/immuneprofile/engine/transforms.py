@@ -9,10 +9,12 @@ identical values.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
+
 from immuneprofile.exceptions import TransformError
 
 __all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "make_transform", "transform_key"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from immuneprofile.template.parse import Dim, Template
 
 __all__ = ["Compensation", "EventValues", "gate_compensation"]
 
-Compensation = Union[bool, str]
+Compensation = bool | str
 """How a gate's events are compensated: ``False`` (raw), ``True`` (the file's matrix) or a template matrix id."""
 
 

@@ -7,11 +7,11 @@ from immuneprofile.interop.flowkit import (
     to_gating_strategy,
 )
 from immuneprofile.interop.gatingml import (
-    GatingMLError,
-    GatingMLWarning,
     NS_DATATYPE,
     NS_GATING,
     NS_TRANSFORMS,
+    GatingMLError,
+    GatingMLWarning,
     from_gating_strategy,
     read_gatingml,
     write_gatingml,

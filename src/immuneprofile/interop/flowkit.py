@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from immuneprofile.engine.transforms import make_transform, transform_key
 from immuneprofile.io.fcs import FCSData
 from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, RectGate, Template, ThresholdRef
-from immuneprofile.engine.transforms import make_transform, transform_key
 
 __all__ = ["to_gating_strategy", "flowkit_gate_path"]
 

@@ -43,11 +43,14 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from immuneprofile.engine.transforms import normalize_spec
+from immuneprofile.exceptions import GatingMLError, GatingMLWarning
 from immuneprofile.template.model import (
     BooleanGate,
     Dim,
@@ -60,8 +63,6 @@ from immuneprofile.template.model import (
     is_scatter,
     topological_order,
 )
-from immuneprofile.engine.transforms import normalize_spec
-from immuneprofile.exceptions import GatingMLError, GatingMLWarning
 
 __all__ = [
     "read_gatingml",
@@ -320,7 +321,7 @@ def _quadrants(r: _Reader, g, gid: str, path, parent, pname, gate_ids) -> list[P
     signs: dict[str, str] = {}
     if simple:
         order = [d.id for d in g.dimensions]
-        for (nm, dims, bounds), (qid, q) in zip(cells, g.quadrants.items()):
+        for (nm, _dims, bounds), (_qid, q) in zip(cells, g.quadrants.items()):
             if list(q.divider_refs) != order:
                 simple = False
                 break

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from immuneprofile.io.fcs import (
+    MARKER_ALIASES,
     FCSData,
     FCSError,
-    MARKER_ALIASES,
     MarkerError,
     load_fcs,
     normalize_marker,

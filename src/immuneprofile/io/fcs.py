@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from immuneprofile.exceptions import FCSError, MarkerError
 
 __all__ = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from immuneprofile.qc.reference import (
     CHECK_COLUMNS,
-    DuplicateBatchError,
     GOLDEN_COLUMNS,
+    DuplicateBatchError,
     ReferenceDBError,
     add_reference,
     check_reference,

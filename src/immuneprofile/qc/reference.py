@@ -36,13 +36,14 @@ import datetime as _dt
 import math
 import os
 import sqlite3
-import sys
+from collections.abc import Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
+
 from immuneprofile._pyplot import pyplot
 from immuneprofile.exceptions import DuplicateBatchError, ReferenceDBError
 

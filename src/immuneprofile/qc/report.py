@@ -25,9 +25,8 @@ import io
 import math
 import os
 import re
-import sys
-from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -37,7 +36,16 @@ from immuneprofile._pyplot import pyplot
 from immuneprofile.batch import Batch
 from immuneprofile.engine.gating import GatingResult
 from immuneprofile.engine.values import EventValues, gate_compensation
-from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
+from immuneprofile.template.parse import (
+    BooleanGate,
+    Dim,
+    EllipseGate,
+    PolygonGate,
+    Population,
+    RectGate,
+    Template,
+    ThresholdRef,
+)
 
 __all__ = ["gate_figure", "gate_panels", "panel_events", "report_warnings", "build_report", "make_report",
            "MAX_POINTS", "MIN_POPULATION_EVENTS", "MIN_SAMPLE_EVENTS"]
@@ -325,7 +333,7 @@ def report_warnings(batch: Batch, *, min_sample_events: int = MIN_SAMPLE_EVENTS,
                     check: pd.DataFrame | None = None) -> list[str]:
     """Human-readable warnings for a batch (and its reference check)."""
     out: list[str] = []
-    for path, msg in batch.errors.items():
+    for msg in batch.errors.values():
         out.append(f"file failed: {msg}")
     for res in batch.results:
         if res.n_events < min_sample_events:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from immuneprofile.study.association import (
+    METHODS,
+    MIN_PATIENTS_FOR_INFERENCE,
+    associate,
+    correlate,
+    mixed_model,
+    rmcorr,
+    spearman_changes,
+)
 from immuneprofile.study.clinical import (
-    ClinicalDataError,
     DEFAULT_PSEUDOCOUNT,
     PASI_MAX,
+    ClinicalDataError,
     join_clinical,
     pasi_response,
     read_clinical,
@@ -16,15 +25,6 @@ from immuneprofile.study.clinical import (
     subset_changes,
     validate_clinical,
     validate_sample_sheet,
-)
-from immuneprofile.study.association import (
-    METHODS,
-    MIN_PATIENTS_FOR_INFERENCE,
-    associate,
-    correlate,
-    mixed_model,
-    rmcorr,
-    spearman_changes,
 )
 from immuneprofile.study.run import (
     DEFAULT_TEMPLATES,

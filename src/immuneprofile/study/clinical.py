@@ -33,6 +33,7 @@ from typing import Union
 
 import numpy as np
 import pandas as pd
+
 from immuneprofile.exceptions import ClinicalDataError
 
 __all__ = [

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from immuneprofile.template.parse import (
+    THRESHOLD_METHODS,
     BooleanGate,
     Dim,
     EllipseGate,
     PolygonGate,
     Population,
     RectGate,
-    THRESHOLD_METHODS,
     Template,
     TemplateError,
     ThresholdRef,

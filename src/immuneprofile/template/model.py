@@ -10,7 +10,7 @@ from __future__ import annotations
 import graphlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 from immuneprofile.engine.transforms import DEFAULT_FLUORESCENCE, normalize_spec
 
@@ -42,7 +42,7 @@ class ThresholdRef:
         return f"{self.marker}.{self.cut}"
 
 
-Bound = Union[float, ThresholdRef, None]
+Bound = float | ThresholdRef | None
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class BooleanGate:
     refs: tuple[tuple[str, bool], ...]
 
 
-Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate]
+Gate = RectGate | PolygonGate | EllipseGate | BooleanGate
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class Template:
         """The transform spec this template applies to ``marker`` (``scatter`` overrides name-based detection)."""
         return TransformTable.from_doc(self.transforms).spec_for(marker, scatter)
 
-    def with_thresholds(self, values: Mapping[tuple[str, str], float]) -> "Template":
+    def with_thresholds(self, values: Mapping[tuple[str, str], float]) -> Template:
         """Copy with the given ``(marker, cut)`` thresholds fixed to numbers."""
         th = {m: dict(c) for m, c in self.thresholds.items()}
         for (m, c), v in values.items():
