@@ -9,11 +9,21 @@ exactly its membership.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from immuneprofile.engine.transforms import make_transform, transform_key
 from immuneprofile.io.fcs import FCSData
-from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, RectGate, Template, ThresholdRef
+from immuneprofile.template.model import (
+    BooleanGate,
+    Dim,
+    EllipseGate,
+    PolygonGate,
+    Population,
+    RectGate,
+    Template,
+    ThresholdRef,
+)
 
 __all__ = ["to_gating_strategy", "flowkit_gate_path"]
 
@@ -53,106 +63,133 @@ def to_gating_strategy(
         A loaded sample: resolves markers to channels and gives the compensation
         (``'FCS'`` for the file's own spillover, a ``custom`` matrix otherwise).
     thresholds
-        Values for thresholds, e.g. the fitted ones of a :class:`~immuneprofile.gating.GatingResult`
+        Values for thresholds, e.g. the fitted ones of a :class:`~immuneprofile.GatingResult`
         (``{(marker, cut): value}``); required for data-driven thresholds.
     """
-    import flowkit as fk
+    return _StrategyBuilder(template, data, thresholds).build()
 
-    gs = fk.GatingStrategy()
-    if data.compensation == "FCS":
-        comp_ref = "FCS"
-    elif data.compensation == "custom":
-        comp_ref = "custom"
-        gs.add_comp_matrix("custom", data.spill)
-    else:
-        comp_ref = "uncompensated"
-    xf_ids: dict[str, str] = {}
-    fixed = dict(thresholds or {})
 
-    def channel(marker: str, pop: str) -> str:
-        return data.channels[data.find_channel(marker, context=f"template {template.path}, population {pop!r}")]
+class _StrategyBuilder:
+    """Builds a FlowKit ``GatingStrategy`` from a template, one small method per gate type (:data:`_GATES`)."""
 
-    def xref(d: Dim) -> str | None:
+    def __init__(self, template: Template, data: FCSData, thresholds: Mapping[tuple[str, str], float] | None):
+        import flowkit as fk
+
+        self.fk = fk
+        self.template = template
+        self.data = data
+        self.fixed = dict(thresholds or {})
+        self.gs = fk.GatingStrategy()
+        if data.compensation == "FCS":
+            self.comp_ref = "FCS"
+        elif data.compensation == "custom":
+            self.comp_ref = "custom"
+            self.gs.add_comp_matrix("custom", data.spill)
+        else:
+            self.comp_ref = "uncompensated"
+
+    def build(self):
+        done_quadrants: set[str] = set()
+        for pop in self.template.populations:
+            g = pop.gate
+            if isinstance(g, RectGate) and g.quadrant is not None:
+                if g.quadrant[0] not in done_quadrants:
+                    done_quadrants.add(g.quadrant[0])
+                    self.gs.add_gate(self.quadrant(pop, g), flowkit_gate_path(self.template, pop.name))
+                continue
+            make = _GATES.get(type(g))
+            if make is None:  # pragma: no cover
+                raise TypeError(f"unsupported gate {g!r}")
+            self.gs.add_gate(make(self, pop, g), flowkit_gate_path(self.template, pop.name))
+        return self.gs
+
+    # -- pieces
+    def channel(self, marker: str, pop: str) -> str:
+        context = f"template {self.template.path}, population {pop!r}"
+        return self.data.channels[self.data.find_channel(marker, context=context)]
+
+    def xref(self, d: Dim) -> str | None:
         if d.transform is None:
             return None
         key = transform_key(d.transform)
-        if key not in xf_ids:
-            gs.add_transform(key, make_transform(d.transform))
-            xf_ids[key] = key
+        if key not in self.gs.transformations:
+            self.gs.add_transform(key, make_transform(d.transform))
         return key
 
-    def cref(d: Dim, ch: str) -> str:
+    def cref(self, d: Dim, ch: str | None) -> str:
+        """Compensation reference of a dimension (``ch``: its channel; ``None`` for a ratio)."""
         if not d.compensated:
             return "uncompensated"
         if isinstance(d.compensated, str):  # a spillover matrix of the template (Gating-ML import)
-            if d.compensated not in gs.comp_matrices:
-                frame = template.compensation[d.compensated]
-                gs.add_comp_matrix(d.compensated, fk.Matrix(frame.to_numpy(dtype=float), list(frame.columns),
-                                                            list(frame.index)))
+            if d.compensated not in self.gs.comp_matrices:
+                frame = self.template.compensation[d.compensated]
+                self.gs.add_comp_matrix(d.compensated, self.fk.Matrix(frame.to_numpy(dtype=float),
+                                                                      list(frame.columns), list(frame.index)))
             return d.compensated
-        return comp_ref if data.channels.index(ch) not in data.scatter else "uncompensated"
+        if ch is None:
+            return self.comp_ref
+        return self.comp_ref if self.data.channels.index(ch) not in self.data.scatter else "uncompensated"
 
-    def value(b: Any) -> float | None:
-        if isinstance(b, ThresholdRef):
-            key = (b.marker, b.cut)
-            if key in fixed:
-                return float(fixed[key])
-            v = template.thresholds[b.marker][b.cut]
-            if not isinstance(v, (int, float)):
-                raise ValueError(f"threshold {b} is data-driven; pass its fitted value in `thresholds`")
-            return float(v)
-        return b
+    def value(self, b: Any) -> float | None:
+        if not isinstance(b, ThresholdRef):
+            return b
+        key = (b.marker, b.cut)
+        if key in self.fixed:
+            return float(self.fixed[key])
+        v = self.template.thresholds[b.marker][b.cut]
+        if not isinstance(v, (int, float)):
+            raise ValueError(f"threshold {b} is data-driven; pass its fitted value in `thresholds`")
+        return float(v)
 
-    def dimension(d: Dim, pop: str, lo=None, hi=None):
-        if d.ratio is not None:
-            num, den, a, b, c = d.ratio
-            rid = d.marker
-            if rid not in gs.transformations:
-                gs.add_transform(rid, fk.transforms.RatioTransform([channel(num, pop), channel(den, pop)], a, b, c))
-            rc = cref(d, "") if isinstance(d.compensated, str) else comp_ref if d.compensated else "uncompensated"
-            return fk.RatioDimension(rid, rc, xref(d),
-                                     range_min=lo, range_max=hi)
-        ch = channel(d.marker, pop)
-        return fk.Dimension(ch, cref(d, ch), xref(d), range_min=lo, range_max=hi)
+    def dimension(self, d: Dim, pop: str, lo=None, hi=None):
+        fk = self.fk
+        if d.ratio is None:
+            ch = self.channel(d.marker, pop)
+            return fk.Dimension(ch, self.cref(d, ch), self.xref(d), range_min=lo, range_max=hi)
+        num, den, a, b, c = d.ratio
+        if d.marker not in self.gs.transformations:
+            ratio = fk.transforms.RatioTransform([self.channel(num, pop), self.channel(den, pop)], a, b, c)
+            self.gs.add_transform(d.marker, ratio)
+        return fk.RatioDimension(d.marker, self.cref(d, None), self.xref(d), range_min=lo, range_max=hi)
 
-    done_quadrants: set[str] = set()
-    for pop in template.populations:
-        g = pop.gate
-        parent_path = flowkit_gate_path(template, pop.name)
-        if isinstance(g, RectGate) and g.quadrant is not None:
-            group, signs = g.quadrant
-            if group in done_quadrants:
-                continue
-            done_quadrants.add(group)
-            (dx, dy) = g.dims
-            # the cut is the bound shared by all four cells
-            xc = value(next(b for b in (g.bounds[0][0], g.bounds[0][1]) if b is not None))
-            yc = value(next(b for b in (g.bounds[1][0], g.bounds[1][1]) if b is not None))
-            chx, chy = channel(dx.marker, pop.name), channel(dy.marker, pop.name)
-            divs = [fk.QuadrantDivider("xdiv", chx, cref(dx, chx), [xc], xref(dx)),
-                    fk.QuadrantDivider("ydiv", chy, cref(dy, chy), [yc], xref(dy))]
-            quads = [
-                fk.gates.Quadrant(name, ["xdiv", "ydiv"],
-                                  [(xc, None) if s[0] == "+" else (None, xc),
-                                   (yc, None) if s[1] == "+" else (None, yc)])
-                for name, s in signs
-            ]
-            gs.add_gate(fk.gates.QuadrantGate(group, divs, quads), parent_path)
-            continue
-        if isinstance(g, RectGate):
-            dims = [dimension(d, pop.name, value(lo), value(hi)) for d, (lo, hi) in zip(g.dims, g.bounds)]
-            gate = fk.gates.RectangleGate(pop.name, dims, use_complement=g.complement)
-        elif isinstance(g, PolygonGate):
-            dims = [dimension(d, pop.name) for d in g.dims]
-            gate = fk.gates.PolygonGate(pop.name, dims, [list(v) for v in g.vertices], use_complement=g.complement)
-        elif isinstance(g, EllipseGate):
-            dims = [dimension(d, pop.name) for d in g.dims]
-            gate = fk.gates.EllipsoidGate(pop.name, dims, list(g.center), [list(r) for r in g.covariance],
-                                          g.distance_square)
-        elif isinstance(g, BooleanGate):
-            refs = [{"ref": r, "path": _ref_path(template, r), "complement": c} for r, c in g.refs]
-            gate = fk.gates.BooleanGate(pop.name, g.op, refs)
-        else:  # pragma: no cover
-            raise TypeError(f"unsupported gate {g!r}")
-        gs.add_gate(gate, parent_path)
-    return gs
+    # -- one per gate type
+    def quadrant(self, pop: Population, g: RectGate):
+        fk = self.fk
+        group, signs = g.quadrant  # type: ignore[misc]  # a quadrant cell has one
+        dx, dy = g.dims
+        # the cut is the bound shared by all four cells
+        xc = self.value(next(b for b in g.bounds[0] if b is not None))
+        yc = self.value(next(b for b in g.bounds[1] if b is not None))
+        chx, chy = self.channel(dx.marker, pop.name), self.channel(dy.marker, pop.name)
+        divs = [fk.QuadrantDivider("xdiv", chx, self.cref(dx, chx), [xc], self.xref(dx)),
+                fk.QuadrantDivider("ydiv", chy, self.cref(dy, chy), [yc], self.xref(dy))]
+        quads = [fk.gates.Quadrant(name, ["xdiv", "ydiv"], [(xc, None) if s[0] == "+" else (None, xc),
+                                                            (yc, None) if s[1] == "+" else (None, yc)])
+                 for name, s in signs]
+        return fk.gates.QuadrantGate(group, divs, quads)
+
+    def rect(self, pop: Population, g: RectGate):
+        dims = [self.dimension(d, pop.name, self.value(lo), self.value(hi)) for d, (lo, hi) in zip(g.dims, g.bounds)]
+        return self.fk.gates.RectangleGate(pop.name, dims, use_complement=g.complement)
+
+    def polygon(self, pop: Population, g: PolygonGate):
+        dims = [self.dimension(d, pop.name) for d in g.dims]
+        return self.fk.gates.PolygonGate(pop.name, dims, [list(v) for v in g.vertices], use_complement=g.complement)
+
+    def ellipse(self, pop: Population, g: EllipseGate):
+        dims = [self.dimension(d, pop.name) for d in g.dims]
+        return self.fk.gates.EllipsoidGate(pop.name, dims, list(g.center), [list(r) for r in g.covariance],
+                                           g.distance_square)
+
+    def boolean(self, pop: Population, g: BooleanGate):
+        refs = [{"ref": r, "path": _ref_path(self.template, r), "complement": c} for r, c in g.refs]
+        return self.fk.gates.BooleanGate(pop.name, g.op, refs)
+
+
+#: the FlowKit gate of each template gate type (quadrant cells are built together, per quadrant)
+_GATES: dict[type, Callable[[_StrategyBuilder, Any, Any], Any]] = {
+    RectGate: _StrategyBuilder.rect,
+    PolygonGate: _StrategyBuilder.polygon,
+    EllipseGate: _StrategyBuilder.ellipse,
+    BooleanGate: _StrategyBuilder.boolean,
+}
