@@ -267,67 +267,81 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
         counts[i] += 1
 
 
-def _medians(ev, chans, bits, buf, hist, out):  # pragma: no cover - compiled
-    """``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if none, or any NaN).
+def _medians_with(gather, select):
+    """The ``medians`` kernel from its two compiled halves (a loop over the few channels, in Python).
 
-    The members' values are gathered into ``buf``; the two middle order
-    statistics are found by one radix pass (``hist``: 65,536 bins of the top 16
-    bits of an order-preserving integer key, i.e. 1/16 of an octave) and a sort
-    of the values in their bins only. The result is ``np.median``'s: the middle
-    value, or the mean of the two middle values.
+    ``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set
+    (NaN if none, or any NaN): :func:`_gather` copies the members' values into
+    ``buf``, :func:`_median_select` finds their median.
     """
+    def medians(ev, chans, bits, buf, hist, out):
+        for c in range(chans.shape[0]):
+            m, nan = gather(ev, chans[c], bits, buf)
+            out[c] = np.nan if m == 0 or nan else select(buf, m, hist)
+
+    return medians
+
+
+def _gather(ev, ch, bits, buf):  # pragma: no cover - compiled
+    """Copy column ``ch`` of the events in the bit set into ``buf``: ``(count, number of NaN)``."""
     n = ev.shape[0]
+    m = 0
+    nan = 0
+    for w in range(bits.shape[0]):
+        word = bits[w]
+        if word == 0:
+            continue
+        base = w << 6
+        for j in range(min(64, n - base)):
+            x = ev[base + j, ch]
+            buf[m] = x
+            hit = (word >> np.uint64(j)) & np.uint64(1)
+            m += hit
+            nan += hit & np.uint64(x != x)
+    return m, nan
+
+
+def _median_select(buf, m, hist):  # pragma: no cover - compiled
+    """``np.median(buf[:m])`` (no NaN), reordering ``buf``.
+
+    The two middle order statistics are found by one radix pass (``hist``:
+    65,536 bins of the top 16 bits of an order-preserving integer key, i.e. 1/16
+    of an octave) and a sort of the values in their bins only. The result is
+    ``np.median``'s: the middle value, or the mean of the two middle values.
+    """
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
     sh = np.uint64(48)
-    for c in range(chans.shape[0]):
-        ch = chans[c]
-        m = 0
-        nan = 0
-        for w in range(bits.shape[0]):
-            word = bits[w]
-            if word == 0:
-                continue
-            base = w << 6
-            for j in range(min(64, n - base)):
-                x = ev[base + j, ch]
-                buf[m] = x
-                hit = (word >> np.uint64(j)) & np.uint64(1)
-                m += hit
-                nan += hit & np.uint64(x != x)
-        if m == 0 or nan:
-            out[c] = np.nan
-            continue
-        hist[:] = 0
-        for i in range(m):
-            key = u[i] ^ (ones if u[i] & sign else sign)  # order-preserving: negatives flipped, positives offset
-            hist[key >> sh] += 1
-        k1 = (m - 1) // 2
-        k2 = m // 2
-        cum = 0
-        b1 = -1
-        b2 = -1
-        base1 = 0
-        for b in range(hist.shape[0]):
-            h = hist[b]
-            if b1 < 0 and cum + h > k1:
-                b1 = b
-                base1 = cum
-            if cum + h > k2:
-                b2 = b
-                break
-            cum += h
-        t = 0
-        for i in range(m):
-            key = u[i] ^ (ones if u[i] & sign else sign)
-            b = np.int64(key >> sh)
-            if b >= b1 and b <= b2:
-                buf[t] = buf[i]  # t <= i: compacts in place
-                u[t] = u[i]
-                t += 1
-        part = np.sort(buf[:t])
-        out[c] = (part[k1 - base1] + part[k2 - base1]) / 2.0 if k1 != k2 else part[k1 - base1]
+    hist[:] = 0
+    for i in range(m):
+        key = u[i] ^ (ones if u[i] & sign else sign)  # order-preserving: negatives flipped, positives offset
+        hist[key >> sh] += 1
+    k1 = (m - 1) // 2
+    k2 = m // 2
+    cum = 0
+    b1 = -1
+    b2 = -1
+    base1 = 0
+    for b in range(hist.shape[0]):
+        h = hist[b]
+        if b1 < 0 and cum + h > k1:
+            b1 = b
+            base1 = cum
+        if cum + h > k2:
+            b2 = b
+            break
+        cum += h
+    kept = 0
+    for i in range(m):
+        key = u[i] ^ (ones if u[i] & sign else sign)
+        b = np.int64(key >> sh)
+        if b >= b1 and b <= b2:
+            buf[kept] = buf[i]  # kept <= i: compacts in place
+            u[kept] = u[i]
+            kept += 1
+    part = np.sort(buf[:kept])
+    return (part[k1 - base1] + part[k2 - base1]) / 2.0 if k1 != k2 else part[k1 - base1]
 
 
 # ----------------------------------------------------------------------------- NumPy twins
@@ -446,7 +460,7 @@ def kernels(compiled: bool = True):
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
                                         convex_bits=jit(_convex_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
-                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=jit(_medians),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_gather), jit(_median_select)),
                                         compiled=True)
     if compiled and _COMPILED:
         return _COMPILED

@@ -9,7 +9,7 @@ to the number the template gives as ``fallback``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -108,55 +108,15 @@ def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "
     value, fell_back, note
     """
     method = rule["method"]
-    v = _subsample(values)
-    note = ""
-    value: float | None = None
-    if v.size < 20:
-        note = f"only {v.size} events to fit on"
-    elif method == "quantile":  # cheap: on every event, not the subsample, so it is exact
-        allv = np.asarray(values, dtype=float)
-        value = float(np.quantile(allv[np.isfinite(allv)], float(rule.get("q", 0.95))))
-    elif method == "tail":
-        grid, dens = _kde(v, rule.get("bw"))
-        top = int(np.argmax(dens))
-        frac = float(rule.get("fraction", 0.05))
-        side = str(rule.get("side", "upper"))
-        if side not in ("upper", "lower"):
-            raise ThresholdError(f"{label}: tail side must be 'upper' or 'lower', got {side!r}")
-        if side == "upper":
-            below = np.flatnonzero(dens[top:] < frac * dens[top])
-            pos = top + below[0] if below.size else None
-        else:
-            below = np.flatnonzero(dens[:top + 1] < frac * dens[top])
-            pos = below[-1] if below.size else None
-        if pos is not None:
-            value = float(grid[pos])
-        else:
-            note = f"density never falls to {frac} of its peak on its {side} side"
-    elif method in ("valley", "gmm"):
-        grid, dens, peaks = density_peaks(v, min_height=float(rule.get("min_height", 0.05)),
-                                          min_depth=float(rule.get("min_depth", 0.5)), bw=rule.get("bw"))
-        if peaks.size < 2:
-            note = "no second peak in the density"
-        else:
-            two = np.sort(peaks[np.argsort(dens[peaks])[-2:]])
-            if method == "valley":
-                seg = slice(two[0], two[1] + 1)
-                value = float(grid[seg][np.argmin(dens[seg])])
-            else:
-                from sklearn.mixture import GaussianMixture
-
-                gm = GaussianMixture(2, random_state=0, means_init=grid[two].reshape(-1, 1)).fit(v.reshape(-1, 1))
-                lo_c, hi_c = np.argsort(gm.means_.ravel())
-                xs = np.linspace(gm.means_.ravel()[lo_c], gm.means_.ravel()[hi_c], 2001)
-                post = gm.predict_proba(xs.reshape(-1, 1))
-                switch = np.flatnonzero(post[:, hi_c] >= post[:, lo_c])
-                if switch.size:
-                    value = float(xs[switch[0]])
-                else:
-                    note = "mixture components do not separate"
-    else:
+    fit = _METHODS.get(method)
+    if fit is None:
         raise ThresholdError(f"{label}: unknown method {method!r}")
+    v = _subsample(values)
+    value: float | None
+    if v.size < 20:
+        value, note = None, f"only {v.size} events to fit on"
+    else:
+        value, note = fit(values, v, rule, label)
     if value is not None and np.isfinite(value):
         return value, False, note
     if "fallback" not in rule:
@@ -165,3 +125,67 @@ def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "
     fb = float(rule["fallback"])
     warnings.warn(f"{label}: {method} threshold failed ({note}); using fallback {fb}", ThresholdWarning, stacklevel=2)
     return fb, True, note
+
+
+# one function per method: (all values, their subsample, rule, label) -> (value or None, note)
+_Fit = Callable[[np.ndarray, np.ndarray, Mapping[str, Any], str], "tuple[float | None, str]"]
+
+
+def _quantile(values: np.ndarray, v: np.ndarray, rule: Mapping[str, Any], label: str) -> tuple[float | None, str]:
+    """On every value, not the subsample, so that it is exact."""
+    allv = np.asarray(values, dtype=float)
+    return float(np.quantile(allv[np.isfinite(allv)], float(rule.get("q", 0.95)))), ""
+
+
+def _tail(values: np.ndarray, v: np.ndarray, rule: Mapping[str, Any], label: str) -> tuple[float | None, str]:
+    grid, dens = _kde(v, rule.get("bw"))
+    top = int(np.argmax(dens))
+    frac = float(rule.get("fraction", 0.05))
+    side = str(rule.get("side", "upper"))
+    if side not in ("upper", "lower"):
+        raise ThresholdError(f"{label}: tail side must be 'upper' or 'lower', got {side!r}")
+    if side == "upper":
+        below = np.flatnonzero(dens[top:] < frac * dens[top])
+        pos = top + below[0] if below.size else None
+    else:
+        below = np.flatnonzero(dens[:top + 1] < frac * dens[top])
+        pos = below[-1] if below.size else None
+    if pos is None:
+        return None, f"density never falls to {frac} of its peak on its {side} side"
+    return float(grid[pos]), ""
+
+
+def _two_peaks(v: np.ndarray, rule: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Grid, density and the two highest peaks (sorted; ``None`` if there are fewer)."""
+    grid, dens, peaks = density_peaks(v, min_height=float(rule.get("min_height", 0.05)),
+                                      min_depth=float(rule.get("min_depth", 0.5)), bw=rule.get("bw"))
+    if peaks.size < 2:
+        return grid, dens, None
+    return grid, dens, np.sort(peaks[np.argsort(dens[peaks])[-2:]])
+
+
+def _valley(values: np.ndarray, v: np.ndarray, rule: Mapping[str, Any], label: str) -> tuple[float | None, str]:
+    grid, dens, two = _two_peaks(v, rule)
+    if two is None:
+        return None, "no second peak in the density"
+    seg = slice(two[0], two[1] + 1)
+    return float(grid[seg][np.argmin(dens[seg])]), ""
+
+
+def _gmm(values: np.ndarray, v: np.ndarray, rule: Mapping[str, Any], label: str) -> tuple[float | None, str]:
+    from sklearn.mixture import GaussianMixture
+
+    grid, _, two = _two_peaks(v, rule)
+    if two is None:
+        return None, "no second peak in the density"
+    gm = GaussianMixture(2, random_state=0, means_init=grid[two].reshape(-1, 1)).fit(v.reshape(-1, 1))
+    lo_c, hi_c = np.argsort(gm.means_.ravel())
+    xs = np.linspace(gm.means_.ravel()[lo_c], gm.means_.ravel()[hi_c], 2001)
+    post = gm.predict_proba(xs.reshape(-1, 1))
+    switch = np.flatnonzero(post[:, hi_c] >= post[:, lo_c])
+    if not switch.size:
+        return None, "mixture components do not separate"
+    return float(xs[switch[0]]), ""
+
+
+_METHODS: dict[str, _Fit] = {"quantile": _quantile, "tail": _tail, "valley": _valley, "gmm": _gmm}
