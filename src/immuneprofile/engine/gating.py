@@ -45,7 +45,7 @@ from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bit
 from immuneprofile.engine._kernels import kernels as _kernels
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
 from immuneprofile.engine.transforms import density_transform
-from immuneprofile.engine.values import EventValues, gate_compensation
+from immuneprofile.engine.values import Compensation, EventValues, gate_compensation
 from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData, MarkerError
 from immuneprofile.template.parse import (
@@ -249,7 +249,7 @@ class _Engine:
     def __init__(self, data: FCSData, template: Template, fixed: Mapping[tuple[str, str], float] | None,
                  shared: _Shared):
         self.data = data
-        self.t = template
+        self.template = template
         self.n = data.n_events
         self.cols = EventValues(data, template)
         self.bits: dict[str, np.ndarray] = {}
@@ -258,7 +258,7 @@ class _Engine:
         self.fits: dict[tuple[str, str], ThresholdFit] = {}
         self.fixed = dict(fixed or {})
         self.shared = shared
-        self.K = _kernels()
+        self.kernels = _kernels()
         self._full: np.ndarray | None = None
 
     # -- thresholds
@@ -281,7 +281,7 @@ class _Engine:
             else:
                 fit = ThresholdFit(ref.marker, ref.cut, float(given), "batch")
         else:
-            spec = self.t.thresholds[ref.marker][ref.cut]
+            spec = self.template.thresholds[ref.marker][ref.cut]
             if isinstance(spec, (int, float)):
                 fit = ThresholdFit(ref.marker, ref.cut, float(spec), "fixed")
             else:
@@ -295,33 +295,13 @@ class _Engine:
 
         on = spec.get("on", pop.parent)
         if on is not None and on not in self.bits:
-            raise GatingError(f"{self.data.path}: template {self.t.path}: threshold {ref} is fitted on "
+            raise GatingError(f"{self.data.path}: template {self.template.path}: threshold {ref} is fitted on "
                               f"{on!r}, which is not gated before population {pop.name!r}")
-        share = None
-        dk, ok = self.dim_key(dim, pop), (() if on is None else self.keys.get(on))
-        if dk is not None and ok is not None:
-            share = (dk, ref.cut, repr(sorted((k, v) for k, v in spec.items() if k != "on")), ok)
-            if share in self.shared.fits:
-                return replace(self.shared.fits[share], marker=ref.marker, fitted_on=on or "root")
+        share = self._fit_key(ref, spec, pop, dim, on)
+        if share is not None and share in self.shared.fits:
+            return replace(self.shared.fits[share], marker=ref.marker, fitted_on=on or "root")
         n_fit = self.n if on is None else self.counts[on]
-        bits = self._parent_of(on)
-        if spec["method"] != "quantile" and n_fit > MAX_FIT_EVENTS:
-            # density rules read a subsample: the population's events among every k-th event of the
-            # sample (k = ceil(count / MAX_FIT_EVENTS)): systematic, deterministic, O(n / k)
-            step = -(-n_fit // MAX_FIT_EVENTS)
-            if dim.ratio is None:
-                raw = _scratch("raw", min(MAX_FIT_EVENTS, -(-self.n // step)))
-                col = self.cols.base(self.cols.channel(dim.marker, pop.name), True)
-                raw = raw[:self.K.strided_values(bits, step, col, raw)]
-            else:
-                pos = np.arange(0, self.n, step)
-                raw = self.cols.raw(dim, pos[unpack(bits, self.n)[pos]][:MAX_FIT_EVENTS], True, pop.name)
-        else:
-            raw = self.cols.raw(dim, _members(bits, self.n), True, pop.name)
-        # a density rule reads a 1024-bin density: the fast transform (within 1e-8) serves it; a quantile
-        # is read off the values themselves, so they are FlowKit's exact ones
-        values = self.cols.exact(dim, raw) if spec["method"] == "quantile" else \
-            density_transform(dim.transform)(raw, out=_scratch("values", raw.shape[0]))
+        values = self._fit_values(spec, pop, dim, self._parent_of(on), n_fit)
         value, fallback, note = fit_threshold(values, spec, label=f"{self.data.path}: {ref}")
         if spec.get("scope") == "batch":
             note = "; ".join(x for x in (note, "scope: batch, but fitted on this sample alone "
@@ -330,6 +310,35 @@ class _Engine:
         if share is not None:
             self.shared.fits[share] = fit
         return fit
+
+    def _fit_key(self, ref: ThresholdRef, spec: Mapping[str, Any], pop: Population, dim: Dim,
+                 on: str | None) -> tuple | None:
+        """What defines a fit (dimension, rule, fitted-on population), to share it across templates; ``None``: not."""
+        dim_key, on_key = self.dim_key(dim, pop), (() if on is None else self.keys.get(on))
+        if dim_key is None or on_key is None:
+            return None
+        return (dim_key, ref.cut, repr(sorted((k, v) for k, v in spec.items() if k != "on")), on_key)
+
+    def _fit_values(self, spec: Mapping[str, Any], pop: Population, dim: Dim, bits: np.ndarray,
+                    n_fit: int) -> np.ndarray:
+        """The transformed values of ``dim`` a rule is fitted on, for the events in ``bits``."""
+        if spec["method"] == "quantile":  # read off the values themselves: FlowKit's exact ones
+            return self.cols.exact(dim, self.cols.raw(dim, _members(bits, self.n), True, pop.name))
+        # a density rule reads a 1024-bin density: the fast transform (within 1e-8) serves it
+        if n_fit <= MAX_FIT_EVENTS:
+            raw = self.cols.raw(dim, _members(bits, self.n), True, pop.name)
+        else:
+            # a subsample: the population's events among every k-th event of the sample
+            # (k = ceil(count / MAX_FIT_EVENTS)): systematic, deterministic, O(n / k)
+            step = -(-n_fit // MAX_FIT_EVENTS)
+            if dim.ratio is None:
+                raw = _scratch("raw", min(MAX_FIT_EVENTS, -(-self.n // step)))
+                col = self.cols.base(self.cols.channel(dim.marker, pop.name), True)
+                raw = raw[:self.kernels.strided_values(bits, step, col, raw)]
+            else:
+                pos = np.arange(0, self.n, step)
+                raw = self.cols.raw(dim, pos[unpack(bits, self.n)[pos]][:MAX_FIT_EVENTS], True, pop.name)
+        return density_transform(dim.transform)(raw, out=_scratch("values", raw.shape[0]))
 
     # -- identity of populations across templates
     def dim_key(self, dim: Dim, pop: Population) -> tuple | None:
@@ -359,7 +368,7 @@ class _Engine:
 
     # -- gates
     def run(self) -> dict[str, np.ndarray]:
-        for pop in self.t.populations:
+        for pop in self.template.populations:
             try:
                 k = self.key(pop)
                 got = self.shared.pops.get(k) if k is not None else None
@@ -373,7 +382,7 @@ class _Engine:
             except (MarkerError, GatingError, ThresholdError):  # already name the sample and what failed
                 raise
             except Exception as exc:  # pragma: no cover - defensive: name the context
-                raise GatingError(f"{self.data.path}: template {self.t.path}: population {pop.name!r}: "
+                raise GatingError(f"{self.data.path}: template {self.template.path}: population {pop.name!r}: "
                                   f"{type(exc).__name__}: {exc}") from exc
         return self.bits
 
@@ -393,21 +402,21 @@ class _Engine:
     def population(self, pop: Population) -> tuple[np.ndarray, int]:
         """Bit set and count of ``pop``."""
         g = pop.gate
-        P = self._parent(pop)
+        parent = self._parent(pop)
         if isinstance(g, BooleanGate):
-            b = self.boolean(g, P)
+            b = self.boolean(g, parent)
         else:
             comp = gate_compensation(g)
             if isinstance(g, RectGate):
-                b = self.rect(pop, g, P, comp)
+                b = self.rect(pop, g, parent, comp)
             elif isinstance(g, PolygonGate):
-                b = self.polygon(pop, g, P, comp)
+                b = self.polygon(pop, g, parent, comp)
             elif isinstance(g, EllipseGate):
-                b = self.ellipse(pop, g, P, comp)
+                b = self.ellipse(pop, g, parent, comp)
             else:  # pragma: no cover
                 raise GatingError(f"unsupported gate {g!r}")
             if getattr(g, "complement", False):
-                b = ~b & P
+                b = ~b & parent
         return b, _count(b)
 
     def _rect_plan(self, pop: Population, g: RectGate, comp):
@@ -438,13 +447,13 @@ class _Engine:
         def compute():
             a, b = _sure_cut(xb)
             above, below = self.shared.buffer(self.full()), self.shared.buffer(self.full())
-            self.K.interval_bits(col, a, np.inf, -np.inf, b, above, below)
+            self.kernels.interval_bits(col, a, np.inf, -np.inf, b, above, below)
             return above, below, bool(((above | below) != self.full()).any())
 
         return self.shared.get(("cut", ch, self._comp_key(comp), xb), compute, wait)
 
     def _comp_key(self, comp):
-        return comp if not isinstance(comp, str) else (comp, id(self.t))  # a template's own matrix
+        return comp if not isinstance(comp, str) else (comp, id(self.template))  # a template's own matrix
 
     def _inside_polygon(self, pop: Population, g: PolygonGate, comp, wait: bool = True) -> np.ndarray:
         """Bit set of all events inside a polygon on untransformed axes (one pass, kept)."""
@@ -455,10 +464,10 @@ class _Engine:
             inside = self.shared.buffer(self.full())
             edges = convex_edges(tuple(map(tuple, g.vertices)))
             if edges is None:
-                self.K.winding_bits(*_vertices(g.vertices), *cols, inside)
+                self.kernels.winding_bits(*_vertices(g.vertices), *cols, inside)
                 return inside
             near = self.shared.buffer(self.full())  # a convex polygon by half-planes, edges by winding count
-            self.K.convex_bits(*edges, *cols, inside, near)
+            self.kernels.convex_bits(*edges, *cols, inside, near)
             if near.any():
                 ev = _members(near, self.n)
                 _assign(inside, ev[points_in_polygon(g.vertices, cols[0][ev], cols[1][ev])], True)
@@ -470,33 +479,35 @@ class _Engine:
         """Start, in the pool, the passes of every gate that needs no data-driven threshold."""
         if self.shared.pool is None:
             return
-        for pop in self.t.populations:
+        for pop in self.template.populations:
             g = pop.gate
             if isinstance(g, BooleanGate) or getattr(g, "complement", False):
                 continue
-            comp = gate_compensation(g)
             try:
-                if isinstance(g, RectGate) and all(self._known(b) for bs in g.bounds for b in bs):
-                    for ch, lo, hi in self._rect_plan(pop, g, comp)[2]:
-                        for xb in (lo, hi):
-                            if xb is not None:
-                                self.cut(ch, comp, xb, wait=False)
-                elif isinstance(g, PolygonGate) and all(d.transform is None and d.ratio is None for d in g.dims):
-                    self._inside_polygon(pop, g, comp, wait=False)
+                self._prefetch_gate(pop, g, gate_compensation(g))
             except (MarkerError, GatingError, ThresholdError):  # reported when the population is gated
                 continue
+
+    def _prefetch_gate(self, pop: Population, g: Any, comp: Compensation) -> None:
+        if isinstance(g, RectGate) and all(self._known(b) for bs in g.bounds for b in bs):
+            for ch, lo, hi in self._rect_plan(pop, g, comp)[2]:
+                for xb in (lo, hi):
+                    if xb is not None:
+                        self.cut(ch, comp, xb, wait=False)
+        elif isinstance(g, PolygonGate) and all(d.transform is None and d.ratio is None for d in g.dims):
+            self._inside_polygon(pop, g, comp, wait=False)
 
     def _known(self, b: Any) -> bool:
         """Whether a bound is known before gating (a number, a fixed threshold or one given for the batch)."""
         if not isinstance(b, ThresholdRef):
             return True
-        spec = self.t.thresholds.get(b.marker, {}).get(b.cut)
+        spec = self.template.thresholds.get(b.marker, {}).get(b.cut)
         return (b.marker, b.cut) in self.fixed or isinstance(spec, (int, float))
 
-    def _in_box(self, cuts, P, comp) -> tuple[np.ndarray, np.ndarray | None]:
-        """Bit sets of the events of ``P`` surely inside raw-scale bounds ``[(channel, lower, upper)]``, and of
+    def _in_box(self, cuts, parent, comp) -> tuple[np.ndarray, np.ndarray | None]:
+        """Bit sets of the events of ``parent`` surely inside raw-scale bounds ``[(channel, lower, upper)]``, and of
         those undecided (within the tolerance of a bound, or NaN; ``None`` if no event of the sample is)."""
-        sure, maybe, band = P.copy(), None, False
+        sure, maybe, band = parent.copy(), None, False
         sides = []  # (bit set of the events surely inside this bound, of those surely outside)
         for ch, lo, hi in cuts:
             if lo is not None:
@@ -510,15 +521,15 @@ class _Engine:
         for inside, _ in sides:
             sure &= inside
         if band:
-            maybe = P.copy()
+            maybe = parent.copy()
             for _, outside in sides:
                 maybe &= ~outside
             maybe &= ~sure
         return sure, maybe
 
-    def rect(self, pop: Population, g: RectGate, P, comp) -> np.ndarray:
+    def rect(self, pop: Population, g: RectGate, parent, comp) -> np.ndarray:
         fast, slow, cuts = self._rect_plan(pop, g, comp)
-        out, unsure = self._in_box(cuts, P, comp)
+        out, unsure = self._in_box(cuts, parent, comp)
         if unsure is not None and unsure.any():  # within the tolerance of a boundary: decide exactly, as _cmp does
             ev = _members(unsure, self.n)
             _assign(out, ev[self._rect_exact(pop, fast, ev, comp)], True)
@@ -539,45 +550,45 @@ class _Engine:
             ok &= _cmp(vals, xb, t, ge, exact)
         return ok
 
-    def _box_candidates(self, pop: Population, dims, lows, highs, P, comp) -> np.ndarray:
-        """Indices of the events of ``P`` that may lie inside a transformed-space box (edges included)."""
+    def _box_candidates(self, pop: Population, dims, lows, highs, parent, comp) -> np.ndarray:
+        """Indices of the events of ``parent`` that may lie inside a transformed-space box (edges included)."""
         cuts = []
         for dim, lo, hi in zip(dims, lows, highs):
             a, b = self.cols.raw_bound(dim, lo), self.cols.raw_bound(dim, hi)
             if a is not None and b is not None and dim.ratio is None:
                 cuts.append((self.cols.channel(dim.marker, pop.name), a, b))
-        sure, unsure = self._in_box(cuts, P, comp)
+        sure, unsure = self._in_box(cuts, parent, comp)
         return _members(sure if unsure is None else sure | unsure, self.n)
 
-    def polygon(self, pop: Population, g: PolygonGate, P, comp) -> np.ndarray:
+    def polygon(self, pop: Population, g: PolygonGate, parent, comp) -> np.ndarray:
         if all(d.transform is None and d.ratio is None for d in g.dims):
             # untransformed axes (scatter): one pass over the two columns (every event, kept)
-            return self._inside_polygon(pop, g, comp) & P
+            return self._inside_polygon(pop, g, comp) & parent
         v = np.asarray(g.vertices, dtype=np.float64)
-        ev = self._box_candidates(pop, g.dims, v.min(axis=0), v.max(axis=0), P, comp)
+        ev = self._box_candidates(pop, g.dims, v.min(axis=0), v.max(axis=0), parent, comp)
         px = self.cols.transformed(g.dims[0], ev, comp, pop.name)
         py = self.cols.transformed(g.dims[1], ev, comp, pop.name)
-        out = np.zeros_like(P)
+        out = np.zeros_like(parent)
         _assign(out, ev[points_in_polygon(v, px, py)], True)
         return out
 
-    def ellipse(self, pop: Population, g: EllipseGate, P, comp) -> np.ndarray:
+    def ellipse(self, pop: Population, g: EllipseGate, parent, comp) -> np.ndarray:
         from flowutils.gating import points_in_ellipsoid
 
         c = np.asarray(g.center, dtype=float)
         cov = np.asarray(g.covariance, dtype=float)
         half = np.sqrt(np.abs(np.diag(cov)) * g.distance_square) * (1 + 1e-9) + 1e-12
         if np.array_equal(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0):
-            ev = self._box_candidates(pop, g.dims, c - half, c + half, P, comp)
+            ev = self._box_candidates(pop, g.dims, c - half, c + half, parent, comp)
         else:  # not an ellipsoid (Gating-ML allows any matrix): the region is unbounded, test every event
-            ev = _members(P, self.n)
-        out = np.zeros_like(P)
+            ev = _members(parent, self.n)
+        out = np.zeros_like(parent)
         if ev.size:
             pts = np.column_stack([self.cols.transformed(d, ev, comp, pop.name) for d in g.dims])
             _assign(out, ev[np.asarray(points_in_ellipsoid(cov, c, g.distance_square, pts), dtype=bool)], True)
         return out
 
-    def boolean(self, g: BooleanGate, P) -> np.ndarray:
+    def boolean(self, g: BooleanGate, parent) -> np.ndarray:
         operands = [~self.bits[name] if complement else self.bits[name] for name, complement in g.refs]
         if g.op == "and":
             res = np.bitwise_and.reduce(operands)
@@ -585,7 +596,7 @@ class _Engine:
             res = np.bitwise_or.reduce(operands)
         else:
             res = ~operands[0]
-        return res & P  # also clears the bits past the last event that ~ set
+        return res & parent  # also clears the bits past the last event that ~ set
 
 
 _SCRATCH = threading.local()
@@ -713,12 +724,12 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            engines = [_Engine(data, t, fx, shared) for t, fx in zip(templates, fixed)]
+            engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
             for eng in engines:
                 bits = eng.run()
-                out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.t,
+                out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.template,
                                         n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
                                         data=data, counts=dict(eng.counts)))
     finally:
