@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import EXAMPLE, ROOT
+from golden.regenerate import compare_golden, golden_tables
 from immuneprofile.cli import main
 from immuneprofile.qc.reference import (
     CHECK_COLUMNS,
@@ -18,8 +19,6 @@ from immuneprofile.qc.reference import (
     ReferenceDBError,
     add_reference,
     check_reference,
-    compare_golden,
-    golden_tables,
     history,
     levey_jennings,
     list_batches,
@@ -205,7 +204,7 @@ def test_cli_add_check(tmp_path):
 
 # --------------------------------------------------------------------------- golden regression tables
 # Any change to the engine (or to the example data / templates) must reproduce these counts exactly.
-# After a deliberate change, regenerate them:  python -m immuneprofile.reference --regenerate-golden
+# After a deliberate change, regenerate them:  python tests/golden/regenerate.py --regenerate-golden
 
 
 def test_golden_population_tables():
@@ -219,11 +218,11 @@ def test_golden_population_tables():
     assert sum(t["sample_id"].nunique() for t in got.values()) == len(sheet)
     for template, table in got.items():
         path = GOLDEN / f"populations_{template}.csv"
-        assert path.exists(), f"{path} missing: run `python -m immuneprofile.reference --regenerate-golden`"
+        assert path.exists(), f"{path} missing: run `python tests/golden/regenerate.py --regenerate-golden`"
         want = pd.read_csv(path)
         diffs = compare_golden(table, want)
         assert not diffs, (f"{template}: {len(diffs)} difference(s) from {path.name} (if intended, regenerate with "
-                           "`python -m immuneprofile.reference --regenerate-golden`):\n" + "\n".join(diffs[:20]))
+                           "`python tests/golden/regenerate.py --regenerate-golden`):\n" + "\n".join(diffs[:20]))
 
 
 def test_compare_golden_detects_changes():

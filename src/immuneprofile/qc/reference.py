@@ -1,4 +1,4 @@
-"""Reference-sample quality control and golden regression tables.
+"""Reference-sample quality control: a study database of reference-sample values, Westgard rules.
 
 Labs run one reference sample (a frozen PBMC aliquot of one donor) in every
 batch. This module keeps its population frequencies, batch after batch, in a
@@ -21,13 +21,6 @@ history batches):
 
 A population passes when no rejection rule is violated, and has status
 ``insufficient-history`` when fewer than ``min_history`` earlier batches carry it.
-
-The second half of the module runs the project's own regression test: every
-``example_data/*.fcs`` file is gated with its panel's template and the counts are
-compared with ``tests/golden/populations_<template>.csv``. After a deliberate
-change to the engine or the example data, regenerate those files with::
-
-    python -m immuneprofile.reference --regenerate-golden [--root PROJECT_DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ import datetime as _dt
 import math
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Union
@@ -60,10 +53,6 @@ __all__ = [
     "read_population_table",
     "levey_jennings",
     "write_levey_jennings",
-    "GOLDEN_COLUMNS",
-    "golden_tables",
-    "regenerate_golden",
-    "compare_golden",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -308,58 +297,64 @@ def check_reference(
         when the population is empty or absent), ``warning`` (``"1-2s"`` or ``""``) and
         ``status`` (``pass``, ``fail`` or ``insufficient-history``).
     """
-    hist = history(db)
-    order = list(dict.fromkeys(hist["batch_id"]))
-    if batch_id is not None and str(batch_id) in order:
-        hist = hist[hist["order"] < order.index(str(batch_id))]
-        if table is None:
-            stored = history(db)
-            table = stored[stored["batch_id"] == str(batch_id)]
-    elif table is None:
-        raise ReferenceDBError(f"batch {batch_id!r} is not stored; give its population table")
+    hist, table = _history_before(db, table, batch_id)
     cur = select_reference(table, sample)
-    # the stored populations must all be checked, even if the new table lacks them
-    keys = list(dict.fromkeys(zip(cur["template"], cur["population"])))
-    tmpl = set(cur["template"])
-    for t, p in dict.fromkeys(zip(hist["template"], hist["population"])):
-        if t in tmpl and (t, p) not in keys:
-            keys.append((t, p))
     by_key = {(r.template, r.population): r for r in cur.itertuples(index=False)}
     groups = {k: g for k, g in hist.groupby(["template", "population"], sort=False)}
     rows = []
-    for key in keys:
+    for key in _checked_keys(cur, hist):
         r = by_key.get(key)
         value = float("nan") if r is None or pd.isna(r.pct_parent) else float(r.pct_parent)
-        sid = "" if r is None else r.sample_id
         h = groups.get(key)
         vals = np.array([], float) if h is None else h["pct_parent"].to_numpy(dtype=float)
-        vals = vals[np.isfinite(vals)]
-        n = int(vals.size)
-        mean = float(vals.mean()) if n else float("nan")
-        sd = float(vals.std(ddof=1)) if n > 1 else float("nan")
-        z = _z(value, mean, sd) if n > 1 else float("nan")
-        pz = _z(float(vals[-1]), mean, sd) if n > 1 else float("nan")
-        rules: list[str] = []
-        warning = ""
-        if not math.isfinite(value):
-            rules.append("no-value")
-        if n >= max(min_history, 2) and math.isfinite(z):
-            if abs(z) > 3:
-                rules.append("1-3s")
-            if abs(z) > 2 and abs(pz) > 2 and np.sign(z) == np.sign(pz):
-                rules.append("2-2s")
-            if abs(z) > 2:
-                warning = "1-2s"
-        if rules:
-            status = "fail"
-        elif n < max(min_history, 2):
-            status = "insufficient-history"
-        else:
-            status = "pass"
-        rows.append({"template": key[0], "population": key[1], "sample_id": sid, "value": value,
-                     "n_history": n, "mean": mean, "sd": sd, "z": z, "previous_z": pz,
-                     "rules": ",".join(rules), "warning": warning, "status": status})
+        row = _westgard(value, vals[np.isfinite(vals)], min_history)
+        rows.append({"template": key[0], "population": key[1], "sample_id": "" if r is None else r.sample_id,
+                     "value": value, **row})
     return pd.DataFrame(rows, columns=CHECK_COLUMNS)
+
+
+def _history_before(db: PathLike, table: pd.DataFrame | PathLike | None,
+                    batch_id: str | None) -> tuple[pd.DataFrame, pd.DataFrame | PathLike]:
+    """The stored history before ``batch_id`` (all of it if it is not stored), and the table to check."""
+    hist = history(db)
+    order = list(dict.fromkeys(hist["batch_id"]))
+    if batch_id is not None and str(batch_id) in order:
+        if table is None:
+            table = hist[hist["batch_id"] == str(batch_id)]
+        hist = hist[hist["order"] < order.index(str(batch_id))]
+    elif table is None:
+        raise ReferenceDBError(f"batch {batch_id!r} is not stored; give its population table")
+    return hist, table
+
+
+def _checked_keys(cur: pd.DataFrame, hist: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(template, population)`` to check: the new table's, then the stored ones of its templates it lacks."""
+    keys = list(dict.fromkeys(zip(cur["template"], cur["population"])))
+    templates = set(cur["template"])
+    for key in dict.fromkeys(zip(hist["template"], hist["population"])):
+        if key[0] in templates and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _westgard(value: float, vals: np.ndarray, min_history: int) -> dict[str, Any]:
+    """The check of one value against its (finite) history: statistics, rules, warning and status."""
+    n = int(vals.size)
+    mean = float(vals.mean()) if n else float("nan")
+    sd = float(vals.std(ddof=1)) if n > 1 else float("nan")
+    z = _z(value, mean, sd) if n > 1 else float("nan")
+    pz = _z(float(vals[-1]), mean, sd) if n > 1 else float("nan")
+    rules: list[str] = [] if math.isfinite(value) else ["no-value"]
+    enough = n >= max(min_history, 2)
+    if enough and math.isfinite(z):
+        if abs(z) > 3:
+            rules.append("1-3s")
+        if abs(z) > 2 and abs(pz) > 2 and np.sign(z) == np.sign(pz):
+            rules.append("2-2s")
+    warning = "1-2s" if enough and math.isfinite(z) and abs(z) > 2 else ""
+    status = "fail" if rules else ("pass" if enough else "insufficient-history")
+    return {"n_history": n, "mean": mean, "sd": sd, "z": z, "previous_z": pz, "rules": ",".join(rules),
+            "warning": warning, "status": status}
 
 
 # --------------------------------------------------------------------------- Levey-Jennings
@@ -388,26 +383,14 @@ def levey_jennings(
     matplotlib.figure.Figure
     """
     plt = pyplot()
-    h = history(db, population, template)
-    if h.empty:
-        raise ReferenceDBError(f"{os.fspath(db)}: no stored values for population {population!r}"
-                               + (f" of template {template!r}" if template else ""))
-    ts = sorted(set(h["template"]))
-    if len(ts) > 1:
-        raise ReferenceDBError(f"population {population!r} exists in templates {ts}; pass template=...")
-    template = ts[0]
+    h, template = _population_history(db, population, template)
     row = None
     if check is not None:
         sel = check[(check["population"] == population) & (check["template"] == template)]
         row = sel.iloc[0] if len(sel) else None
     vals = h["pct_parent"].to_numpy(dtype=float)
     labels = h["batch_id"].tolist()
-    if row is not None:
-        mean, sd = float(row["mean"]), float(row["sd"])
-    else:
-        fin = vals[np.isfinite(vals)]
-        mean = float(fin.mean()) if fin.size else float("nan")
-        sd = float(fin.std(ddof=1)) if fin.size > 1 else float("nan")
+    mean, sd = _mean_sd(vals) if row is None else (float(row["mean"]), float(row["sd"]))
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * (len(vals) + 2) + 3), 3.2))
     else:
@@ -415,21 +398,12 @@ def levey_jennings(
     x = np.arange(len(vals))
     ax.plot(x, vals, "-o", color="#333333", ms=4, lw=1, gid="values", label="reference")
     if math.isfinite(sd) and sd > 0:
-        z = (vals - mean) / sd
-        bad = np.abs(z) > 3
+        bad = np.abs((vals - mean) / sd) > 3
         ax.plot(x[bad], vals[bad], "o", color="red", ms=6, gid="out-of-control")
-    if math.isfinite(mean):
-        ax.axhline(mean, color="green", lw=1.2, gid="mean", label=f"mean {mean:.2f}")
-        if math.isfinite(sd):
-            for k, ls, col in ((1, ":", "#888888"), (2, "--", "orange"), (3, "-", "red")):
-                for s in (1, -1):
-                    ax.axhline(mean + s * k * sd, color=col, ls=ls, lw=0.9, gid=f"{'+' if s > 0 else '-'}{k}sd",
-                               label=f"±{k} SD" if s > 0 else None)
+    _control_lines(ax, mean, sd)
     if row is not None and math.isfinite(float(row["value"])):
-        xn = len(vals)
-        failed = row["status"] == "fail"
-        ax.plot([xn], [float(row["value"])], "D", color="red" if failed else "tab:blue", ms=7, gid="current",
-                label=f"{batch_label}: {row['status']}")
+        ax.plot([len(vals)], [float(row["value"])], "D", color="red" if row["status"] == "fail" else "tab:blue",
+                ms=7, gid="current", label=f"{batch_label}: {row['status']}")
         labels = labels + [batch_label]
     ax.set_xticks(np.arange(len(labels)))
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
@@ -438,6 +412,37 @@ def levey_jennings(
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _population_history(db: PathLike, population: str, template: str | None) -> tuple[pd.DataFrame, str]:
+    """The stored values of one population, and its template (which must be unique)."""
+    h = history(db, population, template)
+    if h.empty:
+        raise ReferenceDBError(f"{os.fspath(db)}: no stored values for population {population!r}"
+                               + (f" of template {template!r}" if template else ""))
+    ts = sorted(set(h["template"]))
+    if len(ts) > 1:
+        raise ReferenceDBError(f"population {population!r} exists in templates {ts}; pass template=...")
+    return h, ts[0]
+
+
+def _mean_sd(vals: np.ndarray) -> tuple[float, float]:
+    fin = vals[np.isfinite(vals)]
+    return (float(fin.mean()) if fin.size else float("nan"),
+            float(fin.std(ddof=1)) if fin.size > 1 else float("nan"))
+
+
+def _control_lines(ax: Any, mean: float, sd: float) -> None:
+    """The mean and the ±1/2/3 SD limits."""
+    if not math.isfinite(mean):
+        return
+    ax.axhline(mean, color="green", lw=1.2, gid="mean", label=f"mean {mean:.2f}")
+    if not math.isfinite(sd):
+        return
+    for k, ls, col in ((1, ":", "#888888"), (2, "--", "orange"), (3, "-", "red")):
+        for s in (1, -1):
+            ax.axhline(mean + s * k * sd, color=col, ls=ls, lw=0.9, gid=f"{'+' if s > 0 else '-'}{k}sd",
+                       label=f"±{k} SD" if s > 0 else None)
 
 
 def write_levey_jennings(db: PathLike, check: pd.DataFrame, out_dir: PathLike, *, dpi: int = 100) -> list[Path]:
@@ -459,99 +464,3 @@ def write_levey_jennings(db: PathLike, check: pd.DataFrame, out_dir: PathLike, *
         plt.close(fig)
         paths.append(p)
     return paths
-
-
-# --------------------------------------------------------------------------- golden tables
-
-GOLDEN_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count"]
-
-
-def golden_tables(root: PathLike = ".", *, jobs: int = 1) -> dict[str, pd.DataFrame]:
-    """Gate every ``example_data/*.fcs`` with its panel's template(s); ``{template: counts table}``.
-
-    The panel of each file comes from ``example_data/samples.csv`` (``file, sample_id, ..., panel``);
-    panel ``tcell`` uses ``gating/tcell_skin_homing.yaml``, ``treg`` ``gating/treg.yaml`` and
-    ``monocyte`` ``gating/monocytes.yaml``. Any file that fails to gate raises.
-    """
-    from immuneprofile.batch import gate_files
-    from immuneprofile.template.parse import load_template
-
-    root = Path(os.fspath(root))
-    sheet_path = root / "example_data" / "samples.csv"
-    if not sheet_path.exists():
-        raise FileNotFoundError(f"{sheet_path} not found: generate the example data first")
-    sheet = pd.read_csv(sheet_path)
-    from immuneprofile.template.shipped import PANEL_TEMPLATES as panels
-
-    files: dict[str, list[str]] = {}
-    for r in sheet.itertuples(index=False):
-        if str(r.panel) not in panels:
-            raise ValueError(f"{sheet_path}: unknown panel {r.panel!r} for {r.file}")
-        for t in panels[str(r.panel)]:
-            files.setdefault(t, []).append(str(root / "example_data" / str(r.file)))
-    out = {}
-    for t, paths in files.items():
-        batch = gate_files(sorted(paths), load_template(t), jobs=jobs)
-        if batch.errors:
-            raise RuntimeError(f"template {t}: files failed to gate: {batch.errors}")
-        tab = batch.table[GOLDEN_COLUMNS].copy()
-        tab["count"] = tab["count"].astype("int64")
-        tab["parent_count"] = tab["parent_count"].astype("int64")
-        out[t] = tab.sort_values(["sample_id"], kind="stable").reset_index(drop=True)
-    return out
-
-
-def regenerate_golden(root: PathLike = ".", *, jobs: int = 0) -> list[Path]:
-    """Rewrite ``tests/golden/populations_<template>.csv`` from the current engine and example data."""
-    root = Path(os.fspath(root))
-    gdir = root / "tests" / "golden"
-    gdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for t, tab in golden_tables(root, jobs=jobs).items():
-        p = gdir / f"populations_{t}.csv"
-        tab.to_csv(p, index=False, lineterminator="\n")
-        paths.append(p)
-    return paths
-
-
-def compare_golden(got: pd.DataFrame, want: pd.DataFrame) -> list[str]:
-    """Differences between a counts table and its golden file (empty list: identical)."""
-    keys = ["sample_id", "population"]
-    g = got[GOLDEN_COLUMNS].astype({"sample_id": str, "population": str})
-    w = want[GOLDEN_COLUMNS].astype({"sample_id": str, "population": str})
-    m = g.merge(w, on=keys, how="outer", suffixes=("_got", "_golden"), indicator=True)
-    out = []
-    for r in m[m["_merge"] == "left_only"].itertuples(index=False):
-        out.append(f"{r.sample_id} / {r.population}: not in the golden table")
-    for r in m[m["_merge"] == "right_only"].itertuples(index=False):
-        out.append(f"{r.sample_id} / {r.population}: in the golden table but not gated")
-    both = m[m["_merge"] == "both"]
-    for col in ("count", "parent_count", "parent"):
-        kind = str if col == "parent" else "int64"
-        a, b = both[f"{col}_got"].astype(kind), both[f"{col}_golden"].astype(kind)
-        for i in np.flatnonzero((a != b).to_numpy()):
-            r = both.iloc[i]
-            out.append(f"{r['sample_id']} / {r['population']}: {col} {a.iloc[i]} != golden {b.iloc[i]}")
-    return out
-
-
-def _main(argv: Iterable[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m immuneprofile.reference",
-                                 description="Regenerate the golden population tables (tests/golden).")
-    ap.add_argument("--regenerate-golden", action="store_true",
-                    help="gate example_data/*.fcs and rewrite tests/golden/populations_<template>.csv")
-    ap.add_argument("--root", default=".", help="project directory (default: current directory)")
-    ap.add_argument("-j", "--jobs", type=int, default=0, help="worker processes (0 = all cores)")
-    args = ap.parse_args(None if argv is None else list(argv))
-    if not args.regenerate_golden:
-        ap.print_help()
-        return 2
-    for p in regenerate_golden(args.root, jobs=args.jobs):
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())
