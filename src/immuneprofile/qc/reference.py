@@ -337,6 +337,16 @@ def _checked_keys(cur: pd.DataFrame, hist: pd.DataFrame) -> list[tuple[str, str]
     return keys
 
 
+def _violations(z: float, pz: float) -> list[str]:
+    """Westgard rejection rules violated by a z-score (``pz``: the previous batch's)."""
+    if not math.isfinite(z):
+        return []
+    rules = ["1-3s"] if abs(z) > 3 else []
+    if abs(z) > 2 and abs(pz) > 2 and np.sign(z) == np.sign(pz):
+        rules.append("2-2s")
+    return rules
+
+
 def _westgard(value: float, vals: np.ndarray, min_history: int) -> dict[str, Any]:
     """The check of one value against its (finite) history: statistics, rules, warning and status."""
     n = int(vals.size)
@@ -344,13 +354,8 @@ def _westgard(value: float, vals: np.ndarray, min_history: int) -> dict[str, Any
     sd = float(vals.std(ddof=1)) if n > 1 else float("nan")
     z = _z(value, mean, sd) if n > 1 else float("nan")
     pz = _z(float(vals[-1]), mean, sd) if n > 1 else float("nan")
-    rules: list[str] = [] if math.isfinite(value) else ["no-value"]
     enough = n >= max(min_history, 2)
-    if enough and math.isfinite(z):
-        if abs(z) > 3:
-            rules.append("1-3s")
-        if abs(z) > 2 and abs(pz) > 2 and np.sign(z) == np.sign(pz):
-            rules.append("2-2s")
+    rules = ([] if math.isfinite(value) else ["no-value"]) + (_violations(z, pz) if enough else [])
     warning = "1-2s" if enough and math.isfinite(z) and abs(z) > 2 else ""
     status = "fail" if rules else ("pass" if enough else "insufficient-history")
     return {"n_history": n, "mean": mean, "sd": sd, "z": z, "previous_z": pz, "rules": ",".join(rules),

@@ -332,27 +332,30 @@ def report_warnings(batch: Batch, *, min_sample_events: int = MIN_SAMPLE_EVENTS,
                     min_population_events: int = MIN_POPULATION_EVENTS,
                     check: pd.DataFrame | None = None) -> list[str]:
     """Human-readable warnings for a batch (and its reference check)."""
-    out: list[str] = []
-    for msg in batch.errors.values():
-        out.append(f"file failed: {msg}")
+    out = [f"file failed: {msg}" for msg in batch.errors.values()]
     for res in batch.results:
-        if res.n_events < min_sample_events:
-            out.append(f"{res.sample_id}: low event count, {res.n_events:,} events (< {min_sample_events:,})")
-        small = [(p.name, res.count(p.name)) for p in res.template.populations
-                 if res.count(p.name) < min_population_events]
-        if small:
-            out.append(f"{res.sample_id}: {len(small)} population(s) under {min_population_events} events: "
-                       + ", ".join(f"{n} ({c})" for n, c in small))
-        for f in res.thresholds:
-            if f.fallback:
-                out.append(f"{res.sample_id}: threshold {f.marker}.{f.cut} fell back to {f.value:.3g}"
-                           + (f" ({f.note})" if f.note else ""))
+        out += _sample_warnings(res, min_sample_events, min_population_events)
     if check is not None and len(check):
         for r in check[check["status"] == "fail"].itertuples(index=False):
             out.append(f"reference {r.sample_id or '?'}: {r.population} ({r.template}) FAILED {r.rules}: "
                        f"{r.value:.2f}% vs mean {r.mean:.2f} ± {r.sd:.2f}")
         for r in check[(check["status"] == "pass") & (check["warning"] != "")].itertuples(index=False):
             out.append(f"reference {r.sample_id}: {r.population} ({r.template}) {r.warning} warning, z = {r.z:.2f}")
+    return out
+
+
+def _sample_warnings(res: GatingResult, min_sample_events: int, min_population_events: int) -> list[str]:
+    out = []
+    if res.n_events < min_sample_events:
+        out.append(f"{res.sample_id}: low event count, {res.n_events:,} events (< {min_sample_events:,})")
+    small = [(p.name, res.count(p.name)) for p in res.template.populations if res.count(p.name) < min_population_events]
+    if small:
+        out.append(f"{res.sample_id}: {len(small)} population(s) under {min_population_events} events: "
+                   + ", ".join(f"{n} ({c})" for n, c in small))
+    for f in res.thresholds:
+        if f.fallback:
+            out.append(f"{res.sample_id}: threshold {f.marker}.{f.cut} fell back to {f.value:.3g}"
+                       + (f" ({f.note})" if f.note else ""))
     return out
 
 
@@ -475,7 +478,7 @@ def build_report(
     batch
         From :func:`immuneprofile.gate_files` run in-process (``jobs=1``), so results keep their events.
     reference_db
-        Reference database (:mod:`immuneprofile.reference`); the batch's reference sample is checked
+        Reference database (:mod:`immuneprofile.qc.reference`); the batch's reference sample is checked
         against it (read-only: nothing is added).
     reference_sample
         The reference sample id(s) in this batch; default: the sample ids containing ``ref``.
@@ -487,85 +490,23 @@ def build_report(
     pathlib.Path
         The report file.
     """
-    from immuneprofile import __version__
-    from immuneprofile.qc.reference import ReferenceDBError, check_reference, levey_jennings
-
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     table = batch.table if batch.table is not None else pd.DataFrame()
     if not table.empty:
         table.to_csv(out / "populations.csv", index=False)
     templates = list(dict.fromkeys(r.template.name for r in batch.results))
-    extra: list[str] = []
-    check = None
-    lj_imgs: list[tuple[str, str]] = []
+    check, lj_imgs, extra = None, [], []
     if reference_db is not None:
-        refs = reference_sample if reference_sample is not None else (
-            _find_reference_samples(table) if not table.empty else None)
-        if not Path(os.fspath(reference_db)).exists():
-            extra.append(f"reference database {os.fspath(reference_db)} not found: reference check skipped")
-        elif refs is None:
-            extra.append("no reference sample identified in this batch (no sample id contains 'ref'); "
-                         "name it with --reference-sample: reference check skipped")
-        else:
-            try:
-                check = check_reference(reference_db, table, sample=refs, min_history=min_history)
-            except ReferenceDBError as exc:
-                extra.append(f"reference check skipped: {exc}")
-            else:
-                check.to_csv(out / "reference_check.csv", index=False)
-                for r in check.itertuples(index=False):
-                    if r.n_history == 0:
-                        continue
-                    fig = levey_jennings(reference_db, r.population, template=r.template, check=check,
-                                         batch_label="this batch")
-                    lj_imgs.append((f"Levey-Jennings {r.template} {r.population}", _png(fig, dpi)))
+        check, lj_imgs, extra = _reference_check(table, out, reference_db, reference_sample, min_history, dpi)
     warns = extra + report_warnings(batch, min_sample_events=min_sample_events,
                                     min_population_events=min_population_events, check=check)
     title = title or f"immuneprofile batch report — {', '.join(templates) or 'no samples'}"
-    parts = [
-        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f"<p class=\"meta\">Generated {_dt.datetime.now().isoformat(timespec='seconds')} by immuneprofile "
-        f"{_e(__version__)}; {len(batch.results)} sample(s) gated, {len(batch.errors)} failed; "
-        f"template(s): {_e(', '.join(templates))}.</p>",
-        "<p id=\"image-check\" class=\"meta\" data-total=\"\" data-decoded=\"\"></p>",
-        "<section id=\"warnings\"><h2>Warnings</h2>",
-    ]
-    if warns:
-        parts.append("<ul class=\"warnings\">" + "".join(f"<li class=\"warning\">{_e(w)}</li>" for w in warns)
-                     + "</ul>")
-    else:
-        parts.append("<p class=\"ok\">No warnings.</p>")
-    parts.append("</section>")
+    parts = _head(title, batch, templates) + _warnings_section(warns)
     if reference_db is not None:
-        parts.append("<section id=\"reference\"><h2>Reference sample check</h2>")
-        if check is not None:
-            n_fail = int((check["status"] == "fail").sum())
-            verdict = (f"<p class=\"verdict fail\"><strong>FAIL</strong>: {n_fail} population(s) out of control</p>"
-                       if n_fail else "<p class=\"verdict pass ok\"><strong>PASS</strong></p>")
-            parts.append(verdict + _check_table(check))
-            if lj_imgs:
-                parts.append("<div class=\"lj\">" + "".join(
-                    f"<img class=\"levey-jennings\" alt=\"{_e(a)}\" src=\"data:image/png;base64,{b}\">"
-                    for a, b in lj_imgs) + "</div>")
-        else:
-            parts.append("<p>Not checked (see warnings).</p>")
-        parts.append("</section>")
+        parts += _reference_section(check, lj_imgs)
     parts.append(f"<section id=\"summary\"><h2>Population frequencies</h2>{_summary_table(table)}</section>")
-    for res in batch.results:
-        parts.append(f"<section class=\"sample\" id=\"sample-{_slug(res.sample_id)}\" "
-                     f"data-sample-id=\"{_e(res.sample_id)}\"><h2>{_e(res.sample_id)}</h2>"
-                     f"<p class=\"meta\">{_e(res.path)} — template {_e(res.template.name)}, "
-                     f"{res.n_events:,} events</p>")
-        if res.data is not None:
-            fig = gate_figure(res, max_points=max_points)
-            parts.append(f"<img class=\"gating\" alt=\"gating {_e(res.sample_id)}\" "
-                         f"src=\"data:image/png;base64,{_png(fig, dpi)}\">")
-        else:
-            parts.append("<p>No event data (gated in a worker process): no plots.</p>")
-        parts.append(_population_rows(res, table, min_population_events) + "</section>")
+    parts += [_sample_section(res, table, min_population_events, max_points, dpi) for res in batch.results]
     if batch.errors:
         parts.append("<section id=\"errors\"><h2>Files that failed</h2><ul>" + "".join(
             f"<li><code>{_e(p)}</code>: {_e(m)}</li>" for p, m in batch.errors.items()) + "</ul></section>")
@@ -573,6 +514,87 @@ def build_report(
     path = out / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _reference_check(table: pd.DataFrame, out: Path, reference_db: PathLike,
+                     reference_sample: str | Sequence[str] | None, min_history: int,
+                     dpi: int) -> tuple[pd.DataFrame | None, list[tuple[str, str]], list[str]]:
+    """The reference check of the batch (read-only), its Levey-Jennings images, and why it was skipped."""
+    from immuneprofile.qc.reference import ReferenceDBError, check_reference, levey_jennings
+
+    refs = reference_sample if reference_sample is not None else (
+        _find_reference_samples(table) if not table.empty else None)
+    if not Path(os.fspath(reference_db)).exists():
+        return None, [], [f"reference database {os.fspath(reference_db)} not found: reference check skipped"]
+    if refs is None:
+        return None, [], ["no reference sample identified in this batch (no sample id contains 'ref'); "
+                          "name it with --reference-sample: reference check skipped"]
+    try:
+        check = check_reference(reference_db, table, sample=refs, min_history=min_history)
+    except ReferenceDBError as exc:
+        return None, [], [f"reference check skipped: {exc}"]
+    check.to_csv(out / "reference_check.csv", index=False)
+    lj_imgs = []
+    for r in check.itertuples(index=False):
+        if r.n_history == 0:
+            continue
+        fig = levey_jennings(reference_db, r.population, template=r.template, check=check, batch_label="this batch")
+        lj_imgs.append((f"Levey-Jennings {r.template} {r.population}", _png(fig, dpi)))
+    return check, lj_imgs, []
+
+
+def _head(title: str, batch: Batch, templates: list[str]) -> list[str]:
+    from immuneprofile import __version__
+
+    return [
+        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p class=\"meta\">Generated {_dt.datetime.now().isoformat(timespec='seconds')} by immuneprofile "
+        f"{_e(__version__)}; {len(batch.results)} sample(s) gated, {len(batch.errors)} failed; "
+        f"template(s): {_e(', '.join(templates))}.</p>",
+        "<p id=\"image-check\" class=\"meta\" data-total=\"\" data-decoded=\"\"></p>",
+    ]
+
+
+def _warnings_section(warns: list[str]) -> list[str]:
+    if warns:
+        body = "<ul class=\"warnings\">" + "".join(f"<li class=\"warning\">{_e(w)}</li>" for w in warns) + "</ul>"
+    else:
+        body = "<p class=\"ok\">No warnings.</p>"
+    return ["<section id=\"warnings\"><h2>Warnings</h2>", body, "</section>"]
+
+
+def _reference_section(check: pd.DataFrame | None, lj_imgs: list[tuple[str, str]]) -> list[str]:
+    parts = ["<section id=\"reference\"><h2>Reference sample check</h2>"]
+    if check is None:
+        parts.append("<p>Not checked (see warnings).</p>")
+    else:
+        n_fail = int((check["status"] == "fail").sum())
+        verdict = (f"<p class=\"verdict fail\"><strong>FAIL</strong>: {n_fail} population(s) out of control</p>"
+                   if n_fail else "<p class=\"verdict pass ok\"><strong>PASS</strong></p>")
+        parts.append(verdict + _check_table(check))
+        if lj_imgs:
+            parts.append("<div class=\"lj\">" + "".join(
+                f"<img class=\"levey-jennings\" alt=\"{_e(a)}\" src=\"data:image/png;base64,{b}\">"
+                for a, b in lj_imgs) + "</div>")
+    parts.append("</section>")
+    return parts
+
+
+def _sample_section(res: GatingResult, table: pd.DataFrame, min_population_events: int, max_points: int,
+                    dpi: int) -> str:
+    head = (f"<section class=\"sample\" id=\"sample-{_slug(res.sample_id)}\" "
+            f"data-sample-id=\"{_e(res.sample_id)}\"><h2>{_e(res.sample_id)}</h2>"
+            f"<p class=\"meta\">{_e(res.path)} — template {_e(res.template.name)}, "
+            f"{res.n_events:,} events</p>")
+    if res.data is not None:
+        fig = gate_figure(res, max_points=max_points)
+        plots = (f"<img class=\"gating\" alt=\"gating {_e(res.sample_id)}\" "
+                 f"src=\"data:image/png;base64,{_png(fig, dpi)}\">")
+    else:
+        plots = "<p>No event data (gated in a worker process): no plots.</p>"
+    return "\n".join([head, plots, _population_rows(res, table, min_population_events) + "</section>"])
 
 
 def make_report(template: Template | PathLike, files: Sequence[PathLike], out_dir: PathLike, *,
