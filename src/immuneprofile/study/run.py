@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from immuneprofile.batch import gate_files
+from immuneprofile.exceptions import ClinicalDataError
 from immuneprofile.stats import to_anndata, write_tables
 from immuneprofile.template.parse import Template, TemplateError, load_template
 from immuneprofile.template.shipped import PANEL_TEMPLATES
@@ -85,32 +86,12 @@ def run_study(
 
     sheet_path = Path(sample_sheet)
     sheet = read_sample_sheet(sheet_path)
-    if "file" not in sheet.columns or "panel" not in sheet.columns:
-        raise TemplateError(f"{sheet_path}: the sample sheet needs `file` and `panel` columns to run a study")
     tmpl = _resolve_templates(templates or DEFAULT_TEMPLATES, None if gating_dir is None else Path(gating_dir))
-    unknown = sorted(set(sheet["panel"]) - set(tmpl))
-    if unknown:
-        raise TemplateError(f"{sheet_path}: panel(s) {unknown} have no template; "
-                            f"known panels: {sorted(tmpl)} (pass templates={{panel: path}})")
+    _check_sheet(sheet, sheet_path, tmpl)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables, ths, errors, files = [], [], {}, {}
-    for panel, rows in sheet.groupby("panel", sort=False):
-        paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
-        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
-        errors.update(batch.errors)
-        if batch.results:
-            tables.append(batch.table)
-            ths.append(batch.thresholds)
-            if anndata and jobs == 1:
-                f = out / f"events_{panel}.h5ad"
-                to_anndata(batch.results).write_h5ad(f)
-                files[f"events_{panel}"] = f
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    if not table.empty:
-        meta = sheet[[c for c in ("sample_id", "patient", "week", "panel") if c in sheet.columns]]
-        table = table.merge(meta, on="sample_id", how="left")
-    files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
+    table, ths, errors, files = _gate_panels(sheet, sheet_path, tmpl, out, compensation, jobs, anndata, progress)
+    files.update(write_tables(out, table, ths, errors))
     result: dict[str, Any] = {"table": table, "errors": errors, "files": files}
     if clinical is not None and not table.empty:
         from immuneprofile.study.association import correlate
@@ -119,3 +100,36 @@ def run_study(
         result["correlation"] = corr
         files.update(corr["files"])
     return result
+
+
+def _check_sheet(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template]) -> None:
+    """A study's sample sheet names a file and a panel with a template for every sample."""
+    if "file" not in sheet.columns or "panel" not in sheet.columns:
+        raise ClinicalDataError(f"{sheet_path}: the sample sheet needs `file` and `panel` columns to run a study")
+    unknown = sorted(set(sheet["panel"]) - set(tmpl))
+    if unknown:
+        raise TemplateError(f"{sheet_path}: panel(s) {unknown} have no template; "
+                            f"known panels: {sorted(tmpl)} (pass templates={{panel: path}})")
+
+
+def _gate_panels(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template], out: Path, compensation: Any,
+                 jobs: int, anndata: bool, progress: Callable[[str, str | None], None] | None):
+    """Gate each panel's files with its template: ``(table with sheet metadata, thresholds, errors, files)``."""
+    tables, ths, errors, files = [], [], {}, {}
+    for panel, rows in sheet.groupby("panel", sort=False):
+        paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
+        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
+        errors.update(batch.errors)
+        if not batch.results:
+            continue
+        tables.append(batch.table)
+        ths.append(batch.thresholds)
+        if anndata and jobs == 1:
+            f = out / f"events_{panel}.h5ad"
+            to_anndata(batch.results).write_h5ad(f)
+            files[f"events_{panel}"] = f
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if not table.empty:
+        meta = sheet[[c for c in ("sample_id", "patient", "week", "panel") if c in sheet.columns]]
+        table = table.merge(meta, on="sample_id", how="left")
+    return table, pd.concat(ths, ignore_index=True) if ths else None, errors, files
