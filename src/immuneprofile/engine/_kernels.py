@@ -122,7 +122,7 @@ def _winding_bits(vx, vy, colx, coly, out):  # pragma: no cover - compiled
                 is_left = (dx * (y - ay)) - ((x - ax) * dy)
                 up = (ay <= y) & (y < by) & (is_left > 0)
                 down = (ay > y) & (by <= y) & (is_left < 0)
-                w += np.int32(up) - np.int32(down)
+                w += np.int32(up) - np.int32(down)  # type: ignore[assignment]  # numba: int32 arithmetic
             outside = (x < min_x) | (x > max_x) | (y < min_y) | (y > max_y)
             word |= np.uint64((not outside) & (w % 2 != 0)) << np.uint64(j)
         out[wd] &= word
@@ -335,7 +335,7 @@ def _median_select(buf, m, hist):  # pragma: no cover - compiled
     kept = 0
     for i in range(m):
         key = u[i] ^ (ones if u[i] & sign else sign)
-        b = np.int64(key >> sh)
+        b = np.int64(key >> sh)  # type: ignore[assignment]  # numba: a signed bin index
         if b >= b1 and b <= b2:
             buf[kept] = buf[i]  # kept <= i: compacts in place
             u[kept] = u[i]

@@ -421,7 +421,9 @@ class _Engine:
 
     def _rect_plan(self, pop: Population, g: RectGate, comp):
         """Bounds of a rectangle: ``fast`` and ``slow`` (raw-scale / exact transform), and per channel its raw cuts."""
-        fast, slow, cuts = [], [], []  # fast/slow: (dim, t, raw bound, ge); cuts: (channel, lower, upper)
+        fast: list[tuple] = []
+        slow: list[tuple] = []
+        cuts: list[tuple] = []  # fast/slow: (dim, t, raw bound, ge); cuts: (channel, lower, upper)
         for dim, (lo, hi) in zip(g.dims, g.bounds):
             lo, hi = self.bound(lo, pop, dim), self.bound(hi, pop, dim)
             b: dict[bool, float] = {}
@@ -648,7 +650,7 @@ def _sure_cut(xb: float) -> tuple[float, float]:
     return float(np.nextafter(xb + tol, np.inf)), float(np.nextafter(xb - tol, -np.inf))
 
 
-def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+def points_in_polygon(vertices: np.ndarray | Sequence[Sequence[float]], px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Winding-number point-in-polygon, vectorised over points (boolean per point).
 
     Same arithmetic and the same bounding-box rule as FlowUtils'

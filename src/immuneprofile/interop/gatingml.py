@@ -390,8 +390,8 @@ def _fold_complements(pops: list[Population], complements: Mapping[str, str], na
     for p in pops:
         region_id = complements.get(gate_ids[p.name][0]) if p.name in gate_ids else None
         region = by_name.get(names.get(region_id, region_id)) if region_id else None
-        if region is not None and isinstance(p.gate, BooleanGate) and hasattr(region.gate, "complement"):
-            gate = replace(region.gate, complement=True)
+        if region is not None and isinstance(p.gate, BooleanGate) and isinstance(region.gate, (RectGate, PolygonGate)):
+            gate: RectGate | PolygonGate = replace(region.gate, complement=True)
             if isinstance(gate, RectGate) and kinds.get(gate_ids[p.name][0]):
                 gate = replace(gate, kind=kinds[gate_ids[p.name][0]])
             p = replace(p, gate=gate)
@@ -550,6 +550,7 @@ class _Writer:
         key = ("ratio", d.marker, d.ratio)
         if key in self.xf_id:
             return self.xf_id[key]
+        assert d.ratio is not None  # only ratio dimensions get here
         num, den, a, b, c = d.ratio
         T = NS_TRANSFORMS
         xid = self.xf_id[key] = self.new_id(d.marker)
@@ -703,10 +704,11 @@ class _Writer:
 
     def quadrant(self, pop: Population, g: RectGate, group: str, signs) -> None:
         G = NS_GATING
-        cuts = []
+        cuts: list[float] = []
         for axis in (0, 1):
-            b = next(x for x in g.bounds[axis] if x is not None)
-            cuts.append(self.value(b))
+            cut = self.value(next(x for x in g.bounds[axis] if x is not None))
+            assert cut is not None  # a quadrant's cut is a number or a threshold
+            cuts.append(cut)
         comp = self.gate_comp(g.dims, pop.name)
         el = self.new_gate("QuadrantGate", group, pop.parent)
         self.record(group, None)

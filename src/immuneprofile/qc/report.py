@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -114,8 +114,9 @@ def panel_events(result: GatingResult, pop: Population, values: EventValues, max
     parent_n = int(idx.size)
     if idx.size > max_points:
         idx = np.sort(rng.choice(idx, max_points, replace=False))
-    comp = gate_compensation(pop.gate)
-    return idx, parent_n, [values.transformed(d, idx, comp, pop.name) for d in pop.gate.dims[:2]]
+    g: Any = pop.gate  # a drawn gate: not boolean
+    comp = gate_compensation(g)
+    return idx, parent_n, [values.transformed(d, idx, comp, pop.name) for d in g.dims[:2]]
 
 
 def _resolved_bounds(g: Any, th: dict, notes: list[str]) -> list[tuple[Any, Any]]:
@@ -141,7 +142,7 @@ def _resolved_bounds(g: Any, th: dict, notes: list[str]) -> list[tuple[Any, Any]
 
 
 def _panel_title(ax, res: GatingResult, pops: list[Population], parent_n: int) -> None:
-    pop, g = pops[0], pops[0].gate
+    pop, g = pops[0], cast(Any, pops[0].gate)
     parent_name = pop.parent or "all events"
     if len(pops) == 1:
         n = res.count(pop.name)
@@ -165,7 +166,7 @@ def _draw_histogram(ax, pop: Population, x: np.ndarray, bounds: tuple[Any, Any],
     for b in (lo, hi):
         if b is not None:
             ax.axvline(b, color=GATE_COLOR, lw=1.2, ls=ls, gid=f"cut:{pop.name}")
-    ax.set_xlabel(_axis_label(pop.gate.dims[0]), fontsize=7)
+    ax.set_xlabel(_axis_label(cast(Any, pop.gate).dims[0]), fontsize=7)
     ax.set_ylabel("events", fontsize=7)
 
 
@@ -186,14 +187,14 @@ def _ellipse_extent(g: EllipseGate, bounds) -> tuple[list, list]:
 def _draw_quadrant(ax, res: GatingResult, pops: list[Population], bounds, parent_n: int) -> None:
     xc = bounds[0][0] if bounds[0][0] is not None else bounds[0][1]
     yc = bounds[1][0] if bounds[1][0] is not None else bounds[1][1]
-    g = pops[0].gate
+    g = cast(RectGate, pops[0].gate)
     grp = g.quadrant[0] if g.quadrant else pops[0].name
     if xc is not None:
         ax.axvline(xc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
     if yc is not None:
         ax.axhline(yc, color=GATE_COLOR, lw=1.2, gid=f"gate:{grp}")
     for q in pops:
-        (qlo, _), (ylo, _) = q.gate.bounds[0], q.gate.bounds[1]
+        (qlo, _), (ylo, _) = cast(RectGate, q.gate).bounds[:2]
         right, top = qlo is not None, ylo is not None
         qn = res.count(q.name)
         ax.text(0.98 if right else 0.02, 0.97 if top else 0.03, f"{q.name}\n{qn:,} ({_fmt_pct(qn, parent_n)})",
@@ -243,7 +244,7 @@ def _draw_density(ax, res: GatingResult, pops: list[Population], xy: list[np.nda
     """A 2-D gate: the parent's density on the gate's first two axes, the gate's outline over it."""
     from matplotlib.colors import LogNorm
 
-    g = pops[0].gate
+    g: Any = pops[0].gate
     extent, draw = _GATE_DRAWING[type(g)]
     gx, gy = extent(g, bounds)
     x, y = xy
@@ -265,7 +266,7 @@ def _draw_density(ax, res: GatingResult, pops: list[Population], xy: list[np.nda
 def _draw_panel(ax, res: GatingResult, pops: list[Population], vals: EventValues, th: dict, max_points: int,
                 rng: np.random.Generator) -> None:
     pop = pops[0]
-    g = pop.gate
+    g: Any = pop.gate
     _, parent_n, xy = panel_events(res, pop, vals, max_points, rng)
     notes: list[str] = []
     bounds = _resolved_bounds(g, th, notes)
@@ -496,7 +497,9 @@ def build_report(
     if not table.empty:
         table.to_csv(out / "populations.csv", index=False)
     templates = list(dict.fromkeys(r.template.name for r in batch.results))
-    check, lj_imgs, extra = None, [], []
+    check: pd.DataFrame | None = None
+    lj_imgs: list[tuple[str, str]] = []
+    extra: list[str] = []
     if reference_db is not None:
         check, lj_imgs, extra = _reference_check(table, out, reference_db, reference_sample, min_history, dpi)
     warns = extra + report_warnings(batch, min_sample_events=min_sample_events,

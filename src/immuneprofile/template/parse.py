@@ -191,10 +191,10 @@ class _Parser:
         if ratio is not None:
             marker = str(m.get("name") or f"{ratio[0]}/{ratio[1]}")
         else:
-            marker = m.get("marker")
-            if not isinstance(marker, str) or not marker.strip():
+            given = m.get("marker")
+            if not isinstance(given, str) or not given.strip():
                 raise _err(self.src, pop, f"dimension needs a marker, got {m!r}", "write `marker: CD4`")
-            marker = marker.strip()
+            marker = given.strip()
         try:
             spec = normalize_spec(m["transform"]) if "transform" in m else (None if ratio else self.spec_for(marker))
         except TransformError as exc:
