@@ -442,6 +442,8 @@ def _medians_np(ev, chans, bits, buf, hist, out):
         out[c] = np.median(v) if v.size else np.nan
 
 
+#: The compiled kernels, compiled once per process on first use (numba also caches them on disk);
+#: ``False`` when numba cannot be imported.
 _COMPILED: Any = None
 
 
@@ -472,7 +474,7 @@ def kernels(compiled: bool = True):
                            compiled=False)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=256)  # pure function of the vertices: a bounded per-process memo
 def convex_edges(vertices: tuple[tuple[float, float], ...]):
     """Edges of a strictly convex polygon for :func:`_convex_bits`, or ``None`` if it is not one.
 

@@ -199,6 +199,8 @@ class _Spare:
                 self._free.pop(next(iter(self._free)))
 
 
+#: Process-wide state (1 of 2): bit-set arrays recycled between samples (bounded: ``per_size`` per length);
+#: holds no results -- a sample's arrays come back only after its results were copied out. See docs/architecture.md.
 _SPARE = _Spare()
 
 
@@ -601,6 +603,7 @@ class _Engine:
         return res & parent  # also clears the bits past the last event that ~ set
 
 
+#: Process-wide state (2 of 2): per thread, the float buffers a threshold fit reads (nothing is kept in them).
 _SCRATCH = threading.local()
 
 

@@ -149,7 +149,7 @@ def _into(f):
     return apply
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=32)  # pure function of the spec: a bounded per-process memo of lookup tables
 def _table_transform(items: tuple):
     from immuneprofile.engine._kernels import kernels
 
