@@ -23,9 +23,10 @@ from immuneprofile.template.model import (
     RectGate,
     Template,
     ThresholdRef,
+    is_scatter,
 )
 
-__all__ = ["to_gating_strategy", "flowkit_gate_path"]
+__all__ = ["compensation_ref", "to_gating_strategy", "flowkit_gate_path"]
 
 
 def flowkit_gate_path(template: Template, name: str) -> tuple[str, ...]:
@@ -37,6 +38,34 @@ def flowkit_gate_path(template: Template, name: str) -> tuple[str, ...]:
             path.append(g.quadrant[0])
         path.append(anc)
     return tuple(path)
+
+
+def compensation_ref(dim: Dim, data: FCSData | None, channel: str | None) -> str:
+    """The FlowKit/Gating-ML compensation reference of a template dimension.
+
+    ``"uncompensated"``; a matrix id of ``template.compensation`` (Gating-ML
+    ``spectrumMatrix``); ``"FCS"`` (the file's own spillover); or ``"custom"`` (the
+    matrix ``data`` was loaded with). Scatter channels are never compensated.
+    Without ``data``, compensated fluorescence dimensions refer to ``"FCS"``.
+
+    Parameters
+    ----------
+    dim
+        The dimension.
+    data
+        The sample the strategy is built for (resolves the compensation it carries).
+    channel
+        The dimension's ``$PnN`` channel; ``None`` for a ratio dimension.
+    """
+    if not dim.compensated:
+        return "uncompensated"
+    if isinstance(dim.compensated, str):
+        return dim.compensated
+    if data is None:
+        return "uncompensated" if channel is not None and is_scatter(channel) else "FCS"
+    if channel is not None and data.channels.index(channel) in data.scatter:
+        return "uncompensated"
+    return data.compensation if data.compensation in ("FCS", "custom") else "uncompensated"
 
 
 def _ref_path(template: Template, name: str) -> tuple[str, ...]:
@@ -80,13 +109,8 @@ class _StrategyBuilder:
         self.data = data
         self.fixed = dict(thresholds or {})
         self.gs = fk.GatingStrategy()
-        if data.compensation == "FCS":
-            self.comp_ref = "FCS"
-        elif data.compensation == "custom":
-            self.comp_ref = "custom"
+        if data.compensation == "custom":
             self.gs.add_comp_matrix("custom", data.spill)
-        else:
-            self.comp_ref = "uncompensated"
 
     def build(self):
         done_quadrants: set[str] = set()
@@ -118,17 +142,12 @@ class _StrategyBuilder:
 
     def cref(self, d: Dim, ch: str | None) -> str:
         """Compensation reference of a dimension (``ch``: its channel; ``None`` for a ratio)."""
-        if not d.compensated:
-            return "uncompensated"
-        if isinstance(d.compensated, str):  # a spillover matrix of the template (Gating-ML import)
-            if d.compensated not in self.gs.comp_matrices:
-                frame = self.template.compensation[d.compensated]
-                self.gs.add_comp_matrix(d.compensated, self.fk.Matrix(frame.to_numpy(dtype=float),
-                                                                      list(frame.columns), list(frame.index)))
-            return d.compensated
-        if ch is None:
-            return self.comp_ref
-        return self.comp_ref if self.data.channels.index(ch) not in self.data.scatter else "uncompensated"
+        ref = compensation_ref(d, self.data, ch)
+        if isinstance(d.compensated, str) and ref not in self.gs.comp_matrices:  # a template's matrix
+            frame = self.template.compensation[ref]
+            self.gs.add_comp_matrix(ref, self.fk.Matrix(frame.to_numpy(dtype=float), list(frame.columns),
+                                                        list(frame.index)))
+        return ref
 
     def value(self, b: Any) -> float | None:
         if not isinstance(b, ThresholdRef):

@@ -51,6 +51,7 @@ import numpy as np
 
 from immuneprofile.engine.transforms import normalize_spec
 from immuneprofile.exceptions import GatingMLError, GatingMLWarning
+from immuneprofile.interop.flowkit import compensation_ref
 from immuneprofile.template.model import (
     BooleanGate,
     Dim,
@@ -60,7 +61,6 @@ from immuneprofile.template.model import (
     RectGate,
     Template,
     ThresholdRef,
-    is_scatter,
     topological_order,
 )
 
@@ -491,19 +491,10 @@ class _Writer:
         return self.data.channels[self.data.find_channel(marker, context=f"template {self.t.path}, population {pop!r}")]
 
     def comp_ref(self, d: Dim, ch: str | None) -> str:
-        if not d.compensated:
-            return "uncompensated"
+        ref = compensation_ref(d, self.data, ch)
         if isinstance(d.compensated, str):
-            return self.matrix(d.compensated)
-        if self.data is None:
-            return "uncompensated" if ch is not None and is_scatter(ch) else "FCS"
-        if ch is not None and self.data.channels.index(ch) in self.data.scatter:
-            return "uncompensated"
-        if self.data.compensation == "FCS":
-            return "FCS"
-        if self.data.compensation == "custom":
-            return self.matrix("custom", self.data.spill)
-        return "uncompensated"
+            return self.matrix(ref)
+        return self.matrix("custom", self.data.spill) if ref == "custom" else ref
 
     def matrix(self, mid: str, fk_matrix: Any = None) -> str:
         if mid in self.mx_id:
