@@ -16,7 +16,7 @@ import numpy as np
 
 from immuneprofile.exceptions import ThresholdError, ThresholdWarning
 
-__all__ = ["fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
+__all__ = ["THRESHOLD_METHODS", "fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
 
 #: Density rules are fitted on at most this many events (the engine passes a systematic subsample;
 #: larger inputs are subsampled at random with a fixed seed).
@@ -189,3 +189,6 @@ def _gmm(values: np.ndarray, v: np.ndarray, rule: Mapping[str, Any], label: str)
 
 
 _METHODS: dict[str, _Fit] = {"quantile": _quantile, "tail": _tail, "valley": _valley, "gmm": _gmm}
+
+#: The data-driven threshold methods a template may name (``{method: ...}``).
+THRESHOLD_METHODS = frozenset(_METHODS)

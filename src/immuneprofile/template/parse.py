@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from immuneprofile.engine.thresholds import THRESHOLD_METHODS
 from immuneprofile.engine.transforms import TransformError, normalize_spec
 from immuneprofile.exceptions import TemplateError
 from immuneprofile.template.model import (
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 ROOT = "root"
-THRESHOLD_METHODS = {"valley", "tail", "quantile", "gmm"}
 _RULE_KEYS = {"method", "scope", "on", "fallback", "fraction", "q", "min_height", "min_depth", "bw", "side"}
 _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "neg": ("pos", False),
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
