@@ -707,6 +707,8 @@ def gate_sample(data, template, *, thresholds=None, threads=0):
     ------
     MarkerError
         A marker of the template is missing from the file.
+    ThresholdError
+        A data-driven threshold could not be fitted and its rule gives no ``fallback``.
     GatingError
         Anything else that prevents gating, naming the file, template and population.
     """
