@@ -447,7 +447,7 @@ class _Writer:
         from lxml import etree
 
         self.E = etree
-        self.t = template
+        self.template = template
         self.data = data
         self.values = values
         self.used: set[str] = set()
@@ -488,7 +488,7 @@ class _Writer:
     def channel(self, marker: str, pop: str) -> str:
         if self.data is None:
             return marker
-        return self.data.channels[self.data.find_channel(marker, context=f"template {self.t.path}, population {pop!r}")]
+        return self.data.channels[self.data.find_channel(marker, context=f"template {self.template.path}, population {pop!r}")]
 
     def comp_ref(self, d: Dim, ch: str | None) -> str:
         ref = compensation_ref(d, self.data, ch)
@@ -500,9 +500,9 @@ class _Writer:
         if mid in self.mx_id:
             return self.mx_id[mid]
         if fk_matrix is None:
-            frame = (self.t.compensation or {}).get(mid)
+            frame = (self.template.compensation or {}).get(mid)
             if frame is None:
-                raise GatingMLError(f"template {self.t.path}: dimension compensated with {mid!r}, "
+                raise GatingMLError(f"template {self.template.path}: dimension compensated with {mid!r}, "
                                     f"which is not in template.compensation")
             fluoros, dets, mat = list(frame.index), list(frame.columns), np.asarray(frame, dtype=float)
         else:
@@ -576,7 +576,7 @@ class _Writer:
         refs = [self.comp_ref(d, None if d.ratio is not None else self.channel(d.marker, pop)) for d in dims]
         real = sorted({r for r in refs if r != "uncompensated"})
         if len(real) > 1:
-            raise GatingMLError(f"template {self.t.path}: population {pop!r} mixes compensations {real}")
+            raise GatingMLError(f"template {self.template.path}: population {pop!r} mixes compensations {real}")
         return real[0] if real else "uncompensated"
 
     # -- gates
@@ -592,7 +592,7 @@ class _Writer:
 
     def build(self):
         done_groups: set[str] = set()
-        for pop in self.t.populations:
+        for pop in self.template.populations:
             g = pop.gate
             if isinstance(g, RectGate) and g.quadrant is not None:
                 if g.quadrant[0] not in done_groups:
@@ -634,8 +634,8 @@ class _Writer:
         """The template's name, description and population names/kinds, for :func:`read_gatingml`."""
         custom = self.E.SubElement(self.root, f"{{{NS_DATATYPE}}}custom_info")
         tpl = self.E.SubElement(custom, f"{{{NS_IP}}}template", nsmap={"ip": NS_IP})
-        tpl.set("name", self.t.name)
-        tpl.set("description", self.t.description or "")
+        tpl.set("name", self.template.name)
+        tpl.set("description", self.template.description or "")
         for what, attrs in self.info:
             el = self.E.SubElement(tpl, f"{{{NS_IP}}}{what}")
             for k, v in attrs.items():
@@ -666,7 +666,7 @@ class _Writer:
                     continue
                 self.dimension(el, d, pop.name, comp, lo, hi)
             if not len(el):
-                raise GatingMLError(f"template {self.t.path}: population {pop.name!r} has no bound to write")
+                raise GatingMLError(f"template {self.template.path}: population {pop.name!r} has no bound to write")
         elif isinstance(g, PolygonGate):
             comp = self.gate_comp(g.dims, pop.name)
             el = self.new_gate("PolygonGate", name, parent, gid)
