@@ -188,7 +188,7 @@ def test_template_errors_name_file_population_and_fix(tmp_path, body, pattern):
          populations:
            - {name: q, gate: {type: quadrant, x: CD4, y: CD8, x_cut: 0.5, y_cut: 0.5, complement: true,
                               names: {"++": a, "+-": b, "-+": c, "--": d}}}
-         """, r"population 'q': `complement` is not supported on a quadrant gate"),
+         """, r"population 'q': `complement` is not supported on quadrant gates"),
         ("""
          thresholds: {CD4: {pos: .nan}}
          populations:

@@ -249,7 +249,7 @@ class _Parser:
             if key == "type" or key in allowed:
                 continue
             if key == "complement":
-                raise _err(self.src, pop, f"`complement` is not supported on a {kind} gate",
+                raise _err(self.src, pop, f"`complement` is not supported on {kind} gates",
                            "remove it (for a quadrant, use the opposite cell; otherwise a boolean `not` gate)")
             raise _err(self.src, pop, f"{kind} gate has unknown key {str(key)!r}{_hint(str(key), sorted(allowed))}",
                        f"use {', '.join(sorted(allowed))}")
