@@ -55,7 +55,8 @@ from immuneprofile.template.parse import (
     ThresholdRef,
 )
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
-from immuneprofile.engine.transforms import MONOTONE, density_transform, make_transform, transform_key
+from immuneprofile.engine.transforms import (MONOTONE, density_transform, inverse_bound, make_transform,
+                                             transform_key)
 from immuneprofile.exceptions import GatingError
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
@@ -268,8 +269,8 @@ class _Columns:
         key = (self.tkey(spec), t)
         v = self._inv.get(key)
         if v is None:
-            v = float(np.asarray(self.xform(spec).inverse(np.array([[t]], dtype=float))).reshape(-1)[0])
-            if not np.isfinite(v):
+            v = inverse_bound(spec, self.xform(spec), t)
+            if v is None:
                 return None
             self._inv[key] = v
         return v
