@@ -1,10 +1,18 @@
-"""Exchange with other tools: FlowKit GatingStrategy, Gating-ML 2.0."""
+"""Exchange with other tools: FlowKit GatingStrategy, Gating-ML 2.0, FlowJo workspaces."""
 
 from __future__ import annotations
 
 from immuneprofile.interop.flowkit import (
     flowkit_gate_path,
     to_gating_strategy,
+)
+from immuneprofile.interop.flowjo import (
+    FlowJoError,
+    add_flowjo_counts,
+    flowjo_counts,
+    flowjo_groups,
+    read_flowjo,
+    write_flowjo,
 )
 from immuneprofile.interop.gatingml import (
     GatingMLError,
@@ -18,6 +26,12 @@ from immuneprofile.interop.gatingml import (
 )
 
 __all__ = [
+    "FlowJoError",
+    "add_flowjo_counts",
+    "flowjo_counts",
+    "flowjo_groups",
+    "read_flowjo",
+    "write_flowjo",
     "GatingMLError",
     "GatingMLWarning",
     "NS_DATATYPE",

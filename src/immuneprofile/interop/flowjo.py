@@ -420,7 +420,8 @@ def _transform_element(parent, channel: str, spec: Mapping[str, Any]) -> None:
     else:
         raise FlowJoError(f"channel {channel}: the {kind} transform has no FlowJo equivalent "
                           f"(FlowJo has linear, log, logicle, ArcSinh and biex)")
-    el = _sub(parent, _q("transforms", kind), **{_q("transforms", k) if k != "gain" else k: repr(float(v))
+    el = _sub(parent, _q("transforms", kind), **{_q("transforms", k) if k != "gain" else k:
+                                                  str(v) if isinstance(v, int) else repr(float(v))
                                                   for k, v in attrs.items()})
     _sub(el, _q("data-type", "parameter"), **{_q("data-type", "name"): channel})
 

@@ -16,6 +16,7 @@ from immuneprofile.template.parse import (
     load_template,
     parse_template,
 )
+from immuneprofile.template.write import template_to_dict, write_template
 from immuneprofile.template.shipped import (
     PANEL_TEMPLATES,
     resolve_template,
@@ -38,4 +39,6 @@ __all__ = [
     "ThresholdRef",
     "load_template",
     "parse_template",
+    "template_to_dict",
+    "write_template",
 ]
