@@ -40,7 +40,8 @@ import pandas as pd
 from immuneprofile.exceptions import FlowJoError
 from immuneprofile.template.parse import BooleanGate, Population, RectGate, Template
 
-__all__ = ["FlowJoError", "add_flowjo_counts", "flowjo_counts", "flowjo_groups", "read_flowjo", "write_flowjo"]
+__all__ = ["FlowJoError", "add_flowjo_counts", "convert_workspace", "flowjo_counts", "flowjo_groups", "read_flowjo",
+           "workspace_templates", "write_flowjo"]
 
 _BOOL_NODES = {"AndNode": "and", "OrNode": "or", "NotNode": "not"}
 
@@ -504,3 +505,28 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
         for sid in ids:
             _sub(refs, "SampleRef", sampleID=sid)
     etree.ElementTree(root).write(os.fspath(path), encoding="utf-8", xml_declaration=True, pretty_print=True)
+
+
+# --------------------------------------------------------------------------- what the CLI calls
+
+
+def workspace_templates(path: str | os.PathLike, group: str = "All Samples") -> tuple[list[Template], pd.DataFrame]:
+    """A workspace as the template of ``immuneprofile gate --workspace``: ``([template], FlowJo's counts)``."""
+    tmpl = read_flowjo(path, group=group)
+    return [tmpl], tmpl.flowjo_counts  # type: ignore[attr-defined]
+
+
+def convert_workspace(path: str | os.PathLike, out_dir: str | os.PathLike, group: str | None = None) -> list[Path]:
+    """Write the workspace's templates as editable YAML files in ``out_dir``: one per sample group
+    (or only ``group``), named after the template. Returns the files written."""
+    from immuneprofile.template.write import write_template
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    templates = [read_flowjo(path, group=group)] if group is not None else list(flowjo_groups(path).values())
+    files = []
+    for t in templates:
+        f = out / f"{t.name}.yaml"
+        write_template(t, f)
+        files.append(f)
+    return files
