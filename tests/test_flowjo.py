@@ -16,7 +16,8 @@ from immuneprofile.interop.flowjo import add_flowjo_counts, flowjo_counts
 
 FLOWJO = SHARED / "flowjo"
 WORKSPACES = sorted(FLOWJO.glob("*/*.wsp"))
-#: Populations whose count FlowJo stored differs from the exact geometry (FlowKit's, and ours): see docs/flowjo.md.
+#: Populations whose count FlowJo stored differs from the exact geometry (FlowKit's, and ours): FlowJo's polygons
+#: are evaluated on its 256-channel display grid (docs/flowjo.md; checked below).
 FLOWJO_DIFFERS = {("simple_poly_and_rect_v2_poly50.wsp", "poly1")}
 SHIPPED = [("treg", "treg"), ("monocytes", "monocyte"), ("tcell_skin_homing", "tcell")]
 
@@ -55,22 +56,24 @@ def test_reference_workspace_membership_equals_flowkit_and_counts_flowjo(wsp):
                 assert res.count(name) == stored[name], f"{wsp.name}: {name}"
 
 
-def test_flowjo_count_difference_is_the_geometry():
-    """The one stored count that differs: 50 of the 100 events on the line y = 131072 lie inside poly1 as stored."""
+@pytest.mark.parametrize("wsp,name,exact", [("simple_poly_and_rect_v2_poly50.wsp", "poly1", 50),
+                                             ("single_ellipse_51_events.wsp", "ellipse1", 51)])
+def test_flowjo_polygon_counts_follow_the_documented_binning_rule(wsp, name, exact):
+    """docs/flowjo.md: FlowJo rounds events and vertices to 256 display channels; exact geometry is ours."""
     from matplotlib.path import Path as MplPath
 
-    wsp = FLOWJO / "simple_line_example" / "simple_poly_and_rect_v2_poly50.wsp"
-    tmpl = read_flowjo(wsp)
-    data = _load(FLOWJO / "simple_line_example" / "data_set_simple_line_100.fcs")
-    poly = tmpl["poly1"].gate
-    xs = [d.transform for d in poly.dims]
     from immuneprofile.engine.transforms import make_transform
 
+    wsp = FLOWJO / "simple_line_example" / wsp
+    tmpl = read_flowjo(wsp)
+    data = _load(FLOWJO / "simple_line_example" / "data_set_simple_line_100.fcs")
+    poly = tmpl[name].gate
     ev = data.sample.get_events(source="raw")
-    pts = np.column_stack([make_transform(x).apply(ev[:, [i]]).ravel() for i, x in enumerate(xs)])
-    inside = MplPath(np.asarray(poly.vertices)).contains_points(pts)
-    assert inside.sum() == 50 == gate_sample(data, tmpl).count("poly1")
-    assert flowjo_counts(wsp, tmpl).set_index("population").loc["poly1", "flowjo_count"] == 0
+    pts = np.column_stack([make_transform(d.transform).apply(ev[:, [i]]).ravel() for i, d in enumerate(poly.dims)])
+    verts = np.asarray(poly.vertices)
+    assert MplPath(verts).contains_points(pts).sum() == exact == gate_sample(data, tmpl).count(name)
+    binned = MplPath(np.round(verts * 256)).contains_points(np.round(pts * 256)).sum()
+    assert binned == flowjo_counts(wsp, tmpl).set_index("population").loc[name, "flowjo_count"]
 
 
 def test_markers_come_from_pns_and_biex_is_imported():
