@@ -50,18 +50,10 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     from immuneprofile.batch import gate_files
     from immuneprofile.exceptions import ImmuneProfileError
     from immuneprofile.stats import to_anndata, write_tables
-    from immuneprofile.template.parse import load_template
 
     err = Console(stderr=True, soft_wrap=True)
-    if bool(workspace) == bool(template_paths):
-        raise click.UsageError("give a template (-t) or a FlowJo workspace (--workspace), not both or neither")
-    flowjo_counts = None
     try:
-        templates = [load_template(p) for p in template_paths]
-        if workspace:  # a FlowJo workspace as the template
-            from immuneprofile.interop.flowjo import workspace_templates
-
-            templates, flowjo_counts = workspace_templates(workspace, group=group)
+        templates, flowjo_counts = _gate_templates(template_paths, workspace, group)
     except ImmuneProfileError as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         sys.exit(2)
@@ -76,20 +68,9 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
                 bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
 
         batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
-    table = batch.table
-    if flowjo_counts is not None and not table.empty:
-        from immuneprofile.interop.flowjo import add_flowjo_counts
-
-        table = add_flowjo_counts(table, flowjo_counts)
-    write_tables(out, table, batch.thresholds, batch.errors)
-    if flowjo_out and batch.results:  # gates and populations for FlowJo users
-        from immuneprofile.interop.flowjo import write_flowjo
-
-        try:
-            write_flowjo(templates, batch.results, flowjo_out)
-        except ImmuneProfileError as exc:
-            err.print(f"[red]FlowJo workspace not written:[/red] {exc}", markup=True, highlight=False)
-            sys.exit(1)
+    write_tables(out, _with_flowjo_counts(batch.table, flowjo_counts), batch.thresholds, batch.errors)
+    if flowjo_out:  # gates and populations for FlowJo users
+        _write_flowjo(err, templates, batch.results, flowjo_out)
     if batch.results and anndata and jobs == 1:
         for t in templates:
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
@@ -100,6 +81,42 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)
+
+
+def _gate_templates(template_paths: tuple[str, ...], workspace: str | None, group: str):
+    """``gate``'s templates (``-t``, or ``--workspace``'s) and FlowJo's stored counts (``None`` without a workspace)."""
+    from immuneprofile.template.parse import load_template
+
+    if bool(workspace) == bool(template_paths):
+        raise click.UsageError("give a template (-t) or a FlowJo workspace (--workspace), not both or neither")
+    if workspace:
+        from immuneprofile.interop.flowjo import workspace_templates
+
+        return workspace_templates(workspace, group=group)
+    return [load_template(p) for p in template_paths], None
+
+
+def _write_flowjo(err, templates, results, path: str) -> None:
+    """``gate --flowjo``: the run's gates and populations as a FlowJo workspace (exit 1 if FlowJo cannot take them)."""
+    from immuneprofile.exceptions import ImmuneProfileError
+    from immuneprofile.interop.flowjo import write_flowjo
+
+    if not results:
+        return
+    try:
+        write_flowjo(templates, results, path)
+    except ImmuneProfileError as exc:
+        err.print(f"[red]FlowJo workspace not written:[/red] {exc}", markup=True, highlight=False)
+        sys.exit(1)
+
+
+def _with_flowjo_counts(table, flowjo_counts):
+    """The population table with FlowJo's counts beside ours (``gate --workspace``), else unchanged."""
+    if flowjo_counts is None or table.empty:
+        return table
+    from immuneprofile.interop.flowjo import add_flowjo_counts
+
+    return add_flowjo_counts(table, flowjo_counts)
 
 
 @main.command()

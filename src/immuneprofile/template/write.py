@@ -43,18 +43,18 @@ class _Doc:
             if d.transform is not None:
                 out["transform"] = dict(d.transform)
             return out
-        if d.compensated is True and d.transform == self.t.transform_for(d.marker):
+        if self.plain(d):
             return d.marker
         return {"marker": d.marker, "transform": dict(d.transform) if d.transform else "none",
                 "compensated": d.compensated}
 
+    def plain(self, d: Dim) -> bool:
+        """Whether ``d`` is what the bare marker name means in this template."""
+        return d.ratio is None and d.compensated is True and d.transform == self.t.transform_for(d.marker)
+
     def rect(self, p: Population, g: RectGate) -> dict[str, Any]:
-        if g.kind == "threshold" and all(d.compensated is True and d.transform == self.t.transform_for(d.marker)
-                                         for d in g.dims):
-            markers = {}
-            for d, (lo, hi) in zip(g.dims, g.bounds):
-                ref = lo if lo is not None else hi
-                markers[d.marker] = _SIGN[(ref.cut, lo is not None)]
+        if g.kind == "threshold" and all(self.plain(d) for d in g.dims):
+            markers = {d.marker: _SIGN[((lo or hi).cut, lo is not None)] for d, (lo, hi) in zip(g.dims, g.bounds)}
             out: dict[str, Any] = {"type": "threshold", "markers": markers}
         elif len(g.dims) == 1:
             (lo, hi), = g.bounds
