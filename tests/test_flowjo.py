@@ -150,6 +150,23 @@ def test_imported_workspace_survives_yaml(tmp_path, wsp):
         np.testing.assert_array_equal(a.mask(name), b.mask(name), err_msg=name)
 
 
+def test_one_file_several_templates_gives_a_sample_and_group_per_template(tmp_path):
+    from dataclasses import replace
+
+    treg = load_template("treg")
+    other = replace(treg, name="treg_again")
+    data = _load(EXAMPLE / "P1_W00_treg.fcs")
+    res = gate_sample(data, [treg, other])
+    write_flowjo([treg, other], res, tmp_path / "two.wsp")
+    back = read_flowjo(tmp_path / "two.wsp", group="treg_again")
+    assert back.description.endswith("gates of sample 'P1_W00_treg.fcs [treg_again]'")
+    again = gate_sample(data, back)
+    for name in treg.names:
+        np.testing.assert_array_equal(again.mask(name), res[1].mask(name), err_msg=name)
+    with pytest.raises(FlowJoError, match="no loaded data"):
+        write_flowjo(treg, [replace(res[0], data=None)], tmp_path / "x.wsp")
+
+
 def test_add_flowjo_counts():
     table = pd.DataFrame({"sample_id": ["s1", "s1", "s2"], "population": ["A", "B", "A"], "count": [5, 6, 7]})
     counts = pd.DataFrame({"sample": ["s1.fcs", "s2.fcs"], "population": ["A", "A"], "flowjo_count": [5, 8]})

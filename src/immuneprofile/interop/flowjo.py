@@ -67,7 +67,7 @@ def _group_samples(ws, path: str, group: str) -> list[str]:
     groups = ws.get_sample_groups()
     if group not in groups:
         raise FlowJoError(f"{path}: no sample group {group!r}; the workspace has {groups}")
-    samples = list(ws._group_lut[group]["samples"])  # FlowJo's order (get_sample_ids sorts)
+    samples = ws.get_sample_ids(group_name=group, loaded_only=False)  # sorted by name
     if not samples:
         raise FlowJoError(f"{path}: sample group {group!r} has no samples, hence no gates")
     return samples
@@ -161,7 +161,7 @@ def read_flowjo(path: str | os.PathLike, group: str = "All Samples", sample: str
         The sample group (FlowJo's "All Samples" by default).
     sample
         The sample whose gate tree (and transforms, compensation) to take; by default
-        the group's first. FlowJo keeps one gate tree per sample: the group's gates
+        the group's first (by name). FlowJo keeps one gate tree per sample: the group's gates
         plus any the analyst adjusted for that sample.
 
     Returns
@@ -202,7 +202,8 @@ def flowjo_groups(path: str | os.PathLike) -> dict[str, Template]:
     """:func:`read_flowjo` of every sample group that has samples, by group name."""
     path = os.fspath(path)
     ws = _workspace(path)
-    return {g: read_flowjo(path, group=g) for g in ws.get_sample_groups() if ws._group_lut[g]["samples"]}
+    return {g: read_flowjo(path, group=g) for g in ws.get_sample_groups()
+            if ws.get_sample_ids(group_name=g, loaded_only=False)}
 
 
 def add_flowjo_counts(table: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
@@ -252,8 +253,12 @@ def _sub(parent, tag: str, **attrs: Any):
 class _SampleWriter:
     """One sample's FlowJo ``Sample`` element: its transforms, matrix, keywords and gate tree."""
 
-    def __init__(self, result, sample_id: int):
+    def __init__(self, result, sample_id: int, name: str):
+        if result.data is None:
+            raise FlowJoError(f"{result.path}: the result holds no loaded data (gated with jobs > 1?); FlowJo "
+                              f"gates name the file's channels and matrix: gate with jobs=1 to export")
         self.res = result
+        self.name = name
         self.t = result.template
         self.data = result.data
         self.sid = sample_id
@@ -268,8 +273,6 @@ class _SampleWriter:
 
     # -- values on FlowJo's (raw) scale
     def channel(self, marker: str, pop: str) -> str:
-        if self.data is None:
-            return marker
         return self.data.channels[self.data.find_channel(marker, context=f"template {self.t.path}, population {pop!r}")]
 
     def value(self, b: Any, pop: str) -> float | None:
@@ -319,7 +322,7 @@ class _SampleWriter:
             if list(frame.index) not in (list(frame.columns), [""] * frame.shape[1]):
                 raise FlowJoError(f"{self.where(pop)}: matrix {dim.compensated!r} is not a square spillover matrix")
             m = (dim.compensated, [str(c) for c in frame.columns], frame.to_numpy(dtype=float))
-        elif self.data is None or self.data.spill is None or self.data.channels.index(ch) in self.data.scatter:
+        elif self.data.spill is None or self.data.channels.index(ch) in self.data.scatter:
             return False
         else:
             m = ("Acquisition-defined" if self.data.compensation == "FCS" else "custom",
@@ -388,8 +391,8 @@ class _SampleWriter:
         sample_el = _sub(sample_list, "Sample")
         _sub(sample_el, "DataSet", uri=Path(res.path).resolve().as_uri() if res.path else res.sample_id,
              sampleID=self.sid)
-        sample_node = _sub(sample_el, "SampleNode", name=Path(res.path).name if res.path else res.sample_id,
-                           annotation="", owningGroup="", count=res.n_events, sampleID=self.sid)
+        sample_node = _sub(sample_el, "SampleNode", name=self.name, annotation="", owningGroup="",
+                           count=res.n_events, sampleID=self.sid)
         self.node_of[None] = _sub(sample_node, "Subpopulations")
         for pop in self.t.populations:
             self.population(pop)
@@ -449,11 +452,9 @@ def _keywords(data, res):
 
     el = etree.Element("Keywords")
     kws: list[tuple[str, str]] = [("$FIL", Path(res.path).name if res.path else res.sample_id),
-                                  ("$TOT", str(res.n_events))]
-    if data is not None:
-        kws.append(("$PAR", str(len(data.channels))))
-        for i, (ch, m) in enumerate(zip(data.channels, data.markers), start=1):
-            kws += [(f"$P{i}N", ch), (f"$P{i}S", m)]
+                                  ("$TOT", str(res.n_events)), ("$PAR", str(len(data.channels)))]
+    for i, (ch, m) in enumerate(zip(data.channels, data.markers), start=1):
+        kws += [(f"$P{i}N", ch), (f"$P{i}S", m)]
     for k, v in kws:
         _sub(el, "Keyword", name=k, value=v)
     return el
@@ -473,8 +474,9 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
     templates
         The template(s) the results were gated with.
     results
-        :class:`~immuneprofile.GatingResult` objects (e.g. ``Batch.results``), with their
-        loaded data (markers are written as the files' channel names, ``$PnN``).
+        :class:`~immuneprofile.GatingResult` objects (e.g. ``Batch.results`` of a ``jobs=1``
+        run), with their loaded data: markers are written as the files' channel names (``$PnN``),
+        compensated dimensions with the file's spillover matrix.
     path
         The ``.wsp`` file to write.
 
@@ -482,8 +484,9 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
     ------
     FlowJoError
         A gate FlowJo cannot express (ellipse, ratio dimension, complemented boolean operand,
-        one channel under two transforms or two compensation matrices), or a result of a
-        template not given. A file that several templates gated gets one sample per template.
+        one channel under two transforms or two compensation matrices), a result of a
+        template not given, or one without its loaded data. A file that several templates
+        gated gets one sample per template, named ``"file.fcs [template]"``.
     """
     from lxml import etree
 
@@ -494,10 +497,13 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
     groups_el = _sub(root, "Groups")
     sample_list = _sub(root, "SampleList")
     members: dict[str, list[int]] = {t.name: [] for t in templates}
-    for i, res in enumerate(results, start=1):
+    names = [Path(r.path).name if r.path else r.sample_id for r in results]
+    for i, (res, name) in enumerate(zip(results, names), start=1):
         if not any(res.template is t for t in templates):
             raise FlowJoError(f"{res.path}: gated with template {res.template.name!r}, which is not among those given")
-        _SampleWriter(res, i).write(sample_list)
+        if names.count(name) > 1:  # one file, several templates: a FlowJo sample each
+            name = f"{name} [{res.template.name}]"
+        _SampleWriter(res, i, name).write(sample_list)
         members[res.template.name].append(i)
     for name, ids in [("All Samples", list(range(1, len(results) + 1)))] + list(members.items()):
         group_node = _sub(groups_el, "GroupNode", name=name, annotation="", owningGroup=name)
