@@ -83,20 +83,28 @@ def test_markers_come_from_pns_and_biex_is_imported():
     assert tmpl.markers == ["channel_A", "channel_B"]  # $PnS empty in this file: the $PnN names
 
 
-@pytest.mark.parametrize("cut", [0.0, 1e-9, 0.5, 900.0, 1816.821072, 3000.0, 4095.999, 4096.0, 5000.0])
-def test_biex_bounds_match_flowkit_transform(cut):
-    """The engine maps biex cuts back to the raw scale (or not, where the table is flat): same events as FlowKit's."""
+BIEX = {"type": "biex", "neg": 0.0, "width": -10.0, "pos": 4.418539922, "max": 262144.0}
+FJLOG = {"type": "flowjo_log", "offset": 1.0, "decades": 5.5}
+
+
+@pytest.mark.parametrize("spec,cut", [(BIEX, c) for c in (0.0, 1e-9, 0.5, 900.0, 1816.821072, 4095.999, 4096.0, 5e3)]
+                         + [(FJLOG, c) for c in (-1.0, 0.0, 1e-12, 0.5, 0.9, 1.0)])
+def test_flowjo_transform_bounds_match_flowkit(spec, cut):
+    """The engine maps cuts on FlowJo's biex and log back to the raw scale (or not, where FlowKit clamps them
+    flat): the same events as FlowKit's transform objects give."""
     from flowkit import transforms as fkt
 
     from immuneprofile import parse_template
 
     data = _load(FLOWJO / "simple_diamond_example" / "test_data_diamond_01.fcs")
-    spec = {"type": "biex", "neg": 0.0, "width": -10.0, "pos": 4.418539922, "max": 262144.0}
     tmpl = parse_template({"populations": [
         {"name": "hi", "gate": {"type": "range", "marker": {"marker": "channel_A", "transform": spec}, "min": cut}},
         {"name": "lo", "gate": {"type": "range", "marker": {"marker": "channel_B", "transform": spec}, "max": cut}}]})
     res = gate_sample(data, tmpl)
-    xf = fkt.WSPBiexTransform(negative=0, width=-10, positive=4.418539922, max_value=262144.0)
+    if spec["type"] == "biex":
+        xf = fkt.WSPBiexTransform(negative=0, width=-10, positive=4.418539922, max_value=262144.0)
+    else:
+        xf = fkt.WSPLogTransform(offset=1.0, decades=5.5)
     raw = data.sample.get_events(source="raw")
     np.testing.assert_array_equal(res.mask("hi"), xf.apply(raw[:, 0]) >= cut)
     np.testing.assert_array_equal(res.mask("lo"), xf.apply(raw[:, 1]) < cut)
