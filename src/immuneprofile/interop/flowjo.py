@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from immuneprofile.exceptions import FlowJoError
-from immuneprofile.template.parse import BooleanGate, Population, RectGate, Template
+from immuneprofile.template.parse import BooleanGate, RectGate, Template
 
 __all__ = ["FlowJoError", "add_flowjo_counts", "convert_workspace", "flowjo_counts", "flowjo_groups", "read_flowjo",
            "workspace_templates", "write_flowjo"]
