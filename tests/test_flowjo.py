@@ -171,8 +171,23 @@ def test_one_file_several_templates_gives_a_sample_and_group_per_template(tmp_pa
     again = gate_sample(data, back)
     for name in treg.names:
         np.testing.assert_array_equal(again.mask(name), res[1].mask(name), err_msg=name)
-    with pytest.raises(FlowJoError, match="no loaded data"):
-        write_flowjo(treg, [replace(res[0], data=None)], tmp_path / "x.wsp")
+    with pytest.raises(FlowJoError, match="holds no loaded data and the file cannot be reloaded"):
+        write_flowjo(treg, [replace(res[0], data=None, path=str(tmp_path / "moved.fcs"))], tmp_path / "x.wsp")
+
+
+def test_cli_flowjo_export_from_parallel_workers(tmp_path):
+    """With -j 2 the results come back without data and with copies of the template: the export still works."""
+    files = sorted(EXAMPLE.glob("P1_W0*_treg.fcs"))[:2]
+    r = CliRunner().invoke(main, ["gate", "-t", "treg", *map(str, files), "-j", "2", "-o", str(tmp_path / "o"),
+                                  "--flowjo", str(tmp_path / "par.wsp")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "o" / "populations.csv")
+    ws = _flowkit_workspace(tmp_path / "par.wsp", files)
+    back = read_flowjo(tmp_path / "par.wsp")
+    for f in files:
+        rows = table[table["sample_id"] == f.stem].set_index("population")["count"]
+        for name, (gid, path) in back.gate_ids.items():
+            assert ws.get_gate_membership(f.name, gid, path).sum() == rows[name], f"{f.name}: {name}"
 
 
 def test_add_flowjo_counts():

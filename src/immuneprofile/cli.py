@@ -70,7 +70,7 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
         batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
     write_tables(out, _with_flowjo_counts(batch.table, flowjo_counts), batch.thresholds, batch.errors)
     if flowjo_out:  # gates and populations for FlowJo users
-        _write_flowjo(err, templates, batch.results, flowjo_out)
+        _write_flowjo(err, templates, batch.results, flowjo_out, compensation)
     if batch.results and anndata and jobs == 1:
         for t in templates:
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
@@ -96,7 +96,7 @@ def _gate_templates(template_paths: tuple[str, ...], workspace: str | None, grou
     return [load_template(p) for p in template_paths], None
 
 
-def _write_flowjo(err, templates, results, path: str) -> None:
+def _write_flowjo(err, templates, results, path: str, compensation: str) -> None:
     """``gate --flowjo``: the run's gates and populations as a FlowJo workspace (exit 1 if FlowJo cannot take them)."""
     from immuneprofile.exceptions import ImmuneProfileError
     from immuneprofile.interop.flowjo import write_flowjo
@@ -104,7 +104,7 @@ def _write_flowjo(err, templates, results, path: str) -> None:
     if not results:
         return
     try:
-        write_flowjo(templates, results, path)
+        write_flowjo(templates, results, path, compensation=compensation)
     except ImmuneProfileError as exc:
         err.print(f"[red]FlowJo workspace not written:[/red] {exc}", markup=True, highlight=False)
         sys.exit(1)

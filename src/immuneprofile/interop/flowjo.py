@@ -253,14 +253,11 @@ def _sub(parent, tag: str, **attrs: Any):
 class _SampleWriter:
     """One sample's FlowJo ``Sample`` element: its transforms, matrix, keywords and gate tree."""
 
-    def __init__(self, result, sample_id: int, name: str):
-        if result.data is None:
-            raise FlowJoError(f"{result.path}: the result holds no loaded data (gated with jobs > 1?); FlowJo "
-                              f"gates name the file's channels and matrix: gate with jobs=1 to export")
+    def __init__(self, result, sample_id: int, name: str, data):
         self.res = result
         self.name = name
         self.t = result.template
-        self.data = result.data
+        self.data = data
         self.sid = sample_id
         self.values = {(f.marker, f.cut): float(f.value) for f in result.thresholds}
         self.xforms: dict[str, tuple[Any, Any]] = {}  # channel -> (spec, FlowKit transform)
@@ -460,7 +457,21 @@ def _keywords(data, res):
     return el
 
 
-def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any], path: str | os.PathLike) -> None:
+def _result_data(res, compensation: Any):
+    """The loaded sample of a result; reloaded from its file if the result holds none (``jobs > 1`` runs)."""
+    if res.data is not None:
+        return res.data
+    from immuneprofile.io.fcs import load_fcs
+
+    try:
+        return load_fcs(res.path, compensation)
+    except Exception as exc:  # FCSError, or a file that moved since gating
+        raise FlowJoError(f"{res.path}: the result holds no loaded data and the file cannot be reloaded for its "
+                          f"channel names and matrix: {exc}") from exc
+
+
+def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any], path: str | os.PathLike, *,
+                 compensation: Any = "auto") -> None:
     """Write gating results as a FlowJo 10 workspace (``.wsp``) that FlowJo and FlowKit open.
 
     Each gated sample gets its own gate tree (FlowJo's per-sample gates), with the
@@ -474,18 +485,21 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
     templates
         The template(s) the results were gated with.
     results
-        :class:`~immuneprofile.GatingResult` objects (e.g. ``Batch.results`` of a ``jobs=1``
-        run), with their loaded data: markers are written as the files' channel names (``$PnN``),
-        compensated dimensions with the file's spillover matrix.
+        :class:`~immuneprofile.GatingResult` objects (e.g. ``Batch.results``): markers are
+        written as the files' channel names (``$PnN``), compensated dimensions with the file's
+        spillover matrix (the file is reloaded if the result holds no data).
     path
         The ``.wsp`` file to write.
+    compensation
+        How to reload the file of a result that holds no data (``jobs > 1`` runs drop it): as
+        given to :func:`~immuneprofile.load_fcs` when gating.
 
     Raises
     ------
     FlowJoError
         A gate FlowJo cannot express (ellipse, ratio dimension, complemented boolean operand,
         one channel under two transforms or two compensation matrices), a result of a
-        template not given, or one without its loaded data. A file that several templates
+        template not given, or one whose file cannot be reloaded. A file that several templates
         gated gets one sample per template, named ``"file.fcs [template]"``.
     """
     from lxml import etree
@@ -496,14 +510,14 @@ def write_flowjo(templates: Template | Sequence[Template], results: Iterable[Any
     _sub(root, "Matrices")
     groups_el = _sub(root, "Groups")
     sample_list = _sub(root, "SampleList")
-    members: dict[str, list[int]] = {t.name: [] for t in templates}
+    members: dict[str, list[int]] = {t.name: [] for t in templates}  # by name: jobs > 1 results hold copies
     names = [Path(r.path).name if r.path else r.sample_id for r in results]
     for i, (res, name) in enumerate(zip(results, names), start=1):
-        if not any(res.template is t for t in templates):
+        if res.template.name not in members:
             raise FlowJoError(f"{res.path}: gated with template {res.template.name!r}, which is not among those given")
         if names.count(name) > 1:  # one file, several templates: a FlowJo sample each
             name = f"{name} [{res.template.name}]"
-        _SampleWriter(res, i, name).write(sample_list)
+        _SampleWriter(res, i, name, _result_data(res, compensation)).write(sample_list)
         members[res.template.name].append(i)
     for name, ids in [("All Samples", list(range(1, len(results) + 1)))] + list(members.items()):
         group_node = _sub(groups_el, "GroupNode", name=name, annotation="", owningGroup=name)
