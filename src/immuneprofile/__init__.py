@@ -18,6 +18,7 @@ from immuneprofile.engine.gating import GatingResult, gate_sample
 from immuneprofile.exceptions import (
     ClinicalDataError,
     FCSError,
+    FlowJoError,
     GatingError,
     GatingMLError,
     ImmuneProfileError,
@@ -29,10 +30,12 @@ from immuneprofile.exceptions import (
     ThresholdWarning,
     TransformError,
 )
+from immuneprofile.interop.flowjo import read_flowjo, write_flowjo
 from immuneprofile.interop.gatingml import read_gatingml, write_gatingml
 from immuneprofile.io.fcs import FCSData, load_fcs
 from immuneprofile.stats import population_table, thresholds_table, to_anndata
 from immuneprofile.template.parse import Template, load_template, parse_template
+from immuneprofile.template.write import write_template
 
 try:
     __version__ = version("immuneprofile")
@@ -44,6 +47,7 @@ __all__ = [
     "ClinicalDataError",
     "FCSData",
     "FCSError",
+    "FlowJoError",
     "GatingError",
     "GatingMLError",
     "GatingResult",
@@ -62,8 +66,11 @@ __all__ = [
     "load_template",
     "parse_template",
     "population_table",
+    "read_flowjo",
     "read_gatingml",
     "thresholds_table",
     "to_anndata",
+    "write_flowjo",
     "write_gatingml",
+    "write_template",
 ]

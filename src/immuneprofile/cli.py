@@ -17,7 +17,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-t", "--template", "template_paths", required=True, multiple=True,
+@click.option("-t", "--template", "template_paths", multiple=True,
               help="Gating template: a YAML file or a shipped template's name (treg, monocytes, "
                    "tcell_skin_homing). Repeatable: each file is read once and "
                    "gated with every template.")
@@ -30,8 +30,14 @@ def main() -> None:
               help="Worker processes (0 = all cores). With more than 1, no AnnData is written.")
 @click.option("--anndata/--no-anndata", default=True, show_default=True,
               help="Write the gated events as events.h5ad.")
+@click.option("--workspace", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A FlowJo workspace (.wsp) used as the template (instead of -t); the population "
+                   "table gets FlowJo's stored counts as `flowjo_count` where the samples match.")
+@click.option("--group", default="All Samples", show_default=True, help="The workspace's sample group.")
+@click.option("--flowjo", "flowjo_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the gates and populations as a FlowJo workspace (.wsp) at this path.")
 def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, compensation: str, jobs: int,
-         anndata: bool) -> None:
+         anndata: bool, workspace: str | None, group: str, flowjo_out: str | None) -> None:
     """Gate FILES with a template; write populations.csv/.parquet, thresholds.csv and events.h5ad.
 
     With several templates (-t repeated) the tables have a row per template and
@@ -42,13 +48,13 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     from rich.progress import Progress
 
     from immuneprofile.batch import gate_files
+    from immuneprofile.exceptions import ImmuneProfileError
     from immuneprofile.stats import to_anndata, write_tables
-    from immuneprofile.template.parse import TemplateError, load_template
 
     err = Console(stderr=True, soft_wrap=True)
     try:
-        templates = [load_template(p) for p in template_paths]
-    except TemplateError as exc:
+        templates, flowjo_counts = _gate_templates(template_paths, workspace, group)
+    except ImmuneProfileError as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         sys.exit(2)
     out = Path(out_dir)
@@ -62,7 +68,9 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
                 bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
 
         batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
-    write_tables(out, batch.table, batch.thresholds, batch.errors)
+    write_tables(out, _with_flowjo_counts(batch.table, flowjo_counts), batch.thresholds, batch.errors)
+    if flowjo_out:  # gates and populations for FlowJo users
+        _write_flowjo(err, templates, batch.results, flowjo_out, compensation)
     if batch.results and anndata and jobs == 1:
         for t in templates:
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
@@ -73,6 +81,42 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)
+
+
+def _gate_templates(template_paths: tuple[str, ...], workspace: str | None, group: str):
+    """``gate``'s templates (``-t``, or ``--workspace``'s) and FlowJo's stored counts (``None`` without a workspace)."""
+    from immuneprofile.template.parse import load_template
+
+    if bool(workspace) == bool(template_paths):
+        raise click.UsageError("give a template (-t) or a FlowJo workspace (--workspace), not both or neither")
+    if workspace:
+        from immuneprofile.interop.flowjo import workspace_templates
+
+        return workspace_templates(workspace, group=group)
+    return [load_template(p) for p in template_paths], None
+
+
+def _write_flowjo(err, templates, results, path: str, compensation: str) -> None:
+    """``gate --flowjo``: the run's gates and populations as a FlowJo workspace (exit 1 if FlowJo cannot take them)."""
+    from immuneprofile.exceptions import ImmuneProfileError
+    from immuneprofile.interop.flowjo import write_flowjo
+
+    if not results:
+        return
+    try:
+        write_flowjo(templates, results, path, compensation=compensation)
+    except ImmuneProfileError as exc:
+        err.print(f"[red]FlowJo workspace not written:[/red] {exc}", markup=True, highlight=False)
+        sys.exit(1)
+
+
+def _with_flowjo_counts(table, flowjo_counts):
+    """The population table with FlowJo's counts beside ours (``gate --workspace``), else unchanged."""
+    if flowjo_counts is None or table.empty:
+        return table
+    from immuneprofile.interop.flowjo import add_flowjo_counts
+
+    return add_flowjo_counts(table, flowjo_counts)
 
 
 @main.command()
@@ -273,3 +317,21 @@ def report_cmd(template_path: str, files: tuple[str, ...], out_dir: str, referen
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("convert")
+@click.argument("workspace", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the YAML templates (created if missing).")
+@click.option("--group", default=None, help="Only this sample group (default: every group with samples).")
+def convert_cmd(workspace: str, out_dir: str, group: str | None) -> None:
+    """Convert a FlowJo workspace (.wsp) into editable YAML templates, one per sample group."""
+    from immuneprofile.exceptions import ImmuneProfileError
+    from immuneprofile.interop.flowjo import convert_workspace
+
+    try:
+        files = convert_workspace(workspace, out_dir, group=group)
+    except ImmuneProfileError as exc:
+        raise click.ClickException(str(exc))
+    for f in files:
+        click.echo(str(f))

@@ -12,6 +12,7 @@ __all__ = [
     "ClinicalDataError",
     "DuplicateBatchError",
     "FCSError",
+    "FlowJoError",
     "GatingError",
     "GatingMLError",
     "GatingMLWarning",
@@ -60,6 +61,10 @@ class ThresholdError(ImmuneProfileError):
 
 class GatingMLError(ImmuneProfileError):
     """A Gating-ML document cannot be read or a template cannot be written as one."""
+
+
+class FlowJoError(ImmuneProfileError):
+    """A FlowJo workspace cannot be read, or a template or result cannot be written as one."""
 
 
 class ClinicalDataError(ImmuneProfileError):

@@ -17,13 +17,17 @@ import numpy as np
 
 from immuneprofile.exceptions import TransformError
 
-__all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "make_transform", "transform_key"]
+__all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "inverse_bound", "make_transform",
+           "transform_key"]
 
 DEFAULT_FLUORESCENCE: dict[str, Any] = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
 
 #: Transform types that are increasing on the whole real line (thresholds can be
-#: mapped back to the raw scale, see :mod:`immuneprofile.gating`).
-MONOTONE = {"logicle", "asinh", "hyperlog", "linear"}
+#: mapped back to the raw scale, see :mod:`immuneprofile.gating`). FlowJo's ``biex``
+#: (FlowKit's ``WSPBiexTransform``, a table interpolated linearly) and ``flowjo_log``
+#: (``WSPLogTransform``) are increasing between the flat ends where FlowKit clamps
+#: them; :func:`inverse_bound` maps a cut back only strictly inside that range.
+MONOTONE = {"logicle", "asinh", "hyperlog", "linear", "biex", "flowjo_log"}
 
 _PARAMS = {
     "logicle": ("T", "W", "M", "A"),
@@ -31,7 +35,11 @@ _PARAMS = {
     "asinh": ("T", "M", "A"),
     "linear": ("T", "A"),
     "log": ("T", "M"),
+    "biex": ("neg", "width", "pos", "max"),  # FlowJo 10 biexponential (FlowKit's WSPBiexTransform)
+    "flowjo_log": ("offset", "decades"),  # FlowJo 10 log (FlowKit's WSPLogTransform)
 }
+_DEFAULTS = {"T": 262144.0, "W": 0.5, "M": 4.5, "A": 0.0,
+             "neg": 0.0, "width": -10.0, "pos": 4.418540, "max": 262144.0, "offset": 1.0, "decades": 4.0}
 
 
 def normalize_spec(spec: Any) -> dict[str, Any] | None:
@@ -53,7 +61,6 @@ def normalize_spec(spec: Any) -> dict[str, Any] | None:
     if kind not in _PARAMS:
         raise TransformError(f"unknown transform type {kind!r}; use one of {sorted(_PARAMS)} or 'none'")
     out: dict[str, Any] = {"type": kind}
-    defaults = {"T": 262144.0, "W": 0.5, "M": 4.5, "A": 0.0}
     if kind == "asinh" and "cofactor" in spec:
         c = float(spec["cofactor"])
         if c <= 0:
@@ -65,7 +72,7 @@ def normalize_spec(spec: Any) -> dict[str, Any] | None:
     if unknown:
         raise TransformError(f"{kind} transform takes {list(_PARAMS[kind])}, not {sorted(unknown)}")
     for p in _PARAMS[kind]:
-        out[p] = float(spec.get(p, defaults[p]))
+        out[p] = float(spec.get(p, _DEFAULTS[p]))
     _check_params(out)
     return out
 
@@ -84,6 +91,8 @@ def transform_key(spec: Mapping[str, Any] | None) -> str:
     """A short stable identifier of a spec, used as the FlowKit transform id."""
     if spec is None:
         return "none"
+    if spec["type"] in ("biex", "flowjo_log"):  # FlowJo writes these with 10 digits: keep them all
+        return spec["type"] + "_" + "_".join(f"{k}{spec[k]!r}" for k in _PARAMS[spec["type"]])
     return spec["type"] + "_" + "_".join(f"{k}{spec[k]:g}" for k in _PARAMS[spec["type"]])
 
 
@@ -104,7 +113,39 @@ def make_transform(spec: Mapping[str, Any] | None):
         return fkt.LinearTransform(param_t=spec["T"], param_a=spec["A"])
     if k == "log":
         return fkt.LogTransform(param_t=spec["T"], param_m=spec["M"])
+    if k == "biex":
+        return _biex(spec["neg"], spec["width"], spec["pos"], spec["max"])
+    if k == "flowjo_log":
+        return fkt.WSPLogTransform(offset=spec["offset"], decades=spec["decades"])
     raise TransformError(f"unknown transform type {k!r}")
+
+
+@lru_cache(maxsize=16)
+def _biex(neg: float, width: float, pos: float, top: float):
+    """FlowKit's FlowJo biex (its table is built once per parameter set)."""
+    from flowkit import transforms as fkt
+
+    try:
+        return fkt.WSPBiexTransform(negative=neg, width=width, positive=pos, max_value=top)
+    except (ValueError, IndexError, ZeroDivisionError) as exc:
+        raise TransformError(f"FlowJo biex with neg={neg}, width={width}, pos={pos}, max={top}: {exc}") from exc
+
+
+def inverse_bound(spec: Mapping[str, Any], xform: Any, t: float) -> float | None:
+    """``T^-1(t)`` on the raw scale if ``T`` is strictly increasing around ``t``, else ``None``.
+
+    ``xform`` is :func:`make_transform` of ``spec``. For the clamped FlowJo transforms
+    (``biex``, ``flowjo_log``) a cut at or beyond a flat end has no raw-scale equivalent
+    (the engine then compares FlowKit's transformed values directly).
+    """
+    if spec["type"] == "flowjo_log":  # flat (0) up to `offset`, then offset * 10**(decades * t)
+        return float(spec["offset"] * 10.0 ** (spec["decades"] * t)) if t > 0 else None
+    if spec["type"] == "biex":  # flat beyond the ends of FlowKit's table
+        ys = xform._lut_func.y
+        if not ys[0] < t < ys[-1]:
+            return None
+    v = float(np.asarray(xform.inverse(np.array([[t]], dtype=float))).reshape(-1)[0])
+    return v if np.isfinite(v) else None
 
 
 #: Transforms FlowKit evaluates by root finding per value (slow); the others are closed-form.

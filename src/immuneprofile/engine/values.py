@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from immuneprofile.engine.transforms import MONOTONE, make_transform, transform_key
+from immuneprofile.engine.transforms import MONOTONE, inverse_bound, make_transform, transform_key
 from immuneprofile.io.fcs import FCSData
 from immuneprofile.template.parse import Dim, Template
 
@@ -150,8 +150,8 @@ class EventValues:
         key = (self.tkey(spec), t)
         v = self._inv.get(key)
         if v is None:
-            v = float(np.asarray(self.xform(spec).inverse(np.array([[t]], dtype=float))).reshape(-1)[0])
-            if not np.isfinite(v):
+            v = inverse_bound(spec, self.xform(spec), t)
+            if v is None:
                 return None
             self._inv[key] = v
         return v

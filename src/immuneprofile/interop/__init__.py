@@ -1,7 +1,15 @@
-"""Exchange with other tools: FlowKit GatingStrategy, Gating-ML 2.0."""
+"""Exchange with other tools: FlowKit GatingStrategy, Gating-ML 2.0, FlowJo workspaces."""
 
 from __future__ import annotations
 
+from immuneprofile.interop.flowjo import (
+    FlowJoError,
+    add_flowjo_counts,
+    flowjo_counts,
+    flowjo_groups,
+    read_flowjo,
+    write_flowjo,
+)
 from immuneprofile.interop.flowkit import (
     flowkit_gate_path,
     to_gating_strategy,
@@ -18,6 +26,12 @@ from immuneprofile.interop.gatingml import (
 )
 
 __all__ = [
+    "FlowJoError",
+    "add_flowjo_counts",
+    "flowjo_counts",
+    "flowjo_groups",
+    "read_flowjo",
+    "write_flowjo",
     "GatingMLError",
     "GatingMLWarning",
     "NS_DATATYPE",

@@ -156,6 +156,11 @@ def _spec(xform) -> dict[str, Any] | None:
         return normalize_spec({"type": "linear", "T": xform.param_t, "A": xform.param_a})
     if isinstance(xform, fkt.LogTransform):
         return normalize_spec({"type": "log", "T": xform.param_t, "M": xform.param_m})
+    if isinstance(xform, fkt.WSPBiexTransform):  # FlowJo workspaces (see immuneprofile.interop.flowjo)
+        return normalize_spec({"type": "biex", "neg": xform.negative, "width": xform.width,
+                               "pos": xform.positive, "max": xform.max_value})
+    if isinstance(xform, fkt.WSPLogTransform):
+        return normalize_spec({"type": "flowjo_log", "offset": xform.offset, "decades": xform.decades})
     raise GatingMLError(f"unsupported transform {xform!r}")
 
 
@@ -529,6 +534,9 @@ class _Writer:
             return self.xf_id[key]
         T = NS_TRANSFORMS
         kind = spec["type"]
+        if kind in ("biex", "flowjo_log"):
+            raise GatingMLError(f"template {self.template.path}: the FlowJo {kind} transform has no Gating-ML 2.0 "
+                                f"equivalent; export it with write_flowjo instead")
         tag = {"linear": "flin", "log": "flog", "asinh": "fasinh", "logicle": "logicle", "hyperlog": "hyperlog"}[kind]
         params = {"flin": "TA", "flog": "TM", "fasinh": "TMA", "logicle": "TWMA", "hyperlog": "TWMA"}[tag]
         xid = self.xf_id[key] = self.new_id(f"{kind}_" + "_".join(f"{p}{spec[p]:g}" for p in params))

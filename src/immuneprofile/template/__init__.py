@@ -21,6 +21,7 @@ from immuneprofile.template.shipped import (
     resolve_template,
     shipped_templates,
 )
+from immuneprofile.template.write import template_to_dict, write_template
 
 __all__ = [
     "PANEL_TEMPLATES",
@@ -38,4 +39,6 @@ __all__ = [
     "ThresholdRef",
     "load_template",
     "parse_template",
+    "template_to_dict",
+    "write_template",
 ]

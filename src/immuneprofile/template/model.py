@@ -153,7 +153,7 @@ class Template:
     compensation
         ``{matrix id: pandas.DataFrame}`` spillover matrices referenced by dims whose
         ``compensated`` is that id (rows: fluorochromes, columns: detector ``$PnN``);
-        empty for YAML templates (Gating-ML import fills it).
+        from the YAML's ``compensation`` section, or filled by Gating-ML/FlowJo import.
     """
 
     name: str

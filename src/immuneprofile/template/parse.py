@@ -60,7 +60,7 @@ _POPULATION_KEYS = {"name", "parent", "gate", "description"}
 #: the keys each gate type takes (besides ``type``)
 _GATE_KEYS: dict[str, set[str]] = {
     "range": {"marker", "min", "max", "complement"},
-    "rectangle": {"x", "y", "xmin", "xmax", "ymin", "ymax", "complement"},
+    "rectangle": {"x", "y", "xmin", "xmax", "ymin", "ymax", "dims", "min", "max", "complement"},
     "threshold": {"markers", "complement"},
     "polygon": {"x", "y", "vertices", "complement"},
     "ellipse": {"x", "y", "dims", "center", "covariance", "distance_square"},
@@ -93,6 +93,7 @@ class _Parser:
             raise _err(src, None, f"bad transform: {exc}", "see the Transforms section of gating/README.md") from None
         self.transforms = dict(tr)
         self.thresholds = self._parse_thresholds(doc.get("thresholds") or {})
+        self.compensation = self._parse_compensation(doc.get("compensation") or {})
 
     # -- thresholds
     def _parse_thresholds(self, th: Any) -> dict[str, dict[str, Any]]:
@@ -112,6 +113,28 @@ class _Parser:
                     raise _err(self.src, None, f"threshold {marker}.{cut} is not a known cut",
                                "use `pos` (for +/-) or `hi` (for hi/lo/++)")
                 out[str(marker)][cut] = self._parse_threshold_value(f"{marker}.{cut}", value)
+        return out
+
+    def _parse_compensation(self, comp: Any) -> dict[str, Any]:
+        """``{id: {detectors: [...], fluorochromes: [...], matrix: [[...]]}}`` -> ``{id: DataFrame}``."""
+        import pandas as pd
+
+        if not isinstance(comp, Mapping):
+            raise _err(self.src, None, "'compensation' must map matrix ids to {detectors, matrix}",
+                       "write `compensation: {M1: {detectors: [FL1-A, FL2-A], matrix: [[1, 0.1], [0.02, 1]]}}`")
+        out: dict[str, Any] = {}
+        for mid, m in comp.items():
+            try:
+                dets = [str(d) for d in m["detectors"]]
+                fluoros = [str(f) for f in m.get("fluorochromes", dets)]
+                mat = np.asarray(m["matrix"], dtype=float)
+            except (TypeError, KeyError, ValueError):
+                mat, dets, fluoros = None, [], []
+            if mat is None or mat.shape != (len(fluoros), len(dets)) or not np.isfinite(mat).all():
+                raise _err(self.src, None, f"compensation matrix {mid!r} must have `detectors` and a finite "
+                           f"`matrix` with one row per fluorochrome and one column per detector",
+                           "write `{detectors: [A, B], matrix: [[1, 0.1], [0.02, 1]]}`")
+            out[str(mid)] = pd.DataFrame(mat, index=fluoros, columns=dets)
         return out
 
     def _parse_threshold_value(self, label: str, value: Any) -> Any:
@@ -200,7 +223,14 @@ class _Parser:
         except TransformError as exc:
             raise _err(self.src, pop, f"bad transform: {exc}",
                        "see the Transforms section of gating/README.md") from None
-        return Dim(marker=marker, transform=spec, compensated=bool(m.get("compensated", True)), ratio=ratio)
+        comp = m.get("compensated", True)
+        if isinstance(comp, str):
+            if comp not in self.compensation:
+                raise _err(self.src, pop, f"dimension compensated with {comp!r}, which is not under `compensation`",
+                           "define the matrix under the top-level `compensation` or write true/false")
+        else:
+            comp = bool(comp)
+        return Dim(marker=marker, transform=spec, compensated=comp, ratio=ratio)
 
     def spec_for(self, marker: str, scatter: bool | None = None) -> dict[str, Any] | None:
         return self.table.spec_for(marker, scatter)
@@ -262,9 +292,24 @@ class _Parser:
         return RectGate((d,), ((lo, hi),), bool(g.get("complement", False)), "range")
 
     def _rectangle(self, pop: str, g: Mapping[str, Any]) -> RectGate:
+        if "dims" in g:
+            return self._box(pop, g)
         dx, dy = self.dim(g.get("x"), pop), self.dim(g.get("y"), pop)
         b = tuple(self.bounds(g, pop, f"{axis}min", f"{axis}max", d.marker) for axis, d in (("x", dx), ("y", dy)))
         return RectGate((dx, dy), b, bool(g.get("complement", False)), "rectangle")
+
+    def _box(self, pop: str, g: Mapping[str, Any]) -> RectGate:
+        """``{type: rectangle, dims: [A, B, C], min: [a, null, c], max: [...]}``: a box in any number of dimensions."""
+        dims, lows, highs = g.get("dims"), g.get("min"), g.get("max")
+        n = len(dims) if isinstance(dims, Sequence) and not isinstance(dims, str) else 0
+        if (not n or not isinstance(dims, Sequence) or not isinstance(lows, Sequence) or not isinstance(highs, Sequence)
+                or any(isinstance(v, str) or len(v) != n for v in (lows, highs))):
+            raise _err(self.src, pop, "a rectangle with `dims` needs `min` and `max` lists of the same length",
+                       "write `dims: [CD3, CD19]`, `min: [0.4, null]`, `max: [null, 0.3]` (null = unbounded)")
+        ds = tuple(self.dim(m, pop) for m in dims)
+        bounds = tuple(self.bounds({"min": lo, "max": hi}, pop, "min", "max", d.marker)
+                       for d, lo, hi in zip(ds, lows, highs))
+        return RectGate(ds, bounds, bool(g.get("complement", False)), "rectangle")
 
     def _threshold(self, pop: str, g: Mapping[str, Any]) -> RectGate:
         markers = g.get("markers")
@@ -414,15 +459,15 @@ def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Templa
     """Validate a template given as a mapping (parsed YAML) and build a :class:`Template`."""
     if not isinstance(doc, Mapping):
         raise TemplateError(f"{source}: a template must be a mapping with `populations`, got {type(doc).__name__}")
-    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "populations"}
+    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "compensation", "populations"}
     if unknown:
         raise _err(source, None, f"unknown top-level key(s) {sorted(unknown)}",
-                   "use name, description, transforms, thresholds, populations")
+                   "use name, description, transforms, thresholds, compensation, populations")
     p = _Parser(doc, source)
     pops = p.populations()
     name = str(doc.get("name") or Path(source).stem)
     return Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
-                    description=str(doc.get("description", "")), path=source)
+                    description=str(doc.get("description", "")), path=source, compensation=p.compensation)
 
 
 def load_template(path: str | os.PathLike) -> Template:
