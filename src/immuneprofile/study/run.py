@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from immuneprofile.batch import gate_files
-from immuneprofile.stats import to_anndata, write_tables
+from immuneprofile.stats import readout_table, to_anndata, write_tables
 from immuneprofile.template.parse import Template, TemplateError, load_template
 from immuneprofile.template.shipped import PANEL_TEMPLATES
 
@@ -50,6 +50,7 @@ def run_study(
     compensation: Any = "auto",
     jobs: int = 1,
     anndata: bool = False,
+    batch_by: str | None = "patient",
     progress: Callable[[str, str | None], None] | None = None,
 ) -> dict[str, Any]:
     """Gate every sample of a sample sheet with its panel's template, then correlate with PASI.
@@ -73,17 +74,24 @@ def run_study(
         As for :func:`immuneprofile.gate_files`.
     anndata
         Also write ``events_<panel>.h5ad`` per panel (in-process gating only).
+    batch_by
+        Sample-sheet column whose groups are gated as separate batches, so that a template's
+        ``scope: batch`` thresholds (e.g. the CLA/CD103 cuts) are fitted once per group - by
+        default on each patient's pooled files, and on the reference samples' pooled files -
+        and held fixed across that patient's visits. ``None``: one batch per panel.
 
     Returns
     -------
     dict
-        ``table`` (population table with sheet metadata), ``errors`` (path -> message),
+        ``table`` (population table with sheet metadata), ``readouts`` (the templates' declared
+        readouts, :func:`immuneprofile.stats.readout_table`, with the sheet's ``patient, week,
+        panel, role``; also written as ``readouts.csv``), ``errors`` (path -> message),
         ``files`` (name -> path written) and, with ``clinical``, ``correlation``.
     """
     from immuneprofile.study.clinical import read_sample_sheet
 
     sheet_path = Path(sample_sheet)
-    sheet = read_sample_sheet(sheet_path)
+    sheet = _with_extra_columns(read_sample_sheet(sheet_path), sheet_path)
     if "file" not in sheet.columns or "panel" not in sheet.columns:
         raise TemplateError(f"{sheet_path}: the sample sheet needs `file` and `panel` columns to run a study")
     tmpl = _resolve_templates(templates or DEFAULT_TEMPLATES, None if gating_dir is None else Path(gating_dir))
@@ -95,26 +103,76 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     tables, ths, errors, files = [], [], {}, {}
     for panel, rows in sheet.groupby("panel", sort=False):
-        paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
-        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
-        errors.update(batch.errors)
-        if batch.results:
-            tables.append(batch.table)
-            ths.append(batch.thresholds)
-            if anndata and jobs == 1:
-                f = out / f"events_{panel}.h5ad"
-                to_anndata(batch.results).write_h5ad(f)
-                files[f"events_{panel}"] = f
+        results = []
+        for _, group in _batches(rows, batch_by):
+            paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in group["file"]]
+            batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
+            errors.update(batch.errors)
+            if batch.results:
+                tables.append(batch.table)
+                ths.append(batch.thresholds)
+                results.extend(batch.results)
+        if anndata and jobs == 1 and results:
+            f = out / f"events_{panel}.h5ad"
+            to_anndata(results).write_h5ad(f)
+            files[f"events_{panel}"] = f
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    meta = sheet[[c for c in ("sample_id", "patient", "week", "panel", "role") if c in sheet.columns]]
     if not table.empty:
-        meta = sheet[[c for c in ("sample_id", "patient", "week", "panel") if c in sheet.columns]]
-        table = table.merge(meta, on="sample_id", how="left")
+        table = table.merge(meta.drop(columns="role", errors="ignore"), on="sample_id", how="left")
     files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
-    result: dict[str, Any] = {"table": table, "errors": errors, "files": files}
+    readouts = _readouts(table, tmpl, sheet, meta)
+    if not readouts.empty:
+        readouts.to_csv(out / "readouts.csv", index=False)
+        files["readouts"] = out / "readouts.csv"
+    result: dict[str, Any] = {"table": table, "readouts": readouts, "errors": errors, "files": files}
     if clinical is not None and not table.empty:
-        from immuneprofile.study.association import correlate
-
-        corr = correlate(table, clinical, sheet, out)
+        corr = _correlate(table, readouts, clinical, sheet, out)
         result["correlation"] = corr
         files.update(corr["files"])
     return result
+
+
+def _with_extra_columns(sheet: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The validated sheet plus the columns validation does not keep (``role``, ``batch``, cell counts)."""
+    raw = pd.read_csv(path)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    key = "file" if "file" in raw.columns and "file" in sheet.columns else "sample_id"
+    extra = [c for c in raw.columns if c not in sheet.columns]
+    if not extra or key not in raw.columns or raw[key].duplicated().any():
+        return sheet
+    raw[key] = raw[key].astype(str).str.strip()
+    return sheet.merge(raw[[key, *extra]], on=key, how="left")
+
+
+def _batches(rows: pd.DataFrame, batch_by: str | None):
+    """Groups of sample-sheet rows gated together (one group when ``batch_by`` is None or absent)."""
+    if batch_by is None or batch_by not in rows.columns:
+        return [(None, rows)]
+    return list(rows.groupby(rows[batch_by].astype(str), sort=False))
+
+
+def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataFrame,
+              meta: pd.DataFrame) -> pd.DataFrame:
+    """The declared readouts of every gated sample, with the sheet's metadata."""
+    if table.empty:
+        return pd.DataFrame()
+    unique = {t.name: t for t in tmpl.values()}
+    counts = sheet if any(t.absolute is not None for t in unique.values()) else None
+    ro = readout_table(table, list(unique.values()), cell_counts=counts)
+    if counts is not None and ro["per_uL"].isna().all():
+        ro = ro.drop(columns="per_uL")
+    return ro.merge(meta, on="sample_id", how="left")
+
+
+def _correlate(table: pd.DataFrame, readouts: pd.DataFrame, clinical, sheet: pd.DataFrame, out: Path):
+    """The association step: on the declared readouts when ``correlate`` takes them, else on patients' populations."""
+    import inspect
+
+    from immuneprofile.study.association import correlate
+
+    if "readouts" in inspect.signature(correlate).parameters:
+        return correlate(table, clinical, sheet, out, readouts=readouts)
+    if "role" in sheet.columns:  # reference samples have no clinical course
+        table = table[~table["sample_id"].isin(sheet.loc[sheet["role"] == "reference", "sample_id"])]
+    return correlate(table, clinical, sheet, out)

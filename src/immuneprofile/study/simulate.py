@@ -1078,18 +1078,19 @@ def simulate_study(
             raise ValueError(f"unknown panel {p!r}; choose from {sorted(PANELS)}")
     events = n_events if isinstance(n_events, Mapping) else {p: n_events or PANEL_EVENTS[p] for p in panels}
     patients, visits, samples = cohort_design(n_patients, seed=seed)
-    if weeks is not None:
-        visits = [v for v in visits if v["week"] in set(weeks)]
-        samples = [s for s in samples if s["week"] in set(weeks)]
-    batches = sorted({s["batch"] for s in samples})
+    batches = sorted({s["batch"] for s in samples}, key=lambda b: int(b[1:]))
+    keep = set(weeks) if weeks is not None else {s["week"] for s in samples}
+    visits = [v for v in visits if v["week"] in keep]
     fcs: dict[str, Path] = {}
     sheet, truth = [], []
-    for si, smp in enumerate(samples):
+    for si, smp in enumerate(samples):  # seeds from the full design, so a subset reproduces its files
+        if smp["week"] not in keep:
+            continue
         date = (_dt.date(2026, 1, 12) + _dt.timedelta(days=batches.index(smp["batch"]))).strftime("%d-%b-%Y").upper()
-        for ki, panel in enumerate(panels):
+        for panel in panels:
             sid = f"{smp['sample_id']}_{panel}"
             sim = simulate_sample(panel, int(events[panel]), frequencies=smp["freqs"],
-                                  rng=np.random.default_rng([seed, 2, si, ki]))
+                                  rng=np.random.default_rng([seed, 2, si, list(PANELS).index(panel)]))
             fcs[sid] = write_fcs(out / f"{sid}.fcs", sim, {
                 "$DATE": date, "PATIENT": smp["patient"], "WEEK": str(smp["week"]), "PANEL": panel,
                 "BATCH": smp["batch"], "$SRC": "PBMC", "$SMNO": sid})
