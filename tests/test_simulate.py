@@ -395,3 +395,19 @@ def test_example_readouts_recover_truth(example_readouts):
     assert (m.pct_gated - m.pct).abs().max() < 1.0
     assert m.count_gated.min() >= 200, m.loc[m.count_gated.idxmin()]
     assert m["count"].min() >= 200
+
+
+def test_simulate_readouts_matches_the_fcs_study():
+    """The table-level cohort has the design of the example data and their counting noise."""
+    tab = sim.simulate_readouts(3, seed=2025)
+    truth = pd.read_csv(EXAMPLE / "truth.csv")
+    m = truth.merge(tab, on=["sample_id", "readout"], suffixes=("", "_tab"))
+    assert len(m) == len(truth)
+    np.testing.assert_allclose(m.design_pct_tab, m.design_pct, atol=1e-4)
+    assert (m.true_effect == m.true_effect_tab.map({True: "yes", False: "no"})).all()
+    # denominators within 15 % of the files' (gating losses aside), percentages within counting noise
+    assert ((m.of_count_tab / m.of_count).between(0.85, 1.3)).all()
+    z = (m.pct_tab - m.pct) / np.sqrt(2 * m.pct * (100 - m.pct) / m.of_count)
+    assert abs(z.mean()) < 0.3 and 0.6 < z.std() < 1.5
+    big = sim.simulate_readouts(12, seed=1)
+    assert big.patient.nunique() == 13 and big.pasi[big.role == "patient"].notna().all()

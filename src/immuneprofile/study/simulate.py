@@ -66,6 +66,7 @@ __all__ = [
     "design_pct",
     "has_true_effect",
     "simulate_study",
+    "simulate_readouts",
 ]
 
 # --------------------------------------------------------------------------- instrument
@@ -723,16 +724,24 @@ def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None)
     -------
     list of dict
         ``{"template", "readout", "population", "of", "count", "of_count", "pct"}`` per
-        declared readout; ``pct`` (= 100 count / of_count) is NaN when ``of`` is empty.
+        declared readout; ``pct`` (= 100 count / of_count) is NaN when ``of`` is empty. Also
+        ``parent``, ``parent_count`` and ``pct_parent``: the same against the population's
+        parent in the template (as in the population table).
     """
     from immuneprofile.template.parse import load_template
 
+    def pct(k: int, d: int) -> float:
+        return 100.0 * k / d if d else float("nan")
+
     rows = []
     for name in PANEL_TEMPLATES[sample.panel] if templates is None else templates:
-        for r in load_template(name).readouts.values():
-            k, pk = int(sample.labels[r.population].sum()), int(sample.labels[r.of].sum())
+        t = load_template(name)
+        for r in t.readouts.values():
+            parent = t[r.population].parent
+            k, d, pk = (int(sample.labels[x].sum()) for x in (r.population, r.of, parent))
             rows.append({"template": name, "readout": r.name, "population": r.population, "of": r.of,
-                         "count": k, "of_count": pk, "pct": 100.0 * k / pk if pk else float("nan")})
+                         "count": k, "of_count": d, "pct": pct(k, d),
+                         "parent": parent, "parent_count": pk, "pct_parent": pct(k, pk)})
     return rows
 
 
@@ -852,8 +861,8 @@ READOUT_SOURCES: dict[str, tuple[str, ...]] = {
     "classical": ("intermediate", "non-classical"),
     "non-classical": ("non-classical",),
     **{f"{t} {q}": (f"{t} {q}",) for t in ("CD4+", "CD8+") for q in ("CLA+CD103-", "CLA+CD103+")},
-    **{f"{t} {m}": tuple(f"{t} {x}" for x in ("CM", "EM", "TEMRA"))
-       for t in ("CD4+", "CD8+") for m in ("naive", "CM", "EM", "TEMRA")},
+    **{f"{t} {m}": (f"{t} {m}",) for t in ("CD4+", "CD8+") for m in ("CM", "EM", "TEMRA")},
+    **{f"{t} naive": tuple(f"{t} {x}" for x in ("CM", "EM", "TEMRA")) for t in ("CD4+", "CD8+")},
     "CD4+": ("CD4+",),
     "CD8+": ("CD8+",),
 }
@@ -1106,3 +1115,68 @@ def simulate_study(
         "patients": _write_csv(out / "patients.csv", patients, PATIENT_COLUMNS),
         "truth": _write_csv(out / "truth.csv", truth, TRUTH_COLUMNS),
     }
+
+
+def _of_fraction(f: Mapping[str, float], of: str) -> float:
+    """Expected fraction of all events in the readout denominator ``of`` (before gating losses)."""
+    kinds = ("debris", "doublets", "dead", "granulocytes", "monocytes", "dendritic cells")
+    t = (1.0 - sum(f[k] for k in kinds)) * f["CD3+"]
+    if of == "CD3+":
+        return t
+    if of == "monocytes":
+        return f["monocytes"]
+    lineage = of.split()[0]
+    frac = t * f[lineage]
+    return frac if of == lineage else frac * sum(f[f"{lineage} {x}"] for x in ("CM", "EM", "TEMRA"))
+
+
+def simulate_readouts(n_patients: int = 3, *, seed: int = 0,
+                      n_events: Mapping[str, int] | None = None) -> "pd.DataFrame":
+    """The declared readouts of a simulated cohort, without writing FCS files.
+
+    The same model as :func:`simulate_study` (:func:`cohort_design`); counting noise is drawn
+    directly: ``of_count ~ Poisson(events x expected denominator fraction)`` and
+    ``count ~ Binomial(of_count, true pct)``. Fast enough for calibration studies over
+    hundreds of cohorts.
+
+    Parameters
+    ----------
+    n_patients
+        Patients (the first three follow :data:`COURSE`).
+    seed
+        Random seed (the same ``seed`` gives the same design as ``simulate_study``).
+    n_events
+        Events per file by panel (default :data:`PANEL_EVENTS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``sample_id, patient, week, role, readout, of, count, of_count, pct, design_pct,
+        true_effect`` joined with the visit's ``pasi, treatment, cotherapy, event``.
+    """
+    import pandas as pd
+
+    from immuneprofile.template.parse import load_template
+
+    events = {**PANEL_EVENTS, **(n_events or {})}
+    _, visits, samples = cohort_design(n_patients, seed=seed)
+    rng = np.random.default_rng([seed, 4])
+    rows = []
+    for panel, names in PANEL_TEMPLATES.items():
+        if panel == "full":
+            continue
+        for name in names:
+            for ro in load_template(name).readouts.values():
+                for smp in samples:
+                    f = smp["freqs"]
+                    d = int(rng.poisson(events[panel] * _of_fraction(f, ro.of)))
+                    p = design_pct(f, ro.name) / 100.0
+                    k = int(rng.binomial(d, min(max(p, 0.0), 1.0)))
+                    rows.append({"sample_id": f"{smp['sample_id']}_{panel}", "patient": smp["patient"],
+                                 "week": smp["week"], "role": smp["role"], "panel": panel, "readout": ro.name,
+                                 "of": ro.of, "count": k, "of_count": d, "pct": 100.0 * k / d if d else np.nan,
+                                 "design_pct": design_pct(smp["design"], ro.name),
+                                 "true_effect": has_true_effect(ro.name)})
+    table = pd.DataFrame(rows)
+    clin = pd.DataFrame(visits).assign(pasi=lambda v: v.pasi.astype(float))
+    return table.merge(clin, on=["patient", "week"], how="left")
