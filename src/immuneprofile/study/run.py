@@ -101,27 +101,11 @@ def run_study(
                             f"known panels: {sorted(tmpl)} (pass templates={{panel: path}})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables, ths, errors, files = [], [], {}, {}
-    for panel, rows in sheet.groupby("panel", sort=False):
-        results = []
-        for _, group in _batches(rows, batch_by):
-            paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in group["file"]]
-            batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
-            errors.update(batch.errors)
-            if batch.results:
-                tables.append(batch.table)
-                ths.append(batch.thresholds)
-                results.extend(batch.results)
-        if anndata and jobs == 1 and results:
-            f = out / f"events_{panel}.h5ad"
-            to_anndata(results).write_h5ad(f)
-            files[f"events_{panel}"] = f
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    meta = sheet[[c for c in ("sample_id", "patient", "week", "panel", "role") if c in sheet.columns]]
-    if not table.empty:
-        table = table.merge(meta.drop(columns="role", errors="ignore"), on="sample_id", how="left")
+    tables, ths, errors, files = _gate_panels(sheet, sheet_path, tmpl, out, batch_by=batch_by, anndata=anndata,
+                                              compensation=compensation, jobs=jobs, progress=progress)
+    table = _with_meta(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), sheet)
     files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
-    readouts = _readouts(table, tmpl, sheet, meta)
+    readouts = _readouts(table, tmpl, sheet)
     if not readouts.empty:
         readouts.to_csv(out / "readouts.csv", index=False)
         files["readouts"] = out / "readouts.csv"
@@ -152,8 +136,44 @@ def _batches(rows: pd.DataFrame, batch_by: str | None):
     return list(rows.groupby(rows[batch_by].astype(str), sort=False))
 
 
-def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataFrame,
-              meta: pd.DataFrame) -> pd.DataFrame:
+def _gate_panels(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template], out: Path, *,
+                 batch_by: str | None, anndata: bool, compensation: Any, jobs: int, progress) -> tuple:
+    """Gate every panel's files, batch by batch: ``(tables, thresholds, errors, files)``."""
+    tables, ths, errors, files = [], [], {}, {}
+    for panel, rows in sheet.groupby("panel", sort=False):
+        results = []
+        for _, group in _batches(rows, batch_by):
+            batch = gate_files(_paths(group, sheet_path), tmpl[panel], compensation=compensation, jobs=jobs,
+                               progress=progress)
+            errors.update(batch.errors)
+            if batch.results:
+                tables.append(batch.table)
+                ths.append(batch.thresholds)
+                results.extend(batch.results)
+        if anndata and jobs == 1 and results:
+            f = out / f"events_{panel}.h5ad"
+            to_anndata(results).write_h5ad(f)
+            files[f"events_{panel}"] = f
+    return tables, ths, errors, files
+
+
+def _paths(rows: pd.DataFrame, sheet_path: Path) -> list[str]:
+    """The sheet's files, relative to the sheet's folder unless absolute."""
+    return [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
+
+
+def _meta(sheet: pd.DataFrame) -> pd.DataFrame:
+    return sheet[[c for c in ("sample_id", "patient", "week", "panel", "role") if c in sheet.columns]]
+
+
+def _with_meta(table: pd.DataFrame, sheet: pd.DataFrame) -> pd.DataFrame:
+    """The population table with the sheet's patient, week and panel."""
+    if table.empty:
+        return table
+    return table.merge(_meta(sheet).drop(columns="role", errors="ignore"), on="sample_id", how="left")
+
+
+def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataFrame) -> pd.DataFrame:
     """The declared readouts of every gated sample, with the sheet's metadata."""
     if table.empty:
         return pd.DataFrame()
@@ -162,7 +182,7 @@ def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataF
     ro = readout_table(table, list(unique.values()), cell_counts=counts)
     if counts is not None and ro["per_uL"].isna().all():
         ro = ro.drop(columns="per_uL")
-    return ro.merge(meta, on="sample_id", how="left")
+    return ro.merge(_meta(sheet), on="sample_id", how="left")
 
 
 def _correlate(table: pd.DataFrame, readouts: pd.DataFrame, clinical, sheet: pd.DataFrame, out: Path):

@@ -1038,6 +1038,13 @@ TRUTH_COLUMNS = ["sample_id", "patient", "week", "panel", "role", "template", "r
                  "count", "of_count", "pct", "design_pct", "true_effect"]
 
 
+def _truth_rows(sim: SimulatedSample, smp: Mapping[str, object], sid: str) -> list[dict[str, object]]:
+    """Rows of truth.csv for one written file."""
+    return [{**smp, **row, "sample_id": sid, "panel": sim.panel, "pct": f"{row['pct']:.4f}",
+             "design_pct": f"{design_pct(smp['design'], row['readout']):.4f}",
+             "true_effect": "yes" if has_true_effect(row["readout"]) else "no"} for row in truth_table(sim)]
+
+
 def simulate_study(
     out_dir: str | os.PathLike,
     *,
@@ -1104,10 +1111,7 @@ def simulate_study(
                 "$DATE": date, "PATIENT": smp["patient"], "WEEK": str(smp["week"]), "PANEL": panel,
                 "BATCH": smp["batch"], "$SRC": "PBMC", "$SMNO": sid})
             sheet.append({**smp, "file": f"{sid}.fcs", "sample_id": sid, "panel": panel})
-            for row in truth_table(sim):
-                truth.append({**smp, **row, "sample_id": sid, "panel": panel, "pct": f"{row['pct']:.4f}",
-                              "design_pct": f"{design_pct(smp['design'], row['readout']):.4f}",
-                              "true_effect": "yes" if has_true_effect(row["readout"]) else "no"})
+            truth.extend(_truth_rows(sim, smp, sid))
     return {
         "fcs": fcs,
         "samples": _write_csv(out / "samples.csv", sheet, SAMPLE_COLUMNS),
