@@ -125,7 +125,7 @@ def test_cli_study_on_subset(tmp_path):
 def test_events_are_column_major_and_layout_does_not_change_membership():
     from dataclasses import replace
 
-    data = load_fcs(EXAMPLE / "P3_W02_tcell.fcs")
+    data = load_fcs(EXAMPLE / "P3_W04_tcell.fcs")
     assert data.events.flags.f_contiguous  # every channel a contiguous block
     j = data.find_channel("CLA")
     assert np.shares_memory(data.column(j), data.events)  # the engine reads columns without copying

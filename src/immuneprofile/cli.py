@@ -171,9 +171,10 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--events", "n_events", default=50_000, show_default=True, type=int, help="Events per file.")
+@click.option("--events", "n_events", default=None, type=int,
+              help="Events per file (default: per panel, as in example_data/).")
 @click.option("--seed", default=0, show_default=True, type=int)
-def simulate(out_dir: str, n_events: int, seed: int) -> None:
+def simulate(out_dir: str, n_events: int | None, seed: int) -> None:
     """Write a simulated case-series study (FCS files, truth, clinical and sample sheets) to OUT_DIR."""
     from immuneprofile.study.simulate import simulate_study
 

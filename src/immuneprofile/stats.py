@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 
 from immuneprofile.engine.gating import GatingResult
-from immuneprofile.exceptions import MarkerError
+from immuneprofile.exceptions import MarkerError, TemplateError
 
-__all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "TABLE_COLUMNS"]
+__all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "TABLE_COLUMNS",
+           "frequency_of", "readout_table", "READOUT_COLUMNS"]
 
 TABLE_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count", "pct_parent", "pct_total"]
 
@@ -83,6 +84,119 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
     if df.empty:
         return pd.DataFrame(columns=["sample_id", "template", *TABLE_COLUMNS[1:]])
     return df
+
+
+def _counts(table: pd.DataFrame) -> pd.DataFrame:
+    """``count`` and ``parent`` indexed by ``(sample_id, template, population)``."""
+    if "template" not in table.columns:
+        table = table.assign(template="")
+    return table.set_index(["sample_id", "template", "population"])[["count", "parent"]]
+
+
+def _ancestors(counts: pd.DataFrame, key: tuple[str, str], population: str) -> list[str]:
+    out, p = [], population
+    while (*key, p) in counts.index:
+        p = counts.loc[(*key, p), "parent"]
+        if p in (None, "root") or (isinstance(p, float) and p != p):
+            break
+        out.append(p)
+    return out
+
+
+def frequency_of(table: pd.DataFrame, population: str, ancestor: str) -> pd.DataFrame:
+    """FlowJo's "Freq. of": ``population`` as a percentage of any of its named ancestors, per sample.
+
+    Parameters
+    ----------
+    table
+        A population table (:func:`population_table`), one or more samples.
+    population, ancestor
+        Population names; ``ancestor`` must be on ``population``'s path to the root in every
+        sample's template.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``sample_id, template, population, of, count, of_count, pct`` (pct = 100 count / of_count,
+        NaN when the ancestor is empty).
+
+    Raises
+    ------
+    TemplateError
+        When ``population`` is missing from a sample or ``ancestor`` is not its ancestor there.
+    """
+    counts = _counts(table)
+    rows = []
+    for key in counts.index.droplevel("population").unique():
+        if (*key, population) not in counts.index:
+            raise TemplateError(f"sample {key[0]!r}: no population {population!r} in its table")
+        if ancestor not in _ancestors(counts, key, population):
+            raise TemplateError(f"sample {key[0]!r}: {ancestor!r} is not an ancestor of {population!r} "
+                                f"(its ancestors: {_ancestors(counts, key, population)})")
+        n, d = int(counts.loc[(*key, population), "count"]), int(counts.loc[(*key, ancestor), "count"])
+        rows.append({"sample_id": key[0], "template": key[1], "population": population, "of": ancestor,
+                     "count": n, "of_count": d, "pct": _pct(n, d)})
+    return pd.DataFrame(rows, columns=["sample_id", "template", "population", "of", "count", "of_count", "pct"])
+
+
+#: Columns of :func:`readout_table` (``per_uL`` only when cell counts are given).
+READOUT_COLUMNS = ["sample_id", "template", "readout", "population", "of", "count", "of_count", "pct"]
+
+
+def readout_table(results_or_table, templates, *, cell_counts: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The readouts the templates declare (``readouts:``), one row per sample x readout.
+
+    Parameters
+    ----------
+    results_or_table
+        Gating results or a population table (:func:`population_table`, with ``template``).
+    templates
+        A :class:`~immuneprofile.Template` or several (a list, or a mapping whose values are
+        templates); a table's rows are matched to them by the ``template`` column.
+    cell_counts
+        Optional sample sheet with ``sample_id`` and the per-µL cell count column a template
+        names in ``absolute: {population, column}`` (e.g. ``lymphocytes_per_uL``): adds
+        ``per_uL`` = column x count / count of that population (dual-platform absolute count;
+        NaN where the sheet gives no count).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`READOUT_COLUMNS` (+ ``per_uL``); pct = 100 count / of_count.
+    """
+    from immuneprofile.template.parse import Template
+
+    table = results_or_table if isinstance(results_or_table, pd.DataFrame) else \
+        population_table(list(results_or_table), medians=False)
+    tmpls = [templates] if isinstance(templates, Template) else \
+        list(templates.values() if isinstance(templates, dict) else templates)
+    parts = []
+    for t in tmpls:
+        sub = table[table["template"] == t.name] if "template" in table.columns else table
+        if sub.empty:
+            continue
+        for r in t.readouts.values():
+            f = frequency_of(sub, r.population, r.of).assign(readout=r.name)
+            if cell_counts is not None:
+                f["per_uL"] = _per_ul(sub, f, t, cell_counts)
+            parts.append(f)
+    cols = READOUT_COLUMNS + (["per_uL"] if cell_counts is not None else [])
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True)[cols]
+
+
+def _per_ul(table: pd.DataFrame, freq: pd.DataFrame, template, sheet: pd.DataFrame) -> np.ndarray:
+    """Absolute counts per µL of the rows of ``freq`` (NaN without a basis or a count)."""
+    basis = template.absolute
+    if basis is None or basis.column not in sheet.columns:
+        return np.full(len(freq), np.nan)
+    per_ul = pd.to_numeric(sheet.set_index("sample_id")[basis.column], errors="coerce")
+    base = table[table["population"] == basis.population].set_index("sample_id")["count"]
+    ids = freq["sample_id"]
+    den = base.reindex(ids).to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return per_ul.reindex(ids).to_numpy(dtype=float) * freq["count"].to_numpy() / np.where(den > 0, den, np.nan)
 
 
 def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:

@@ -9,15 +9,14 @@ to PASI with :func:`immuneprofile.association.correlate`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
 from immuneprofile.batch import gate_files
 from immuneprofile.exceptions import ClinicalDataError
-from immuneprofile.stats import to_anndata, write_tables
+from immuneprofile.stats import readout_table, to_anndata, write_tables
 from immuneprofile.template.parse import Template, TemplateError, load_template
 from immuneprofile.template.shipped import PANEL_TEMPLATES
 
@@ -52,6 +51,7 @@ def run_study(
     compensation: Any = "auto",
     jobs: int = 1,
     anndata: bool = False,
+    batch_by: str | None = "patient",
     progress: Callable[[str, str | None], None] | None = None,
 ) -> dict[str, Any]:
     """Gate every sample of a sample sheet with its panel's template, then correlate with PASI.
@@ -75,28 +75,39 @@ def run_study(
         As for :func:`immuneprofile.gate_files`.
     anndata
         Also write ``events_<panel>.h5ad`` per panel (in-process gating only).
+    batch_by
+        Sample-sheet column whose groups are gated as separate batches, so that a template's
+        ``scope: batch`` thresholds (e.g. the CLA/CD103 cuts) are fitted once per group - by
+        default on each patient's pooled files, and on the reference samples' pooled files -
+        and held fixed across that patient's visits. ``None``: one batch per panel.
 
     Returns
     -------
     dict
-        ``table`` (population table with sheet metadata), ``errors`` (path -> message),
+        ``table`` (population table with sheet metadata), ``readouts`` (the templates' declared
+        readouts, :func:`immuneprofile.stats.readout_table`, with the sheet's ``patient, week,
+        panel, role``; also written as ``readouts.csv``), ``errors`` (path -> message),
         ``files`` (name -> path written) and, with ``clinical``, ``correlation``.
     """
     from immuneprofile.study.clinical import read_sample_sheet
 
     sheet_path = Path(sample_sheet)
-    sheet = read_sample_sheet(sheet_path)
+    sheet = _with_extra_columns(read_sample_sheet(sheet_path), sheet_path)
     tmpl = _resolve_templates(templates or DEFAULT_TEMPLATES, None if gating_dir is None else Path(gating_dir))
     _check_sheet(sheet, sheet_path, tmpl)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table, ths, errors, files = _gate_panels(sheet, sheet_path, tmpl, out, compensation, jobs, anndata, progress)
-    files.update(write_tables(out, table, ths, errors))
-    result: dict[str, Any] = {"table": table, "errors": errors, "files": files}
+    tables, ths, errors, files = _gate_panels(sheet, sheet_path, tmpl, out, batch_by=batch_by, anndata=anndata,
+                                              compensation=compensation, jobs=jobs, progress=progress)
+    table = _with_meta(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), sheet)
+    files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
+    readouts = _readouts(table, tmpl, sheet)
+    if not readouts.empty:
+        readouts.to_csv(out / "readouts.csv", index=False)
+        files["readouts"] = out / "readouts.csv"
+    result: dict[str, Any] = {"table": table, "readouts": readouts, "errors": errors, "files": files}
     if clinical is not None and not table.empty:
-        from immuneprofile.study.association import correlate
-
-        corr = correlate(table, clinical, sheet, out)
+        corr = _correlate(table, readouts, clinical, sheet, out)
         result["correlation"] = corr
         files.update(corr["files"])
     return result
@@ -112,24 +123,82 @@ def _check_sheet(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Templ
                             f"known panels: {sorted(tmpl)} (pass templates={{panel: path}})")
 
 
-def _gate_panels(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template], out: Path, compensation: Any,
-                 jobs: int, anndata: bool, progress: Callable[[str, str | None], None] | None):
-    """Gate each panel's files with its template: ``(table with sheet metadata, thresholds, errors, files)``."""
+def _with_extra_columns(sheet: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The validated sheet plus the columns validation does not keep (``role``, ``batch``, cell counts)."""
+    raw = pd.read_csv(path)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    key = "file" if "file" in raw.columns and "file" in sheet.columns else "sample_id"
+    extra = [c for c in raw.columns if c not in sheet.columns]
+    if not extra or key not in raw.columns or raw[key].duplicated().any():
+        return sheet
+    raw[key] = raw[key].astype(str).str.strip()
+    return sheet.merge(raw[[key, *extra]], on=key, how="left")
+
+
+def _batches(rows: pd.DataFrame, batch_by: str | None):
+    """Groups of sample-sheet rows gated together (one group when ``batch_by`` is None or absent)."""
+    if batch_by is None or batch_by not in rows.columns:
+        return [(None, rows)]
+    return list(rows.groupby(rows[batch_by].astype(str), sort=False))
+
+
+def _gate_panels(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template], out: Path, *,
+                 batch_by: str | None, anndata: bool, compensation: Any, jobs: int, progress) -> tuple:
+    """Gate every panel's files, batch by batch: ``(tables, thresholds, errors, files)``."""
     tables, ths, errors, files = [], [], {}, {}
     for panel, rows in sheet.groupby("panel", sort=False):
-        paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
-        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
-        errors.update(batch.errors)
-        if not batch.results:
-            continue
-        tables.append(batch.table)
-        ths.append(batch.thresholds)
-        if anndata and jobs == 1:
+        results = []
+        for _, group in _batches(rows, batch_by):
+            batch = gate_files(_paths(group, sheet_path), tmpl[panel], compensation=compensation, jobs=jobs,
+                               progress=progress)
+            errors.update(batch.errors)
+            if batch.results:
+                tables.append(batch.table)
+                ths.append(batch.thresholds)
+                results.extend(batch.results)
+        if anndata and jobs == 1 and results:
             f = out / f"events_{panel}.h5ad"
-            to_anndata(batch.results).write_h5ad(f)
+            to_anndata(results).write_h5ad(f)
             files[f"events_{panel}"] = f
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    if not table.empty:
-        meta = sheet[[c for c in ("sample_id", "patient", "week", "panel") if c in sheet.columns]]
-        table = table.merge(meta, on="sample_id", how="left")
-    return table, pd.concat(ths, ignore_index=True) if ths else None, errors, files
+    return tables, ths, errors, files
+
+
+def _paths(rows: pd.DataFrame, sheet_path: Path) -> list[str]:
+    """The sheet's files, relative to the sheet's folder unless absolute."""
+    return [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
+
+
+def _meta(sheet: pd.DataFrame) -> pd.DataFrame:
+    return sheet[[c for c in ("sample_id", "patient", "week", "panel", "role") if c in sheet.columns]]
+
+
+def _with_meta(table: pd.DataFrame, sheet: pd.DataFrame) -> pd.DataFrame:
+    """The population table with the sheet's patient, week and panel."""
+    if table.empty:
+        return table
+    return table.merge(_meta(sheet).drop(columns="role", errors="ignore"), on="sample_id", how="left")
+
+
+def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataFrame) -> pd.DataFrame:
+    """The declared readouts of every gated sample, with the sheet's metadata."""
+    if table.empty:
+        return pd.DataFrame()
+    unique = {t.name: t for t in tmpl.values()}
+    counts = sheet if any(t.absolute is not None for t in unique.values()) else None
+    ro = readout_table(table, list(unique.values()), cell_counts=counts)
+    if counts is not None and ro["per_uL"].isna().all():
+        ro = ro.drop(columns="per_uL")
+    return ro.merge(_meta(sheet), on="sample_id", how="left")
+
+
+def _correlate(table: pd.DataFrame, readouts: pd.DataFrame, clinical, sheet: pd.DataFrame, out: Path):
+    """The association step: on the declared readouts when ``correlate`` takes them, else on patients' populations."""
+    import inspect
+
+    from immuneprofile.study.association import correlate
+
+    if "readouts" in inspect.signature(correlate).parameters:
+        return correlate(table, clinical, sheet, out, readouts=readouts)
+    if "role" in sheet.columns:  # reference samples have no clinical course
+        table = table[~table["sample_id"].isin(sheet.loc[sheet["role"] == "reference", "sample_id"])]
+    return correlate(table, clinical, sheet, out)

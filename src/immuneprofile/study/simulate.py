@@ -49,9 +49,12 @@ __all__ = [
     "SCATTER_CHANNELS",
     "PANELS",
     "PANEL_TEMPLATES",
+    "PANEL_EVENTS",
     "DEFAULT_FREQUENCIES",
-    "STUDY_SLOPES",
-    "TRUTH_POPULATIONS",
+    "COURSE",
+    "EFFECTS",
+    "READOUT_SOURCES",
+    "ASSAY_CV",
     "SimulatedSample",
     "spillover_matrix",
     "format_spillover",
@@ -59,15 +62,18 @@ __all__ = [
     "simulate_sample",
     "truth_table",
     "write_fcs",
-    "pasi_trajectory",
+    "cohort_design",
+    "design_pct",
+    "has_true_effect",
     "simulate_study",
+    "simulate_readouts",
 ]
 
 # --------------------------------------------------------------------------- instrument
 
 #: The 15 markers of the study, in the column order used internally.
 MARKERS: tuple[str, ...] = (
-    "LiveDead", "CD3", "CD4", "CD8", "CD45RA", "CLA", "CD103",
+    "LiveDead", "CD3", "CD4", "CD8", "CD45RA", "CCR7", "CLA", "CD103",
     "CD25", "CD127", "FoxP3",
     "CD19", "CD56", "HLA-DR", "CD14", "CD16",
 )
@@ -79,6 +85,7 @@ DETECTORS: dict[str, str] = {
     "CD4": "BV605-A",
     "CD8": "APC-Cy7-A",
     "CD45RA": "BV786-A",
+    "CCR7": "PE-CF594-A",
     "CLA": "FITC-A",
     "CD103": "APC-A",
     "CD25": "PE-Cy7-A",
@@ -98,7 +105,7 @@ SCATTER_CHANNELS: tuple[str, ...] = ("FSC-A", "FSC-H", "SSC-A")
 _PNS_STYLE: dict[str, dict[str, str]] = {
     "tcell": {
         "LiveDead": "L/D Aqua", "CD3": "CD3", "CD4": "CD4 BV605", "CD8": "CD8 APC-Cy7",
-        "CD45RA": "CD45RA", "CLA": "CLA FITC", "CD103": "CD103 APC",
+        "CD45RA": "CD45RA", "CCR7": "CCR7 PE-CF594", "CLA": "CLA FITC", "CD103": "CD103 APC",
     },
     "treg": {
         "LiveDead": "L/D Aqua", "CD3": "CD3 BUV395", "CD4": "CD4", "CD25": "CD25 PE-Cy7",
@@ -110,7 +117,7 @@ _PNS_STYLE: dict[str, dict[str, str]] = {
     },
     "full": {
         "LiveDead": "L/D Aqua", "CD3": "CD3 BUV395", "CD4": "CD4 BV605", "CD8": "CD8 APC-Cy7",
-        "CD45RA": "CD45RA BV786", "CLA": "CLA FITC", "CD103": "CD103 APC",
+        "CD45RA": "CD45RA BV786", "CCR7": "CCR7 PE-CF594", "CLA": "CLA FITC", "CD103": "CD103 APC",
         "CD25": "CD25 PE-Cy7", "CD127": "CD127 BV421", "FoxP3": "FoxP3 PE",
         "CD19": "CD19 BV650", "CD56": "CD56 BUV805", "HLA-DR": "HLA-DR PerCP-Cy5.5",
         "CD14": "CD14 AF700", "CD16": "CD16 BV711",
@@ -118,7 +125,7 @@ _PNS_STYLE: dict[str, dict[str, str]] = {
 }
 
 _PANEL_MARKERS: dict[str, tuple[str, ...]] = {
-    "tcell": ("LiveDead", "CD3", "CD4", "CD8", "CD45RA", "CLA", "CD103"),
+    "tcell": ("LiveDead", "CD3", "CD4", "CD8", "CD45RA", "CCR7", "CLA", "CD103"),
     "treg": ("LiveDead", "CD3", "CD4", "CD25", "CD127", "FoxP3"),
     "monocyte": ("LiveDead", "CD3", "CD19", "CD56", "HLA-DR", "CD14", "CD16"),
     "full": MARKERS,
@@ -159,6 +166,11 @@ _SPILL_PAIRS: dict[tuple[str, str], float] = {
     ("PE-A", "FITC-A"): 0.005,
     ("PE-A", "PerCP-Cy5.5-A"): 0.06,
     ("PE-A", "PE-Cy7-A"): 0.022,
+    ("PE-A", "PE-CF594-A"): 0.17,
+    ("FITC-A", "PE-CF594-A"): 0.03,
+    ("PE-CF594-A", "PE-Cy7-A"): 0.06,
+    ("PE-CF594-A", "PerCP-Cy5.5-A"): 0.05,
+    ("PE-CF594-A", "PE-A"): 0.02,
     ("PE-Cy7-A", "APC-Cy7-A"): 0.035,
     ("PE-Cy7-A", "PE-A"): 0.008,
     ("PerCP-Cy5.5-A", "PE-Cy7-A"): 0.08,
@@ -175,7 +187,7 @@ _SPILL_PAIRS: dict[tuple[str, str], float] = {
 _NOISE_SD: dict[str, float] = {
     "BUV395-A": 100.0, "BV421-A": 110.0, "BV510-A": 130.0, "BV605-A": 120.0,
     "BV650-A": 110.0, "BV711-A": 120.0, "BV786-A": 150.0, "FITC-A": 100.0,
-    "PE-A": 120.0, "PE-Cy7-A": 140.0, "PerCP-Cy5.5-A": 150.0, "APC-A": 110.0,
+    "PE-A": 120.0, "PE-CF594-A": 130.0, "PE-Cy7-A": 140.0, "PerCP-Cy5.5-A": 150.0, "APC-A": 110.0,
     "AF700-A": 160.0, "APC-Cy7-A": 140.0, "BUV805-A": 180.0,
 }
 
@@ -183,7 +195,7 @@ _NOISE_SD: dict[str, float] = {
 _AUTOFLUOR: dict[str, float] = {
     "BUV395-A": 60.0, "BV421-A": 150.0, "BV510-A": 180.0, "BV605-A": 80.0,
     "BV650-A": 60.0, "BV711-A": 50.0, "BV786-A": 40.0, "FITC-A": 150.0,
-    "PE-A": 80.0, "PE-Cy7-A": 40.0, "PerCP-Cy5.5-A": 60.0, "APC-A": 30.0,
+    "PE-A": 80.0, "PE-CF594-A": 60.0, "PE-Cy7-A": 40.0, "PerCP-Cy5.5-A": 60.0, "APC-A": 30.0,
     "AF700-A": 30.0, "APC-Cy7-A": 30.0, "BUV805-A": 40.0,
 }
 
@@ -263,81 +275,64 @@ def parse_spillover(text: str) -> tuple[list[str], np.ndarray]:
 
 # --------------------------------------------------------------------------- frequencies
 
-#: Default subset frequencies, each a fraction of its parent (named in the comment).
-#: ``simulate_sample(frequencies=..., shifts=...)`` overrides / shifts them.
+#: Default subset frequencies (a healthy donor's PBMC), each a fraction of its parent (named
+#: in the comment). ``simulate_sample(frequencies=..., shifts=...)`` overrides / shifts them.
+#: The rare skin-homing subsets (CLA+CD103+) are set several-fold above the blood frequencies
+#: reported in healthy donors so that example files of a few tens of thousands of events
+#: hold at least 200 of them (see example_data/README.md).
 DEFAULT_FREQUENCIES: dict[str, float] = {
-    # fractions of all events
-    "debris": 0.05,
-    "doublets": 0.04,
-    "dead": 0.04,
-    "granulocytes": 0.04,
-    "monocytes": 0.13,
-    "dendritic cells": 0.008,
+    # fractions of all events (PBMC: few granulocytes)
+    "debris": 0.04,
+    "doublets": 0.03,
+    "dead": 0.03,
+    "granulocytes": 0.01,
+    "monocytes": 0.20,
+    "dendritic cells": 0.012,
     # (the remaining events are live single lymphocytes)
     # fractions of lymphocytes
     "CD3+": 0.70,
     "B cells": 0.11,  # NK cells are the rest
     # fractions of T cells (double-negative T cells are the rest)
-    "CD4+": 0.64,
-    "CD8+": 0.31,
-    # memory (CD45RA-) fraction of CD4+ / CD8+ T cells
-    "CD4+ memory": 0.50,
-    "CD8+ memory": 0.42,
-    # fractions of CD4+ / CD8+ memory (CLA-CD103- is the rest)
-    "CD4+ CLA+CD103-": 0.09,
-    "CD4+ CLA+CD103+": 0.012,
-    "CD4+ CLA-CD103+": 0.01,
-    "CD8+ CLA+CD103-": 0.06,
-    "CD8+ CLA+CD103+": 0.02,
-    "CD8+ CLA-CD103+": 0.03,
+    "CD4+": 0.62,
+    "CD8+": 0.32,
+    # CD45RA x CCR7 memory subsets, fractions of CD4+ / CD8+ (naive CD45RA+CCR7+ is the rest)
+    "CD4+ CM": 0.33,
+    "CD4+ EM": 0.17,
+    "CD4+ TEMRA": 0.05,
+    "CD8+ CM": 0.10,
+    "CD8+ EM": 0.32,
+    "CD8+ TEMRA": 0.28,
+    # fractions of CD4+ / CD8+ memory (CM + EM + TEMRA; CLA-CD103- is the rest)
+    "CD4+ CLA+CD103-": 0.14,
+    "CD4+ CLA+CD103+": 0.06,
+    "CD4+ CLA-CD103+": 0.02,
+    "CD8+ CLA+CD103-": 0.12,
+    "CD8+ CLA+CD103+": 0.12,
+    "CD8+ CLA-CD103+": 0.04,
     # fraction of CD4+ T cells that are CD25hi CD127lo; FoxP3+ fraction of those
-    "CD25hi CD127lo": 0.055,
+    "CD25hi CD127lo": 0.065,
     "Treg": 0.88,
     # fractions of monocytes (classical is the rest)
-    "intermediate": 0.05,
-    "non-classical": 0.08,
+    "intermediate": 0.06,
+    "non-classical": 0.11,
 }
 
-#: Study model: change of each subset (fraction of parent) per unit of relative PASI
-#: improvement ``1 - PASI(week) / PASI(0)``; every case-series subset rises as PASI falls.
-STUDY_SLOPES: dict[str, float] = {
-    "CD4+ CLA+CD103-": 0.08,
-    "CD4+ CLA+CD103+": 0.02,
-    "CD8+ CLA+CD103-": 0.06,
-    "CD8+ CLA+CD103+": 0.04,
-    "CD25hi CD127lo": 0.035,
-    "Treg": 0.07,
-    "non-classical": 0.08,
-}
+# --------------------------------------------------------------------------- storage
 
-# --------------------------------------------------------------------------- truth
+#: Gain ($PnG) of the 16-bit integer list mode: a stored value v reads as v / gain, so the
+#: 0-65535 range of ``$DATATYPE I`` covers 0-262140 linear units in steps of 4.
+FCS_GAIN = 0.25
 
-#: Template -> list of (population, template parent, label key of the true parent).
-TRUTH_POPULATIONS: dict[str, list[tuple[str, str, str]]] = {
-    "tcell_skin_homing": [
-        ("CD3+", "live", "live lymphocytes"),
-        ("CD4+", "CD3+", "CD3+"),
-        ("CD8+", "CD3+", "CD3+"),
-        ("CD4+ memory", "CD4+", "CD4+"),
-        ("CD8+ memory", "CD8+", "CD8+"),
-        *[
-            (f"{t} {q}", f"{t} memory", f"{t} memory")
-            for t in ("CD4+", "CD8+")
-            for q in ("CLA+CD103-", "CLA+CD103+", "CLA-")
-        ],
-    ],
-    "treg": [
-        ("CD3+", "live", "live lymphocytes"),
-        ("CD4+", "CD3+", "CD3+"),
-        ("CD25hi CD127lo", "CD4+", "CD4+"),
-        ("Treg", "CD25hi CD127lo", "CD25hi CD127lo"),
-    ],
-    "monocytes": [
-        ("classical", "HLA-DR+", "HLA-DR+"),
-        ("intermediate", "HLA-DR+", "HLA-DR+"),
-        ("non-classical", "HLA-DR+", "HLA-DR+"),
-    ],
-}
+
+def _quantize(raw: np.ndarray, channels: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Raw values as the 16-bit instrument stores them: non-negative, in steps of 1/gain."""
+    out = np.empty(raw.shape, dtype=np.float32)
+    for j, (pnn, _) in enumerate(channels):
+        if pnn == "Time":
+            out[:, j] = np.round(raw[:, j])
+        else:
+            out[:, j] = np.clip(np.round(raw[:, j] * FCS_GAIN), 0, 65535) / FCS_GAIN
+    return out
 
 
 class SimulatedSample(NamedTuple):
@@ -411,6 +406,8 @@ def _frequencies(frequencies: Mapping[str, float] | None, shifts: Mapping[str, f
         "events": ("debris", "doublets", "dead", "granulocytes", "monocytes", "dendritic cells"),
         "lymphocytes": ("CD3+", "B cells"),
         "T cells": ("CD4+", "CD8+"),
+        "CD4+": ("CD4+ CM", "CD4+ EM", "CD4+ TEMRA"),
+        "CD8+": ("CD8+ CM", "CD8+ EM", "CD8+ TEMRA"),
         "CD4+ memory": ("CD4+ CLA+CD103-", "CD4+ CLA+CD103+", "CD4+ CLA-CD103+"),
         "CD8+ memory": ("CD8+ CLA+CD103-", "CD8+ CLA+CD103+", "CD8+ CLA-CD103+"),
         "monocytes": ("intermediate", "non-classical"),
@@ -452,10 +449,13 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     t = types == _T
     tsub = pick(t, [f["CD4+"], f["CD8+"]])  # 0 CD4, 1 CD8, 2 DN
     cd4, cd8, dn = tsub == 0, tsub == 1, tsub == 2
-    mem = np.zeros(n, bool)
-    mem[cd4] = rng.random(int(cd4.sum())) < f["CD4+ memory"]
-    mem[cd8] = rng.random(int(cd8.sum())) < f["CD8+ memory"]
-    mem[dn] = rng.random(int(dn.sum())) < 0.6
+    # CD45RA x CCR7 subsets: 0 CM, 1 EM, 2 TEMRA, 3 naive
+    tmem = np.full(n, -1)
+    tmem[cd4] = pick(cd4, [f["CD4+ CM"], f["CD4+ EM"], f["CD4+ TEMRA"]])[cd4]
+    tmem[cd8] = pick(cd8, [f["CD8+ CM"], f["CD8+ EM"], f["CD8+ TEMRA"]])[cd8]
+    tmem[dn] = pick(dn, [0.2, 0.3, 0.1])[dn]
+    naive = tmem == 3
+    mem = t & ~naive
     quad = np.full(n, -1)  # 0 CLA+CD103-, 1 CLA+CD103+, 2 CLA-CD103+, 3 CLA-CD103-
     for tmask, key in ((cd4, "CD4+"), (cd8, "CD8+")):
         m = tmask & mem
@@ -467,7 +467,8 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     put(cd8, "CD8", 30000, 0.3)
     nkt = t & (rng.random(n) < 0.05)
     put(nkt, "CD56", 5000, 0.35)
-    put(t & ~mem, "CD45RA", 15000, 0.4)
+    put(t & (naive | (tmem == 2)), "CD45RA", 15000, 0.4)
+    put(t & (naive | (tmem == 0)), "CCR7", 6000, 0.35)
     cla = (quad == 0) | (quad == 1)
     cd103 = (quad == 1) | (quad == 2)
     put(cla, "CLA", 7000, 0.4)
@@ -484,6 +485,7 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     put(b, "CD19", 12000, 0.35)
     put(b, "HLA-DR", 20000, 0.35)
     put(b, "CD45RA", 20000, 0.35)
+    put(b, "CCR7", 4000, 0.4)
 
     # ---- NK cells: 10% CD56bright CD16-, 90% CD56dim CD16+
     nk = types == _NK
@@ -534,6 +536,9 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     lab["CD8+"] = cd8
     lab["CD4+ memory"] = cd4 & mem
     lab["CD8+ memory"] = cd8 & mem
+    for tmask, key in ((cd4, "CD4+"), (cd8, "CD8+")):
+        for code, nm in enumerate(("CM", "EM", "TEMRA", "naive")):
+            lab[f"{key} {nm}"] = tmask & (tmem == code)
     names = ["CLA+CD103-", "CLA+CD103+", "CLA-CD103+", "CLA-CD103-"]
     for tmask, key in ((cd4, "CD4+"), (cd8, "CD8+")):
         for q, nm in enumerate(names):
@@ -544,7 +549,7 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     lab["classical"] = clas
     lab["intermediate"] = inter
     lab["non-classical"] = nonc
-    lab["CD14lo CD16-"] = dc
+    lab["CD14- CD16-"] = dc
     return sig, sc, lab
 
 
@@ -702,11 +707,11 @@ def simulate_sample(
     spill = spillover_matrix([chans[i][0] for i in fl])
     raw = unmixed.copy()
     raw[:, fl] = unmixed[:, fl] @ spill
-    return SimulatedSample(raw.astype(np.float32), labels, unmixed, spill, list(chans), panel)
+    return SimulatedSample(_quantize(raw, chans), labels, unmixed, spill, list(chans), panel)
 
 
 def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None) -> list[dict[str, object]]:
-    """True ``pct_parent`` of every case-series population of a simulated sample.
+    """True value of every readout declared by the panel's templates, counted from the event labels.
 
     Parameters
     ----------
@@ -718,27 +723,36 @@ def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None)
     Returns
     -------
     list of dict
-        ``{"population", "parent", "count", "parent_count", "pct_parent"}`` per
-        population (population names are unique across the templates of a panel);
-        ``pct_parent`` is NaN when the true parent is empty.
+        ``{"template", "readout", "population", "of", "count", "of_count", "pct"}`` per
+        declared readout; ``pct`` (= 100 count / of_count) is NaN when ``of`` is empty. Also
+        ``parent``, ``parent_count`` and ``pct_parent``: the same against the population's
+        parent in the template (as in the population table).
     """
-    templates = PANEL_TEMPLATES[sample.panel] if templates is None else templates
-    rows, seen = [], set()
-    for tpl in templates:
-        for pop, parent, parent_key in TRUTH_POPULATIONS[tpl]:
-            if pop in seen:
-                continue
-            seen.add(pop)
-            k = int(sample.labels[pop].sum())
-            pk = int(sample.labels[parent_key].sum())
-            rows.append({
-                "population": pop, "parent": parent, "count": k, "parent_count": pk,
-                "pct_parent": 100.0 * k / pk if pk else float("nan"),
-            })
+    from immuneprofile.template.parse import load_template
+
+    def pct(k: int, d: int) -> float:
+        return 100.0 * k / d if d else float("nan")
+
+    rows = []
+    for name in PANEL_TEMPLATES[sample.panel] if templates is None else templates:
+        t = load_template(name)
+        for r in t.readouts.values():
+            parent = t[r.population].parent
+            k, d, pk = (int(sample.labels[x].sum()) for x in (r.population, r.of, parent))
+            rows.append({"template": name, "readout": r.name, "population": r.population, "of": r.of,
+                         "count": k, "of_count": d, "pct": pct(k, d),
+                         "parent": parent, "parent_count": pk, "pct_parent": pct(k, pk)})
     return rows
 
 
 # --------------------------------------------------------------------------- FCS writing
+
+
+def _fcs_text(keywords: Mapping[str, str], delim: str = "|") -> bytes:
+    for k, v in keywords.items():
+        if delim in k or delim in v:
+            raise ValueError(f"FCS keyword {k}={v!r} contains the delimiter {delim!r}")
+    return (delim + "".join(f"{k}{delim}{v}{delim}" for k, v in keywords.items())).encode("ascii")
 
 
 def write_fcs(
@@ -746,7 +760,11 @@ def write_fcs(
     sample: SimulatedSample,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a simulated sample as an FCS 3.1 file (float32, little-endian).
+    """Write a simulated sample as an FCS 3.1 file: 16-bit unsigned integer list mode.
+
+    Values are stored as ``round(value * FCS_GAIN)`` with ``$PnG = FCS_GAIN`` and
+    ``$PnR = 65536`` (FlowKit and FlowJo divide by the gain when reading), except ``Time``
+    (ticks of ``$TIMESTEP`` = 0.01 s, gain 1). ``sample.events`` already holds these values.
 
     Parameters
     ----------
@@ -763,212 +781,406 @@ def write_fcs(
     pathlib.Path
         The written path.
     """
-    import flowio
-
     path = Path(path)
-    meta: dict[str, str] = {
-        "$CYT": "immuneprofile simulated 5-laser cytometer",
-        "$SPILLOVER": sample.spillover_keyword,
-        "$FIL": path.name,
-    }
+    ev = np.asarray(sample.events, dtype=np.float64)
+    gains = np.array([1.0 if c == "Time" else FCS_GAIN for c, _ in sample.channels])
+    ints = np.round(ev * gains)
+    if ints.min() < 0 or ints.max() > 65535:
+        raise ValueError(f"{path}: events outside the 16-bit range (quantize with simulate_sample)")
+    data = ints.astype("<u2").tobytes()
+    kw: dict[str, str] = {"$BYTEORD": "1,2", "$DATATYPE": "I", "$MODE": "L", "$NEXTDATA": "0",
+                          "$PAR": str(len(sample.channels)), "$TOT": str(len(ev))}
+    for i, ((pnn, pns), g) in enumerate(zip(sample.channels, gains), start=1):
+        kw.update({f"$P{i}N": pnn, f"$P{i}B": "16", f"$P{i}E": "0,0", f"$P{i}R": "65536", f"$P{i}G": repr(float(g))})
+        if pns:
+            kw[f"$P{i}S"] = pns
+    kw.update({"$CYT": "immuneprofile simulated 5-laser cytometer", "$SPILLOVER": sample.spillover_keyword,
+               "$FIL": path.name})
     if any(c == "Time" for c, _ in sample.channels):
-        meta["$TIMESTEP"] = "0.01"
-    for k, v in (metadata or {}).items():
-        meta[str(k)] = str(v)
-    data = np.ascontiguousarray(sample.events, dtype="<f4")
-    buf = array("f")
-    buf.frombytes(data.tobytes())
-    if sys.byteorder == "big":  # pragma: no cover - FCS BYTEORD written by FlowIO is 1,2,3,4
-        buf.byteswap()
+        kw["$TIMESTEP"] = "0.01"
+    kw.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    offsets = {k: "0" * 12 for k in ("$BEGINANALYSIS", "$ENDANALYSIS", "$BEGINSTEXT", "$ENDSTEXT",
+                                     "$BEGINDATA", "$ENDDATA")}
+    text_start = 58
+    text_len = len(_fcs_text({**offsets, **kw}))
+    begin = text_start + text_len
+    offsets["$BEGINDATA"], offsets["$ENDDATA"] = f"{begin:012d}", f"{begin + len(data) - 1:012d}"
+    text = _fcs_text({**offsets, **kw})
+    header = "FCS3.1    " + "".join(f"{v:>8}" for v in (text_start, begin - 1, begin, begin + len(data) - 1, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        flowio.create_fcs(
-            fh, buf,
-            [c for c, _ in sample.channels],
-            opt_channel_names=[s for _, s in sample.channels],
-            metadata_dict=meta,
-        )
+    path.write_bytes(header.encode("ascii") + text + data)
     return path
 
 
-# --------------------------------------------------------------------------- study
+# --------------------------------------------------------------------------- study design
 
-# PASI at anchor weeks for the three case-series patients (interpolated in between).
-_PASI_PROFILES: list[dict[float, float]] = [
-    # P1: responder, PASI75 by W9, PASI90 by W24
-    {0: 24.6, 1: 22.8, 2: 17.9, 4: 10.6, 9: 4.2, 24: 1.8},
-    # P2: responder, PASI75 by W9
-    {0: 17.2, 1: 16.5, 2: 13.1, 4: 8.0, 9: 3.6, 24: 2.9},
-    # P3: partial responder (~PASI50 at W9) with rebound -> biologic restarted at W24
-    {0: 28.4, 1: 27.1, 2: 23.0, 4: 17.2, 9: 13.9, 24: 22.5},
-]
-_PARTIAL_RESPONDER = 2  # profile index whose patient restarts a biologic at the last visit
+#: The case series' course (Lwin et al. 2025): three women, two UC-MSC infusions one week apart
+#: (1.96-3.00 x 10^6 cells/kg); P2 alongside etanercept; P1 (the best responder, PASI 87 at W4)
+#: and P3 resume their last failed biologic at W9 on relapse, P2 switches to a new biologic at
+#: W24; P1 and P2 then hold PASI 0-2. Ages, doses per patient, PASI values and drug names are
+#: invented within those facts. ``change`` = (week, event kind, drug).
+COURSE: dict[str, dict[str, object]] = {
+    "P1": {"sex": "F", "age": 46, "dose1": 2.46, "dose2": 2.31, "cotherapy": "",
+           "prior": "adalimumab; secukinumab", "change": (9, "resumed", "secukinumab"),
+           "pasi": {0: 18.6, 1: 14.9, 4: 2.4, 9: 9.6, 24: 1.4, 52: 0.8, 104: 1.2}},
+    "P2": {"sex": "F", "age": 52, "dose1": 1.96, "dose2": 2.12, "cotherapy": "etanercept",
+           "prior": "etanercept; ustekinumab", "change": (24, "switched", "risankizumab"),
+           "pasi": {0: 14.2, 1: 12.6, 4: 8.1, 9: 9.9, 24: 12.8, 52: 1.9, 104: 0.6}},
+    "P3": {"sex": "F", "age": 38, "dose1": 3.00, "dose2": 2.85, "cotherapy": "",
+           "prior": "adalimumab; ixekizumab", "change": (9, "resumed", "ixekizumab"),
+           "pasi": {0: 24.8, 1: 22.0, 4: 14.6, 9: 19.4, 24: 9.1, 52: 6.2}},
+}
+
+#: Events per file of each panel in the example data: enough for >= 200 events in every
+#: declared readout, while 3 patients x 6-7 visits + 7 reference samples stay under 40 MB.
+PANEL_EVENTS: dict[str, int] = {"tcell": 30_000, "treg": 17_000, "monocyte": 16_000, "full": 30_000}
+
+#: Coefficient of variation of one staining (tube to tube), applied to every subset frequency.
+ASSAY_CV = 0.06
+#: Visit-to-visit biological variation of a patient's subset frequencies (coefficient of variation).
+VISIT_CV = 0.04
+
+#: True effects of the study model, per simulator frequency (fraction of its parent):
+#: ``msc`` = peak change after the infusions (lagged response to each infusion, fading by ~W9),
+#: ``disease`` = change per unit of relative PASI improvement ``lag`` weeks earlier,
+#: ``biologic`` = change per unit of relative PASI improvement while on a restarted/new biologic.
+#: Each is scaled by a per-patient multiplier (heterogeneous responses). Every frequency not
+#: listed here has no effect at all.
+EFFECTS: dict[str, dict[str, float]] = {
+    "CD25hi CD127lo": {"msc": 0.022, "lag": 2.0, "biologic": 0.014},
+    "non-classical": {"msc": 0.05, "lag": 1.0},
+    "CD4+ CLA+CD103-": {"disease": 0.06, "lag": 2.0},
+    "CD4+ CLA+CD103+": {"disease": 0.03, "lag": 2.0},
+    "CD8+ CLA+CD103+": {"msc": 0.03, "lag": 2.0},
+}
+
+#: Declared readout -> simulator frequencies it depends on; readouts of none of the
+#: :data:`EFFECTS` frequencies have a true effect of zero.
+READOUT_SOURCES: dict[str, tuple[str, ...]] = {
+    "Treg": ("CD25hi CD127lo", "Treg"),
+    "classical": ("intermediate", "non-classical"),
+    "non-classical": ("non-classical",),
+    **{f"{t} {q}": (f"{t} {q}",) for t in ("CD4+", "CD8+") for q in ("CLA+CD103-", "CLA+CD103+")},
+    **{f"{t} {m}": (f"{t} {m}",) for t in ("CD4+", "CD8+") for m in ("CM", "EM", "TEMRA")},
+    **{f"{t} naive": tuple(f"{t} {x}" for x in ("CM", "EM", "TEMRA")) for t in ("CD4+", "CD8+")},
+    "CD4+": ("CD4+",),
+    "CD8+": ("CD8+",),
+}
+
+_CASE_MULTIPLIERS = (1.3, 0.8, 0.5)  # P1 responds most, P3 least
+_REF = "REF"
 
 
-def pasi_trajectory(patient_index: int, weeks: Sequence[float], *, seed: int = 0) -> np.ndarray:
-    """PASI of a simulated patient at the given weeks.
+def has_true_effect(readout: str) -> bool:
+    """Whether a declared readout has a non-zero true effect in the study model."""
+    return any(src in EFFECTS for src in READOUT_SOURCES[readout])
 
-    Patients 0-2 follow the case-series profiles (two responders reaching PASI75 by
-    week 9, one partial responder with a rebound at week 24); further patients reuse
-    those shapes with a random baseline (15-30).
 
-    Parameters
-    ----------
-    patient_index
-        0-based patient number.
-    weeks
-        Weeks since the first infusion.
-    seed
-        Seed for the baselines of patients beyond the third.
+def _course(pi: int, rng: np.random.Generator) -> dict[str, object]:
+    """Course of patient ``pi``: the case series' for 0-2, a rescaled copy beyond."""
+    names = list(COURSE)
+    c = dict(COURSE[names[pi % len(names)]])
+    if pi >= len(names):
+        scale = rng.uniform(0.7, 1.4)
+        c["pasi"] = {w: round(min(72.0, v * scale * (1 if w == 0 else np.exp(rng.normal(0, 0.1)))), 1)
+                     for w, v in c["pasi"].items()}
+    return c
 
-    Returns
-    -------
-    numpy.ndarray
-        PASI (0-72) rounded to 0.1.
-    """
-    prof = _PASI_PROFILES[patient_index % len(_PASI_PROFILES)]
-    xs = np.array(sorted(prof))
-    ys = np.array([prof[x] for x in xs])
-    if patient_index >= len(_PASI_PROFILES):
-        r = np.random.default_rng([seed, 7919, patient_index])
-        ys = ys * (r.uniform(15, 30) / ys[0])
-    out = np.interp(np.asarray(weeks, dtype=float), xs, ys)
-    return np.round(np.clip(out, 0, 72), 1)
+
+def _msc_exposure(week: float, lag: float) -> float:
+    """Response to the two infusions (weeks 0 and 1), each rising and fading with time constant ``lag``."""
+    grid = np.linspace(0, 30, 601)
+
+    def h(t):
+        u = np.clip(np.subtract.outer(np.atleast_1d(t), [0.0, 1.0]), 0, None) / lag
+        return (u * np.exp(1 - u)).sum(axis=1)
+
+    return float(h(week)[0] / h(grid).max())
+
+
+def _improvement(pasi: Mapping[int, float], week: float) -> float:
+    """Relative PASI improvement ``1 - PASI/PASI_0`` at ``week`` (linear between visits)."""
+    xs = np.array(sorted(pasi), dtype=float)
+    ys = np.array([pasi[int(x)] for x in xs])
+    return float(1.0 - np.interp(max(week, 0.0), xs, ys) / ys[0])
+
+
+def _periods(course: Mapping[str, object]) -> dict[int, tuple[str, str, str]]:
+    """Week -> (treatment period, cotherapy, event) of every visit of a course."""
+    cweek, kind, drug = course["change"]
+    out = {}
+    for w in sorted(course["pasi"]):
+        period = "MSC" if w <= cweek else ("biologic resumed" if kind == "resumed" else "new biologic")
+        event = {0: "infusion 1", 1: "infusion 2"}.get(w, "")
+        if w == cweek:
+            event = f"resumed {drug}" if kind == "resumed" else f"switched to {drug}"
+        out[w] = (period, course["cotherapy"] if w <= cweek else "", event)
+    return out
+
+
+def _design(course: Mapping[str, object], base: Mapping[str, float], mult: float,
+            week: int, period: str) -> dict[str, float]:
+    """True subset frequencies of one visit (before visit and assay noise)."""
+    f = dict(base)
+    for key, e in EFFECTS.items():
+        lag = e.get("lag", 0.0)
+        d = e.get("msc", 0.0) * _msc_exposure(week, lag) if "msc" in e else 0.0
+        d += e.get("disease", 0.0) * _improvement(course["pasi"], week - lag)
+        if period != "MSC":
+            d += e.get("biologic", 0.0) * _improvement(course["pasi"], week)
+        f[key] = base[key] + mult * d
+    return f
+
+
+def _noisy(f: Mapping[str, float], cv: float, rng: np.random.Generator) -> dict[str, float]:
+    """Frequencies with multiplicative noise on the non-structural subsets (kept within [0, 1])."""
+    out = dict(f)
+    for key in ("CD4+", "CD8+", *(k for k in READOUT_SOURCES if k not in ("Treg", "classical", "CD4+", "CD8+")),
+                "CD25hi CD127lo", "intermediate"):
+        if key in out and not key.endswith("naive"):
+            out[key] = float(np.clip(out[key] * np.exp(rng.normal(0, cv)), 0.002, 0.95))
+    out["CD8+"] = min(out["CD8+"], 0.97 - out["CD4+"])
+    return out
 
 
 def _patient_baseline(rng: np.random.Generator) -> dict[str, float]:
     base = dict(DEFAULT_FREQUENCIES)
-    for key in ("CD3+", "CD4+", "CD4+ memory", "CD8+ memory", "monocytes", "B cells"):
-        base[key] = float(np.clip(base[key] * np.exp(rng.normal(0, 0.08)), 0.05, 0.9))
-    base["CD8+"] = float(min(base["CD8+"] * np.exp(rng.normal(0, 0.1)), 0.95 - base["CD4+"]))
-    for key in (*STUDY_SLOPES, "CD4+ CLA-CD103+", "CD8+ CLA-CD103+", "intermediate"):
-        if key == "Treg":
-            base[key] = float(np.clip(rng.uniform(0.82, 0.9), 0, 1))
-        else:
-            base[key] = float(base[key] * np.exp(rng.normal(0, 0.2)))
+    for key in ("CD3+", "monocytes", "B cells", "CD4+ CM", "CD4+ EM", "CD8+ EM", "CD8+ TEMRA"):
+        base[key] = float(base[key] * np.exp(rng.normal(0, 0.1)))
+    for key in (*EFFECTS, "CD4+ CLA-CD103+", "CD8+ CLA-CD103+", "CD8+ CLA+CD103-", "intermediate"):
+        base[key] = float(base[key] * np.exp(rng.normal(0, 0.1)))
+    base["CD25hi CD127lo"] *= 0.92  # psoriasis: fewer circulating Tregs before treatment
     return base
+
+
+def cohort_design(n_patients: int = 3, *, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """The study's patients, visits and per-sample true subset frequencies.
+
+    Parameters
+    ----------
+    n_patients
+        Patients; the first three follow :data:`COURSE`, later ones rescaled copies of it.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    (patients, visits, samples)
+        ``patients``: rows of ``patients.csv``; ``visits``: rows of ``clinical.csv``;
+        ``samples``: one dict per blood sample (patients' visits, then one reference sample
+        ``REF`` per staining batch = study week) with ``sample_id, patient, week, role,
+        batch, lymphocytes_per_uL, monocytes_per_uL`` and ``freqs`` (the noisy true
+        frequencies the events are drawn from) and ``design`` (before noise).
+    """
+    patients, visits, samples = [], [], []
+    weeks_seen: set[int] = set()
+    for pi in range(n_patients):
+        pid = f"P{pi + 1}"
+        rng = np.random.default_rng([seed, 1, pi])
+        course = _course(pi, rng)
+        mult = (_CASE_MULTIPLIERS[pi] if pi < 3 else 1.0) * float(np.exp(rng.normal(0, 0.25 if pi < 3 else 0.5)))
+        base = _patient_baseline(rng)
+        patients.append({"patient": pid, "sex": course["sex"], "age": course["age"],
+                         "dose1_cells_per_kg": f"{course['dose1']:.2f}e6", "dose2_cells_per_kg": f"{course['dose2']:.2f}e6",
+                         "cotherapy": course["cotherapy"], "prior_biologics": course["prior"],
+                         "notes": "" if pi < 3 else "simulated extra patient"})
+        lymph, mono = rng.normal(1900, 300), rng.normal(480, 80)
+        pasi0 = course["pasi"][0]
+        for week, (period, cot, event) in _periods(course).items():
+            pasi = course["pasi"][week]
+            resp = 100 * (1 - pasi / pasi0)
+            note = next((f"PASI {t}" for t in (90, 75, 50) if resp >= t), "")
+            visits.append({"patient": pid, "week": week, "pasi": f"{pasi:.1f}", "treatment": period,
+                           "cotherapy": cot, "event": event, "notes": note})
+            design = _design(course, base, mult, week, period)
+            samples.append({"sample_id": f"{pid}_W{week:02d}", "patient": pid, "week": week, "role": "patient",
+                            "batch": f"W{week:02d}", "design": design,
+                            "freqs": _noisy(_noisy(design, VISIT_CV, rng), ASSAY_CV, rng),
+                            "lymphocytes_per_uL": round(lymph * np.exp(rng.normal(0, 0.08))),
+                            "monocytes_per_uL": round(mono * np.exp(rng.normal(0, 0.08)))})
+            weeks_seen.add(week)
+    for week in sorted(weeks_seen):
+        rng = np.random.default_rng([seed, 3, week])
+        samples.append({"sample_id": f"{_REF}_W{week:02d}", "patient": _REF, "week": week, "role": "reference",
+                        "batch": f"W{week:02d}", "design": dict(DEFAULT_FREQUENCIES),
+                        "freqs": _noisy(DEFAULT_FREQUENCIES, ASSAY_CV, rng),
+                        "lymphocytes_per_uL": "", "monocytes_per_uL": ""})
+    return patients, visits, samples
+
+
+def design_pct(freqs: Mapping[str, float], readout: str) -> float:
+    """A declared readout's value (percent) implied by simulator frequencies (before counting noise)."""
+    f = freqs
+    if readout == "Treg":
+        return 100.0 * f["CD25hi CD127lo"] * f["Treg"]
+    if readout == "classical":
+        return 100.0 * (1.0 - f["intermediate"] - f["non-classical"])
+    if readout.endswith("naive"):
+        t = readout.split()[0]
+        return 100.0 * (1.0 - sum(f[f"{t} {x}"] for x in ("CM", "EM", "TEMRA")))
+    return 100.0 * f[READOUT_SOURCES[readout][0]]
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, object]], header: Sequence[str]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        w.writerows([[r.get(h, "") for h in header] for r in rows])
+    return path
+
+
+SAMPLE_COLUMNS = ["file", "sample_id", "patient", "week", "panel", "role", "batch",
+                  "lymphocytes_per_uL", "monocytes_per_uL"]
+CLINICAL_COLUMNS = ["patient", "week", "pasi", "treatment", "cotherapy", "event", "notes"]
+PATIENT_COLUMNS = ["patient", "sex", "age", "dose1_cells_per_kg", "dose2_cells_per_kg", "cotherapy",
+                   "prior_biologics", "notes"]
+TRUTH_COLUMNS = ["sample_id", "patient", "week", "panel", "role", "template", "readout", "population", "of",
+                 "count", "of_count", "pct", "design_pct", "true_effect"]
+
+
+def _truth_rows(sim: SimulatedSample, smp: Mapping[str, object], sid: str) -> list[dict[str, object]]:
+    """Rows of truth.csv for one written file."""
+    return [{**smp, **row, "sample_id": sid, "panel": sim.panel, "pct": f"{row['pct']:.4f}",
+             "design_pct": f"{design_pct(smp['design'], row['readout']):.4f}",
+             "true_effect": "yes" if has_true_effect(row["readout"]) else "no"} for row in truth_table(sim)]
 
 
 def simulate_study(
     out_dir: str | os.PathLike,
     *,
-    n_events: int = 50_000,
-    patients: Sequence[str] = ("P1", "P2", "P3"),
-    weeks: Sequence[int] = (0, 1, 2, 4, 9, 24),
+    n_events: int | Mapping[str, int] | None = None,
+    n_patients: int = 3,
+    weeks: Sequence[int] | None = None,
     panels: Sequence[str] = ("tcell", "treg", "monocyte"),
     seed: int = 0,
 ) -> dict[str, object]:
     """Simulate the UC-MSC psoriasis case series and write it to ``out_dir``.
 
-    Writes one FCS file per patient x week x panel (``P1_W04_treg.fcs``; keywords
-    ``$FIL``, ``$DATE``, ``PATIENT``, ``WEEK``, ``PANEL``, ``$SPILLOVER``) and
+    Writes one FCS file per blood sample x panel (``P1_W04_treg.fcs``, ``REF_W04_treg.fcs``;
+    keywords ``$FIL``, ``$DATE``, ``PATIENT``, ``WEEK``, ``PANEL``, ``BATCH``, ``$SPILLOVER``) and
 
-    - ``samples.csv``: ``file,sample_id,patient,week,panel`` (``sample_id`` = file stem);
-    - ``clinical.csv``: ``patient,week,pasi,treatment,notes`` (UC-MSC infusions at
-      weeks 0 and 1; biologic restart at the last visit of the partial responder);
-    - ``truth.csv``: ``sample_id,patient,week,panel,population,parent,pct_parent``, the
-      true frequency of every case-series population among its template parent,
-      computed from the events written.
-
-    Within each patient the case-series subsets follow
-    ``baseline + STUDY_SLOPES[subset] * (1 - PASI/PASI_0) + noise``.  Output is
-    deterministic given ``seed``.
+    - ``samples.csv``: :data:`SAMPLE_COLUMNS` (``role`` = patient/reference; cell counts per µL
+      from the blood count, empty for the reference PBMC aliquot);
+    - ``clinical.csv``: :data:`CLINICAL_COLUMNS` (treatment period, co-therapy, event per visit);
+    - ``patients.csv``: :data:`PATIENT_COLUMNS`;
+    - ``truth.csv``: :data:`TRUTH_COLUMNS`: every declared readout of every file counted from the
+      event labels (``pct``), the model value before counting noise (``design_pct``) and whether
+      the model gives it a true effect.
 
     Parameters
     ----------
     out_dir
         Output directory (created).
     n_events
-        Events per FCS file.
-    patients
-        Patient identifiers; the first three get the case-series PASI profiles.
+        Events per file: one number, a ``{panel: events}`` mapping, or ``None`` for :data:`PANEL_EVENTS`.
+    n_patients
+        Patients; the first three follow :data:`COURSE`.
     weeks
-        Visit weeks (week 0 = baseline, before the first infusion).
+        Keep only these visit weeks (default: every visit of the course).
     panels
         Panels to stain each sample with (keys of :data:`PANELS`).
     seed
-        Random seed.
+        Random seed; the output is byte-identical for the same arguments.
 
     Returns
     -------
     dict
-        ``{"fcs": {sample_id: Path}, "samples": Path, "clinical": Path, "truth": Path}``.
+        ``{"fcs": {sample_id: Path}, "samples", "clinical", "patients", "truth": Path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for p in panels:
         if p not in PANELS:
             raise ValueError(f"unknown panel {p!r}; choose from {sorted(PANELS)}")
-    weeks = [int(w) for w in weeks]
+    events = n_events if isinstance(n_events, Mapping) else {p: n_events or PANEL_EVENTS[p] for p in panels}
+    patients, visits, samples = cohort_design(n_patients, seed=seed)
+    batches = sorted({s["batch"] for s in samples}, key=lambda b: int(b[1:]))
+    keep = set(weeks) if weeks is not None else {s["week"] for s in samples}
+    visits = [v for v in visits if v["week"] in keep]
     fcs: dict[str, Path] = {}
-    sample_rows: list[list[object]] = []
-    clinical_rows: list[list[object]] = []
-    truth_rows: list[list[object]] = []
-    start0 = _dt.date(2024, 3, 4)
-    for pi, patient in enumerate(patients):
-        prng = np.random.default_rng([seed, 1, pi])
-        base = _patient_baseline(prng)
-        pasi = pasi_trajectory(pi, weeks, seed=seed)
-        pasi0 = float(pasi_trajectory(pi, [0], seed=seed)[0])
-        start = start0 + _dt.timedelta(days=int(prng.integers(0, 120)))
-        partial = pi % len(_PASI_PROFILES) == _PARTIAL_RESPONDER
-        for wi, week in enumerate(weeks):
-            improvement = 1.0 - float(pasi[wi]) / pasi0
-            freqs = dict(base)
-            for key, slope in STUDY_SLOPES.items():
-                val = base[key] + slope * improvement + prng.normal(0, 0.06 * slope)
-                freqs[key] = float(np.clip(val, 0.002, 0.97))
-            for key in ("CD4+ memory", "CD8+ memory"):
-                freqs[key] = float(np.clip(base[key] + prng.normal(0, 0.02), 0.05, 0.95))
-            date = (start + _dt.timedelta(weeks=week)).strftime("%d-%b-%Y").upper()
-            for ki, panel in enumerate(panels):
-                sid = f"{patient}_W{week:02d}_{panel}"
-                rng = np.random.default_rng([seed, 2, pi, wi, ki])
-                sim = simulate_sample(panel, n_events, frequencies=freqs, rng=rng)
-                path = write_fcs(out / f"{sid}.fcs", sim, {
-                    "$DATE": date, "PATIENT": patient, "WEEK": str(week), "PANEL": panel,
-                    "$SRC": "peripheral blood", "$SMNO": sid,
-                })
-                fcs[sid] = path
-                sample_rows.append([path.name, sid, patient, week, panel])
-                for row in truth_table(sim):
-                    pct = row["pct_parent"]
-                    truth_rows.append([sid, patient, week, panel, row["population"], row["parent"],
-                                       "" if pct != pct else f"{pct:.4f}"])
-            # clinical visit
-            treatment, notes = "", []
-            if week == 0:
-                treatment = "UC-MSC infusion"
-                notes.append("baseline; first UC-MSC infusion after blood draw")
-            elif week == 1:
-                treatment = "UC-MSC infusion"
-                notes.append("second UC-MSC infusion")
-            resp = 100.0 * improvement
-            if wi > 0 and pasi[wi] > pasi[:wi].min() * 1.25 and week > 1:
-                notes.append("rebound")
-            if resp >= 90:
-                notes.append("PASI90")
-            elif resp >= 75:
-                notes.append("PASI75")
-            elif resp >= 50:
-                notes.append("PASI50")
-            if partial and wi == len(weeks) - 1 and week >= 9 and len(weeks) > 1:
-                treatment = "biologic restart"
-                notes.append("partial responder, biologic restarted after this visit")
-            clinical_rows.append([patient, week, f"{pasi[wi]:.1f}", treatment, "; ".join(notes)])
-
-    def _write(name: str, header: Sequence[str], rows: list[list[object]]) -> Path:
-        p = out / name
-        with open(p, "w", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(header)
-            w.writerows(rows)
-        return p
-
+    sheet, truth = [], []
+    for si, smp in enumerate(samples):  # seeds from the full design, so a subset reproduces its files
+        if smp["week"] not in keep:
+            continue
+        date = (_dt.date(2026, 1, 12) + _dt.timedelta(days=batches.index(smp["batch"]))).strftime("%d-%b-%Y").upper()
+        for panel in panels:
+            sid = f"{smp['sample_id']}_{panel}"
+            sim = simulate_sample(panel, int(events[panel]), frequencies=smp["freqs"],
+                                  rng=np.random.default_rng([seed, 2, si, list(PANELS).index(panel)]))
+            fcs[sid] = write_fcs(out / f"{sid}.fcs", sim, {
+                "$DATE": date, "PATIENT": smp["patient"], "WEEK": str(smp["week"]), "PANEL": panel,
+                "BATCH": smp["batch"], "$SRC": "PBMC", "$SMNO": sid})
+            sheet.append({**smp, "file": f"{sid}.fcs", "sample_id": sid, "panel": panel})
+            truth.extend(_truth_rows(sim, smp, sid))
     return {
         "fcs": fcs,
-        "samples": _write("samples.csv", ["file", "sample_id", "patient", "week", "panel"], sample_rows),
-        "clinical": _write("clinical.csv", ["patient", "week", "pasi", "treatment", "notes"], clinical_rows),
-        "truth": _write("truth.csv", ["sample_id", "patient", "week", "panel", "population", "parent",
-                                      "pct_parent"], truth_rows),
+        "samples": _write_csv(out / "samples.csv", sheet, SAMPLE_COLUMNS),
+        "clinical": _write_csv(out / "clinical.csv", visits, CLINICAL_COLUMNS),
+        "patients": _write_csv(out / "patients.csv", patients, PATIENT_COLUMNS),
+        "truth": _write_csv(out / "truth.csv", truth, TRUTH_COLUMNS),
     }
+
+
+def _of_fraction(f: Mapping[str, float], of: str) -> float:
+    """Expected fraction of all events in the readout denominator ``of`` (before gating losses)."""
+    kinds = ("debris", "doublets", "dead", "granulocytes", "monocytes", "dendritic cells")
+    t = (1.0 - sum(f[k] for k in kinds)) * f["CD3+"]
+    if of == "CD3+":
+        return t
+    if of == "monocytes":
+        return f["monocytes"]
+    lineage = of.split()[0]
+    frac = t * f[lineage]
+    return frac if of == lineage else frac * sum(f[f"{lineage} {x}"] for x in ("CM", "EM", "TEMRA"))
+
+
+def simulate_readouts(n_patients: int = 3, *, seed: int = 0,
+                      n_events: Mapping[str, int] | None = None) -> "pd.DataFrame":
+    """The declared readouts of a simulated cohort, without writing FCS files.
+
+    The same model as :func:`simulate_study` (:func:`cohort_design`); counting noise is drawn
+    directly: ``of_count ~ Poisson(events x expected denominator fraction)`` and
+    ``count ~ Binomial(of_count, true pct)``. Fast enough for calibration studies over
+    hundreds of cohorts.
+
+    Parameters
+    ----------
+    n_patients
+        Patients (the first three follow :data:`COURSE`).
+    seed
+        Random seed (the same ``seed`` gives the same design as ``simulate_study``).
+    n_events
+        Events per file by panel (default :data:`PANEL_EVENTS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``sample_id, patient, week, role, readout, of, count, of_count, pct, design_pct,
+        true_effect`` joined with the visit's ``pasi, treatment, cotherapy, event``.
+    """
+    import pandas as pd
+
+    from immuneprofile.template.parse import load_template
+
+    events = {**PANEL_EVENTS, **(n_events or {})}
+    _, visits, samples = cohort_design(n_patients, seed=seed)
+    rng = np.random.default_rng([seed, 4])
+    rows = []
+    for panel, names in PANEL_TEMPLATES.items():
+        if panel == "full":
+            continue
+        for name in names:
+            for ro in load_template(name).readouts.values():
+                for smp in samples:
+                    f = smp["freqs"]
+                    d = int(rng.poisson(events[panel] * _of_fraction(f, ro.of)))
+                    p = design_pct(f, ro.name) / 100.0
+                    k = int(rng.binomial(d, min(max(p, 0.0), 1.0)))
+                    rows.append({"sample_id": f"{smp['sample_id']}_{panel}", "patient": smp["patient"],
+                                 "week": smp["week"], "role": smp["role"], "panel": panel, "readout": ro.name,
+                                 "of": ro.of, "count": k, "of_count": d, "pct": 100.0 * k / d if d else np.nan,
+                                 "design_pct": design_pct(smp["design"], ro.name),
+                                 "true_effect": has_true_effect(ro.name)})
+    table = pd.DataFrame(rows)
+    clin = pd.DataFrame(visits).assign(pasi=lambda v: v.pasi.astype(float))
+    return table.merge(clin, on=["patient", "week"], how="left")

@@ -15,6 +15,7 @@ from typing import Any
 from immuneprofile.engine.transforms import DEFAULT_FLUORESCENCE, normalize_spec
 
 __all__ = [
+    "AbsoluteBasis",
     "Bound",
     "BooleanGate",
     "Dim",
@@ -22,6 +23,7 @@ __all__ = [
     "Gate",
     "PolygonGate",
     "Population",
+    "Readout",
     "RectGate",
     "Template",
     "ThresholdRef",
@@ -136,6 +138,23 @@ class Population:
         return getattr(self.gate, "dims", ())
 
 
+@dataclass(frozen=True)
+class Readout:
+    """A reported frequency: ``population`` as a percentage of its ancestor ``of``."""
+
+    name: str
+    population: str
+    of: str
+
+
+@dataclass(frozen=True)
+class AbsoluteBasis:
+    """Dual-platform absolute counts: ``population`` holds the cells the sample sheet's ``column`` counts per µL."""
+
+    population: str
+    column: str
+
+
 @dataclass
 class Template:
     """A validated gating template.
@@ -154,6 +173,10 @@ class Template:
         ``{matrix id: pandas.DataFrame}`` spillover matrices referenced by dims whose
         ``compensated`` is that id (rows: fluorochromes, columns: detector ``$PnN``);
         from the YAML's ``compensation`` section, or filled by Gating-ML/FlowJo import.
+    readouts
+        ``{name: Readout}``: what the template reports (a population as % of an ancestor).
+    absolute
+        The population a sample-sheet cell count (per µL) refers to, for absolute counts.
     """
 
     name: str
@@ -164,6 +187,8 @@ class Template:
     path: str = "<template>"
     compensation: dict[str, Any] = field(default_factory=dict)
     gate_ids: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    readouts: dict[str, Readout] = field(default_factory=dict)
+    absolute: AbsoluteBasis | None = None
 
     def __post_init__(self) -> None:
         self._by_name = {p.name: p for p in self.populations}

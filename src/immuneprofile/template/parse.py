@@ -22,6 +22,7 @@ from immuneprofile.engine.thresholds import THRESHOLD_METHODS
 from immuneprofile.engine.transforms import TransformError, normalize_spec
 from immuneprofile.exceptions import TemplateError
 from immuneprofile.template.model import (
+    AbsoluteBasis,
     BooleanGate,
     Bound,
     Dim,
@@ -29,6 +30,7 @@ from immuneprofile.template.model import (
     Gate,
     PolygonGate,
     Population,
+    Readout,
     RectGate,
     Template,
     ThresholdRef,
@@ -48,6 +50,8 @@ __all__ = [
     "Template",
     "load_template",
     "parse_template",
+    "Readout",
+    "parse_readouts",
     "THRESHOLD_METHODS",
 ]
 
@@ -57,6 +61,7 @@ _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "n
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
                "lo": ("hi", False), "dim": ("hi", False)}
 _POPULATION_KEYS = {"name", "parent", "gate", "description"}
+_TOP_KEYS = {"name", "description", "transforms", "thresholds", "compensation", "populations", "readouts", "absolute"}
 #: the keys each gate type takes (besides ``type``)
 _GATE_KEYS: dict[str, set[str]] = {
     "range": {"marker", "min", "max", "complement"},
@@ -459,15 +464,57 @@ def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Templa
     """Validate a template given as a mapping (parsed YAML) and build a :class:`Template`."""
     if not isinstance(doc, Mapping):
         raise TemplateError(f"{source}: a template must be a mapping with `populations`, got {type(doc).__name__}")
-    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "compensation", "populations"}
+    unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise _err(source, None, f"unknown top-level key(s) {sorted(unknown)}",
-                   "use name, description, transforms, thresholds, compensation, populations")
+        raise _err(source, None, f"unknown top-level key(s) {sorted(unknown)}{_hint(sorted(map(str, unknown))[0], sorted(_TOP_KEYS))}",
+                   f"use {', '.join(sorted(_TOP_KEYS))}")
     p = _Parser(doc, source)
     pops = p.populations()
     name = str(doc.get("name") or Path(source).stem)
-    return Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
+    tmpl = Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
                     description=str(doc.get("description", "")), path=source, compensation=p.compensation)
+    tmpl.readouts, tmpl.absolute = parse_readouts(doc, tmpl)
+    return tmpl
+
+
+def parse_readouts(doc: Mapping[str, Any], tmpl: Template) -> tuple[dict[str, Readout], AbsoluteBasis | None]:
+    """Validate a template's ``readouts:`` and ``absolute:`` blocks against its population tree.
+
+    ``readouts: {NAME: {population: POP, of: ANCESTOR}}``: ``of`` must be an ancestor of
+    ``POP`` (FlowJo's "Freq. of"). ``absolute: {population: POP, column: SHEET_COLUMN}``
+    names the population whose cells the sample sheet's column counts per µL.
+
+    Raises
+    ------
+    TemplateError
+        For a malformed entry, an unknown population, or an ``of`` that is not an ancestor.
+    """
+    src = tmpl.path
+    block = doc.get("readouts") or {}
+    if not isinstance(block, Mapping):
+        raise _err(src, None, "'readouts' must map readout names to {population: ..., of: ...}",
+                   "write e.g. `Treg: {population: Treg, of: CD4+}`")
+    out: dict[str, Readout] = {}
+    for name, spec in block.items():
+        if not isinstance(spec, Mapping) or set(spec) != {"population", "of"}:
+            raise _err(src, None, f"readout {name!r} must be {{population: ..., of: ...}}, got {spec!r}",
+                       "write e.g. `Treg: {population: Treg, of: CD4+}`")
+        pop, of = str(spec["population"]), str(spec["of"])
+        if pop not in tmpl:
+            raise _err(src, None, f"readout {name!r}: population {pop!r} is not in the template",
+                       f"use one of {tmpl.names}")
+        if of not in tmpl.path_of(pop):
+            raise _err(src, None, f"readout {name!r}: {of!r} is not an ancestor of {pop!r}",
+                       f"choose `of` among its ancestors {list(tmpl.path_of(pop))}")
+        out[str(name)] = Readout(str(name), pop, of)
+    absolute = doc.get("absolute")
+    if absolute is None:
+        return out, None
+    if not isinstance(absolute, Mapping) or set(absolute) != {"population", "column"} \
+            or str(absolute["population"]) not in tmpl:
+        raise _err(src, None, f"'absolute' must be {{population: <a population>, column: <sheet column>}}, "
+                   f"got {absolute!r}", "write e.g. `absolute: {population: live, column: lymphocytes_per_uL}`")
+    return out, AbsoluteBasis(str(absolute["population"]), str(absolute["column"]))
 
 
 def load_template(path: str | os.PathLike) -> Template:
