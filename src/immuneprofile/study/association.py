@@ -53,6 +53,7 @@ from immuneprofile.study.clinical import (
     select_populations,
     subset_changes,
 )
+from immuneprofile.study.readouts import MIN_COUNT, MIN_OF_COUNT
 
 __all__ = [
     "MIN_PATIENTS_FOR_INFERENCE",
@@ -61,7 +62,12 @@ __all__ = [
     "spearman_changes",
     "mixed_model",
     "associate",
+    "associate_readouts",
     "correlate",
+    "MIN_PATIENTS_FOR_LMM",
+    "N_PERMUTATIONS",
+    "permutation_rmcorr_pvalues",
+    "within_patient_permutations",
 ]
 
 #: Below this many patients, inference is flagged as unreliable.
@@ -558,3 +564,194 @@ def correlate(
         "associations": assoc,
         "files": files,
     }
+
+
+# --------------------------------------------------------------------------- declared readouts
+
+#: Mixed models are fitted only with at least this many patients; below it the
+#: random-effect variance cannot be estimated and the fit is not reported.
+MIN_PATIENTS_FOR_LMM: int = 6
+
+#: Default number of within-patient permutations behind every p-value.
+N_PERMUTATIONS: int = 9999
+
+READOUT_RESULT_COLUMNS = [
+    "readout", "period", "n_patients", "n_observations", "n_low_count", "r", "ci_low", "ci_high", "slope",
+    "p_perm", "q_value", "called", "permutations", "r_without_cotherapy", "cotherapy_patients",
+    "median_log2fc_last", "n_patients_beyond_assay", "direction", "lmm_coef", "lmm_ci_low", "lmm_ci_high",
+    "lmm_converged", "lmm_note", "note",
+]
+
+
+def within_patient_permutations(groups: np.ndarray, n_perm: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_perm`` index permutations (rows) that shuffle positions only within each group.
+
+    Parameters
+    ----------
+    groups
+        Group label of every observation.
+    n_perm
+        Number of permutations.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_perm, len(groups))`` integer array; row ``b`` reorders the
+        observations so that each keeps its group.
+    """
+    groups = np.asarray(groups)
+    out = np.empty((n_perm, groups.size), dtype=np.int64)
+    for g in pd.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        out[:, idx] = rng.permuted(np.broadcast_to(idx, (n_perm, idx.size)), axis=1)
+    return out
+
+
+def permutation_rmcorr_pvalues(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_perm: int = N_PERMUTATIONS,
+    rng: np.random.Generator | int | None = 0,
+) -> np.ndarray:
+    """Two-sided permutation p-values of the repeated-measures correlation of ``x`` with each column of ``y``.
+
+    Under the null hypothesis the visit labels are exchangeable within a
+    patient, so ``x`` (PASI) is permuted among each patient's visits; the
+    rmcorr statistic of each permutation is compared with the observed one
+    (``p = (1 + #{|r*| >= |r|}) / (1 + n_perm)``).  Between-patient
+    differences never enter: each patient is compared only with itself.
+
+    Parameters
+    ----------
+    x
+        Predictor (n,), e.g. PASI.
+    y
+        Responses (n,) or (n, k), e.g. readout frequencies.
+    groups
+        Patient of every observation (n,).
+    n_perm
+        Permutations.
+    rng
+        Generator or seed.
+
+    Returns
+    -------
+    numpy.ndarray
+        (k,) p-values (NaN where a response has no within-patient variation).
+    """
+    rng = np.random.default_rng(rng)
+    y = np.asarray(y, dtype=float).reshape(len(x), -1)
+    x = np.asarray(x, dtype=float)
+    codes = pd.factorize(np.asarray(groups))[0]
+
+    def centred(a: np.ndarray) -> np.ndarray:
+        means = np.stack([np.bincount(codes, weights=col) / np.bincount(codes) for col in a.T], axis=1)
+        return a - means[codes]
+
+    xc = centred(x[:, None])[:, 0]
+    yc = centred(y)
+    observed = np.abs(xc @ yc)
+    perm = within_patient_permutations(codes, n_perm, rng)
+    null = np.abs(xc[perm] @ yc)
+    exceed = (null >= observed - 1e-12 * np.maximum(observed, 1.0)).sum(axis=0)
+    p = (1.0 + exceed) / (1.0 + n_perm)
+    flat = (np.abs(yc).sum(axis=0) == 0) | (np.abs(xc).sum() == 0)
+    return np.where(flat, np.nan, p)
+
+
+def _readout_summary(sub: pd.DataFrame) -> dict[str, Any]:
+    """Descriptive summary of one readout in one period: the last visit's change per patient."""
+    post = sub[~sub["is_baseline"]]
+    if post.empty:
+        return {"median_log2fc_last": np.nan, "n_patients_beyond_assay": 0, "direction": ""}
+    last = post.sort_values("week").groupby("patient").tail(1)
+    med = float(last["log2fc"].median())
+    beyond = last[last["beyond_assay"]]
+    ups, downs = int((beyond["log2fc"] > 0).sum()), int((beyond["log2fc"] < 0).sum())
+    direction = "up" if ups > downs else "down" if downs > ups else "no change beyond assay"
+    return {"median_log2fc_last": med, "n_patients_beyond_assay": int(len(beyond)), "direction": direction}
+
+
+def _readout_lmm(sub: pd.DataFrame, min_patients: int) -> dict[str, Any]:
+    k = int(sub["patient"].nunique())
+    if k < min_patients:
+        return {"lmm_coef": np.nan, "lmm_ci_low": np.nan, "lmm_ci_high": np.nan, "lmm_converged": pd.NA,
+                "lmm_note": f"not fitted: {k} patients < {min_patients} needed for a mixed model"}
+    m = mixed_model(sub, x="pasi", y="pct", group="patient")
+    return {"lmm_coef": m["coef"], "lmm_ci_low": m["ci_low"], "lmm_ci_high": m["ci_high"],
+            "lmm_converged": m["converged"], "lmm_note": m["fit_warnings"]}
+
+
+def associate_readouts(
+    changes: pd.DataFrame,
+    *,
+    period: str | None = "MSC",
+    n_perm: int = N_PERMUTATIONS,
+    alpha: float = 0.05,
+    seed: int = 0,
+    min_patients_lmm: int = MIN_PATIENTS_FOR_LMM,
+) -> pd.DataFrame:
+    """Within-patient association of every declared readout with PASI, honest for n = 3.
+
+    For each readout, visits of ``period`` (default: the MSC window) whose
+    counts are sufficient (``low_count`` false) are used.  The effect size is
+    the repeated-measures correlation r of the readout (% of its denominator)
+    with PASI (:func:`rmcorr`, Fisher-z CI); its p-value is a within-patient
+    permutation p-value (:func:`permutation_rmcorr_pvalues`: PASI permuted
+    among each patient's visits, ``n_perm`` permutations), and q-values are
+    Benjamini-Hochberg over the declared readouts only.  Co-therapy is a
+    stratum: ``r_without_cotherapy`` repeats rmcorr without the patients on
+    co-therapy.  A random-intercept mixed model is fitted only with at least
+    ``min_patients_lmm`` patients, with its convergence reported.
+
+    Parameters
+    ----------
+    changes
+        Output of :func:`immuneprofile.study.readouts.describe_changes`.
+    period
+        Treatment period analysed (None: all visits pooled).
+    n_perm, seed
+        Permutations and their random seed.
+    alpha
+        FDR level for ``called``.
+    min_patients_lmm
+        Patients needed before a mixed model is fitted.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per readout, :data:`READOUT_RESULT_COLUMNS`.  ``direction`` and
+        ``median_log2fc_last`` describe the last visit of the period relative
+        to baseline (``n_patients_beyond_assay``: patients whose change exceeds
+        2 x the assay CV).
+    """
+    data = changes if period is None else changes[changes["period"] == period]
+    rows = []
+    for name, sub_all in data.groupby("readout", sort=True):
+        sub = sub_all[~sub_all["low_count"] & sub_all["pasi"].notna()]
+        r = rmcorr(sub, x="pasi", y="pct", subject="patient")
+        kept = sub[sub["patient"].map(sub["patient"].value_counts()) >= 2]
+        p = permutation_rmcorr_pvalues(kept["pasi"].to_numpy(float), kept["pct"].to_numpy(float),
+                                       kept["patient"].to_numpy(), n_perm, seed)[0] \
+            if np.isfinite(r["r"]) else np.nan
+        cot = sub.loc[sub["cotherapy"].fillna("").astype(str) != "", "patient"].unique()
+        r_free = rmcorr(sub[~sub["patient"].isin(cot)], x="pasi", y="pct", subject="patient")["r"]
+        notes = [] if np.isfinite(r["r"]) else ["not estimable (too few usable visits or no variation)"]
+        n_low = int(sub_all["low_count"].sum())
+        if n_low:
+            notes.append(f"{n_low} visit(s) below {MIN_COUNT} events or {MIN_OF_COUNT} of-count kept out")
+        rows.append({
+            "readout": name, "period": period or "all", "n_patients": r["n_subjects"],
+            "n_observations": r["n_observations"], "n_low_count": n_low, "r": r["r"],
+            "ci_low": r["ci_low"], "ci_high": r["ci_high"], "slope": r["slope"], "p_perm": p,
+            "permutations": f"{n_perm} within-patient permutations of PASI among visits",
+            "r_without_cotherapy": r_free if len(cot) else np.nan, "cotherapy_patients": ", ".join(sorted(cot)),
+            **_readout_summary(sub_all), **_readout_lmm(sub, min_patients_lmm), "note": "; ".join(notes),
+        })
+    out = pd.DataFrame(rows, columns=[c for c in READOUT_RESULT_COLUMNS if c not in ("q_value", "called")])
+    out["q_value"] = _bh(out["p_perm"]) if not out.empty else pd.Series(dtype=float)
+    out["called"] = (out["q_value"] < alpha).fillna(False).astype(bool)
+    return out[READOUT_RESULT_COLUMNS]
