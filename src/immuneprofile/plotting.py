@@ -468,8 +468,7 @@ def shade_periods(ax, clinical_patient: pd.DataFrame, *, events: bool = True) ->
 
 def _draw_reference(ax, readout: str, of: str | None) -> None:
     ref = REFERENCE_RANGES.get(readout)
-    if ref is None or (of is not None and of.replace(" ", "") not in (ref["of"].replace(" ", ""), "")
-                       and not (ref["of"] == "monocytes" and "classical" in of)):
+    if ref is None or (of is not None and of.replace(" ", "") != ref["of"].replace(" ", "")):
         return
     if ref["low"] is not None:
         band = ax.axhspan(ref["low"], ref["high"], color="0.6", alpha=0.35, lw=0, zorder=1)

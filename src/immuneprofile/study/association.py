@@ -53,7 +53,7 @@ from immuneprofile.study.clinical import (
     select_populations,
     subset_changes,
 )
-from immuneprofile.study.readouts import MIN_COUNT, MIN_OF_COUNT
+from immuneprofile.study.readouts import MIN_COUNT, MIN_OF_COUNT, read_readouts
 
 __all__ = [
     "MIN_PATIENTS_FOR_INFERENCE",
@@ -75,6 +75,21 @@ MIN_PATIENTS_FOR_INFERENCE: int = 10
 
 #: Methods run by :func:`associate`, in output order.
 METHODS: tuple[str, ...] = ("spearman_delta", "rmcorr", "lmm")
+
+#: Mixed models are fitted only with at least this many patients; below it the
+#: random-effect variance cannot be estimated and the fit is not reported.
+MIN_PATIENTS_FOR_LMM: int = 6
+
+#: Default number of within-patient permutations behind every p-value.
+N_PERMUTATIONS: int = 9999
+
+READOUT_RESULT_COLUMNS = [
+    "readout", "period", "n_patients", "n_observations", "n_low_count", "r", "ci_low", "ci_high", "slope",
+    "p_perm", "q_value", "called", "permutations", "r_without_cotherapy", "cotherapy_patients",
+    "median_log2fc_last", "n_patients_beyond_assay", "direction", "lmm_coef", "lmm_ci_low", "lmm_ci_high",
+    "lmm_converged", "lmm_note", "note",
+]
+
 
 RESULT_COLUMNS = [
     "method", "x", "y", "coef", "std_coef", "ci_low", "ci_high", "p_value", "q_value",
@@ -482,6 +497,10 @@ def correlate(
     plots: bool = True,
     max_plot_populations: int = 12,
     dpi: int = 150,
+    readouts: pd.DataFrame | PathLike | None = None,
+    patients: pd.DataFrame | PathLike | None = None,
+    period: str | None = "MSC",
+    n_perm: int = N_PERMUTATIONS,
 ) -> dict[str, Any]:
     """Run the full clinical-correlation workflow and write results.
 
@@ -507,6 +526,22 @@ def correlate(
         with the smallest rmcorr p-values when there are more).
     dpi
         PNG resolution.
+    readouts
+        Readout table (``sample_id, readout, pct, count, of_count`` ...; see
+        :mod:`immuneprofile.study.readouts`), DataFrame or CSV/Parquet path.
+        When None it is built from the population table with
+        :data:`~immuneprofile.study.readouts.LEGACY_READOUTS` (if the table
+        holds those populations).  With readouts, the population-level
+        association runs over the declared readouts' populations only, and the
+        readout analysis below is added.
+    patients
+        Patient table (``patient, sex, age, dose1_cells_per_kg, ...``) for the
+        claim table; default: ``patients.csv`` beside a clinical CSV, if any.
+    period
+        Treatment period of the readout association (default the MSC window;
+        None pools all visits).
+    n_perm
+        Within-patient permutations per readout p-value.
 
     Returns
     -------
@@ -515,12 +550,25 @@ def correlate(
         (DataFrames) and ``files`` (mapping name -> Path of written files:
         ``associations.csv``, ``changes.csv``, ``pasi_response.csv`` and, with
         ``plots``, ``pasi_trajectories.png``, ``subset_trajectories.png``,
-        ``association_heatmap.png``).
+        ``association_heatmap.png``).  With readouts also ``readout_changes``,
+        ``readout_associations``, ``assay_cv`` and ``claims`` (DataFrames;
+        written as ``readout_changes.csv``, ``readout_associations.csv``,
+        ``assay_cv.csv``, ``claims.csv`` and, with ``plots``,
+        ``patient_panels.png`` and ``fold_changes.png``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pops = read_populations(populations)
     clin = _as_clinical(clinical)
+    if readouts is None:
+        from immuneprofile.study.readouts import readouts_from_populations
+
+        readouts = readouts_from_populations(pops)
+        readouts = None if readouts.empty else readouts
+    if readouts is not None and populations_subset is None:
+        declared = read_readouts(readouts)
+        populations_subset = sorted(set(declared.get("population", declared["readout"])) & set(pops["population"]))
+    pops = _without_reference(pops, samples)
     joined = join_clinical(pops, samples, clin)
     if populations_subset is not None:
         absent = sorted(set(populations_subset) - set(joined["population"]))
@@ -557,31 +605,85 @@ def correlate(
             plt.close(fig)
             files[name] = out / name
 
-    return {
+    result = {
         "joined": joined,
         "changes": changes,
         "pasi_response": response,
         "associations": assoc,
         "files": files,
     }
+    if readouts is not None:
+        result.update(_readout_analysis(readouts, samples, clinical, clin, out, patients=patients, period=period,
+                                        n_perm=n_perm, plots=plots, dpi=dpi))
+        files.update(result.pop("readout_files"))
+    return result
+
+
+def _without_reference(pops: pd.DataFrame, samples: Any) -> pd.DataFrame:
+    """The population table without the reference sample's rows (``role == "reference"``)."""
+    from immuneprofile.study.clinical import _as_samples
+
+    if "role" in pops.columns:
+        return pops[pops["role"].fillna("").astype(str).str.lower() != "reference"]
+    if samples is None:
+        return pops
+    meta = _as_samples(samples)
+    if "role" not in meta.columns:
+        return pops
+    ref = set(meta.loc[meta["role"].str.lower() == "reference", "sample_id"])
+    return pops[~pops["sample_id"].isin(ref)]
+
+
+def _patients_table(patients: Any, clinical: Any) -> pd.DataFrame | None:
+    if isinstance(patients, pd.DataFrame):
+        return patients
+    if patients is None and isinstance(clinical, (str, Path)):
+        patients = Path(clinical).with_name("patients.csv")
+        if not patients.exists():
+            return None
+    if patients is None:
+        return None
+    tab = pd.read_csv(patients, dtype={"patient": str})
+    tab.columns = [str(c).strip().lower() for c in tab.columns]
+    return tab
+
+
+def _readout_analysis(readouts: Any, samples: Any, clinical: Any, clin: pd.DataFrame, out: Path, *,
+                      patients: Any, period: str | None, n_perm: int, plots: bool, dpi: int) -> dict[str, Any]:
+    """Describe, associate and check the claims on the declared readouts; write tables and plots."""
+    from immuneprofile.study.claims import case_series_claims
+    from immuneprofile.study.readouts import assay_cv, describe_changes, join_readouts
+
+    visits, reference = join_readouts(readouts, samples, clin)
+    cv = assay_cv(reference, readouts=sorted(visits["readout"].unique()))
+    if (cv["cv_source"] == "default").any():
+        warnings.warn("correlate: no reference sample (role 'reference') measured for readout(s) "
+                      f"{cv.loc[cv['cv_source'] == 'default', 'readout'].tolist()}; their assay CV is the stated "
+                      f"default {cv['assay_cv'].max():.0%}.", UserWarning, stacklevel=3)
+    changes = describe_changes(visits, cv)
+    assoc = associate_readouts(changes, period=period, n_perm=n_perm)
+    claims = case_series_claims(clin, patients=_patients_table(patients, clinical), changes=changes,
+                                associations=assoc)
+    files: dict[str, Path] = {}
+    for name, df in (("readout_changes", changes), ("readout_associations", assoc), ("assay_cv", cv),
+                     ("claims", claims)):
+        files[f"{name}.csv"] = out / f"{name}.csv"
+        df.to_csv(files[f"{name}.csv"], index=False)
+    if plots:
+        import matplotlib.pyplot as plt
+
+        from immuneprofile import plotting
+
+        clin_plot = clin[clin["patient"].isin(set(visits["patient"]))]
+        for name, make in (("patient_panels.png", lambda p: plotting.plot_patient_panels(changes, clin_plot, save=p)),
+                           ("fold_changes.png", lambda p: plotting.plot_fold_changes(changes, save=p))):
+            plt.close(make(out / name))
+            files[name] = out / name
+    return {"readout_changes": changes, "readout_associations": assoc, "assay_cv": cv, "claims": claims,
+            "readout_files": files}
 
 
 # --------------------------------------------------------------------------- declared readouts
-
-#: Mixed models are fitted only with at least this many patients; below it the
-#: random-effect variance cannot be estimated and the fit is not reported.
-MIN_PATIENTS_FOR_LMM: int = 6
-
-#: Default number of within-patient permutations behind every p-value.
-N_PERMUTATIONS: int = 9999
-
-READOUT_RESULT_COLUMNS = [
-    "readout", "period", "n_patients", "n_observations", "n_low_count", "r", "ci_low", "ci_high", "slope",
-    "p_perm", "q_value", "called", "permutations", "r_without_cotherapy", "cotherapy_patients",
-    "median_log2fc_last", "n_patients_beyond_assay", "direction", "lmm_coef", "lmm_ci_low", "lmm_ci_high",
-    "lmm_converged", "lmm_note", "note",
-]
-
 
 def within_patient_permutations(groups: np.ndarray, n_perm: int, rng: np.random.Generator) -> np.ndarray:
     """``n_perm`` index permutations (rows) that shuffle positions only within each group.

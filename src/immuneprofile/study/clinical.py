@@ -283,6 +283,9 @@ def validate_clinical(
     df = df[first + [c for c in df.columns if c not in first]]
     df = df.sort_values(["patient", "week"], kind="stable").reset_index(drop=True)
     df["period"] = treatment_periods(df)
+    is_period = df["treatment"].str.lower().isin([p.lower() for p in PERIODS])
+    if (df["event"] == "").all() and not is_period.all():  # older files: events were written in `treatment`
+        df["event"] = df["treatment"].where(~is_period, "")
     return df
 
 

@@ -65,11 +65,14 @@ MIN_REFERENCE_VISITS: int = 3
 
 READOUT_REQUIRED = ("sample_id", "readout", "pct", "count", "of_count")
 
-Denominator = Union[str, Sequence[str]]
+#: A denominator: one population, or ``(label, populations)`` whose counts are summed.
+Denominator = Union[str, tuple[str, Sequence[str]]]
+
+_MONOCYTES = ("monocytes", ("classical", "intermediate", "non-classical"))
 
 #: Declared readouts of the shipped templates as they were before templates
-#: declared their own (readout -> (population, denominator)); a denominator
-#: given as several populations is their sum.  Used by
+#: declared their own (readout -> (population, denominator)); "% of monocytes"
+#: is the sum of the three monocyte subsets.  Used by
 #: :func:`readouts_from_populations` when no declaration is given.
 LEGACY_READOUTS: dict[str, tuple[str, Denominator]] = {
     "Treg": ("Treg", "CD4+"),
@@ -81,9 +84,9 @@ LEGACY_READOUTS: dict[str, tuple[str, Denominator]] = {
     "CD4+ CLA+CD103+": ("CD4+ CLA+CD103+", "CD4+ memory"),
     "CD8+ CLA+CD103-": ("CD8+ CLA+CD103-", "CD8+ memory"),
     "CD8+ CLA+CD103+": ("CD8+ CLA+CD103+", "CD8+ memory"),
-    "classical": ("classical", ("classical", "intermediate", "non-classical")),
-    "intermediate": ("intermediate", ("classical", "intermediate", "non-classical")),
-    "non-classical": ("non-classical", ("classical", "intermediate", "non-classical")),
+    "classical": ("classical", _MONOCYTES),
+    "intermediate": ("intermediate", _MONOCYTES),
+    "non-classical": ("non-classical", _MONOCYTES),
 }
 
 
@@ -103,8 +106,8 @@ def readouts_from_populations(
         ``template`` and sample metadata such as ``patient, week, panel, role``).
     declared
         Readout name -> ``(population, denominator)``; the denominator is a
-        population name or several whose counts are summed (e.g. the three
-        monocyte subsets for "% of monocytes").  Default
+        population name or ``(label, populations)`` whose counts are summed
+        (e.g. the three monocyte subsets for "% of monocytes").  Default
         :data:`LEGACY_READOUTS`.  Readouts whose populations a sample lacks
         are skipped for that sample.
 
@@ -121,12 +124,12 @@ def readouts_from_populations(
         counts = g.drop_duplicates("population").set_index("population")["count"]
         info = g.iloc[0][meta].to_dict()
         for name, (pop, of) in declared.items():
-            parts = [of] if isinstance(of, str) else list(of)
+            label, parts = (of, [of]) if isinstance(of, str) else (of[0], list(of[1]))
             if pop not in counts.index or any(p not in counts.index for p in parts):
                 continue
             n, d = int(counts[pop]), int(sum(counts[p] for p in parts))
             rows.append({"sample_id": sid, **info, "readout": name, "population": pop,
-                         "of": " + ".join(parts), "count": n, "of_count": d,
+                         "of": label, "count": n, "of_count": d,
                          "pct": 100.0 * n / d if d else np.nan})
     cols = ["sample_id", "template", "readout", "population", "of", "count", "of_count", "pct"]
     out = pd.DataFrame(rows)
