@@ -156,14 +156,15 @@ def rmcorr(
     Subjects with a single observation contribute nothing (they add one
     observation and one subject parameter).
     """
-    d = data[[subject, x, y]].copy()
-    d[x] = pd.to_numeric(d[x], errors="coerce")
-    d[y] = pd.to_numeric(d[y], errors="coerce")
-    d = d.dropna()
-    sizes = d.groupby(subject, sort=False)[x].transform("size")
-    d = d[sizes >= 2]
-    n = len(d)
-    k = int(d[subject].nunique())
+    xv = pd.to_numeric(data[x], errors="coerce").to_numpy(float)
+    yv = pd.to_numeric(data[y], errors="coerce").to_numpy(float)
+    ok = np.isfinite(xv) & np.isfinite(yv) & data[subject].notna().to_numpy()
+    codes = pd.factorize(data[subject].to_numpy()[ok])[0]
+    xv, yv = xv[ok], yv[ok]
+    keep = np.bincount(codes)[codes] >= 2 if codes.size else np.zeros(0, bool)
+    codes, xv, yv = pd.factorize(codes[keep])[0], xv[keep], yv[keep]
+    n = int(xv.size)
+    k = int(codes.max() + 1) if n else 0
     dof = n - k - 1
     out: dict[str, Any] = {
         "r": np.nan, "dof": dof if dof >= 0 else np.nan, "p_value": np.nan,
@@ -172,11 +173,11 @@ def rmcorr(
     }
     if k == 0 or dof < 1:
         return out
-    g = d.groupby(subject, sort=False)
-    xc = (d[x] - g[x].transform("mean")).to_numpy(float)
-    yc = (d[y] - g[y].transform("mean")).to_numpy(float)
+    sizes = np.bincount(codes)
+    xc = xv - (np.bincount(codes, weights=xv) / sizes)[codes]
+    yc = yv - (np.bincount(codes, weights=yv) / sizes)[codes]
     sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
-    scale = max(float(np.abs(d[x]).max()), float(np.abs(d[y]).max()), 1.0)
+    scale = max(float(np.abs(xv).max()), float(np.abs(yv).max()), 1.0)
     if sxx <= 1e-24 * scale**2 * n or syy <= 1e-24 * scale**2 * n:
         return out
     r = float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))

@@ -313,6 +313,12 @@ def describe_changes(
         ``is_baseline``.
     """
     df = visits.copy()
+    df["period"] = df["period"].fillna("MSC") if "period" in df.columns else "MSC"
+    df["cotherapy"] = df["cotherapy"].fillna("") if "cotherapy" in df.columns else ""
+    if "pasi_improvement_pct" not in df.columns:
+        base = df[df["week"] == 0].groupby("patient")["pasi"].first()
+        b = df["patient"].map(base)
+        df["pasi_improvement_pct"] = (100.0 * (b - df["pasi"]) / b).where(b > 0)
     dup = df.duplicated(["patient", "readout", "week"], keep=False)
     if dup.any():
         ex = df.loc[dup, ["patient", "readout", "week", "sample_id"]].head(6).to_string(index=False)
