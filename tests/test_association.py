@@ -245,7 +245,7 @@ def _exact_permutation_p(x, y, groups):
 
 
 def test_permutation_pvalue_matches_exact_enumeration():
-    from immuneprofile.study.association import permutation_rmcorr_pvalues
+    from immuneprofile.study.association import permutation_pvalues
 
     rng = np.random.default_rng(1)
     groups = np.repeat(["a", "b", "c"], 4)  # 24^3 = 13,824 within-patient permutations
@@ -253,7 +253,7 @@ def test_permutation_pvalue_matches_exact_enumeration():
     for slope in (0.0, -0.1):
         y = np.repeat([5.0, 9.0, 2.0], 4) + slope * x + rng.normal(0, 0.5, 12)
         exact = _exact_permutation_p(x, y, groups)
-        mc = permutation_rmcorr_pvalues(x, y, groups, n_perm=20000, rng=2)[0]
+        mc = permutation_pvalues(x, y, groups, n_perm=20000, rng=2)[0]
         assert mc == pytest.approx(exact, abs=0.01)
 
 

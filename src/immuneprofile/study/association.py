@@ -7,8 +7,8 @@ Three complementary analyses are run for every population:
     (``delta_pct_parent``, percentage points) and the PASI change from baseline
     (``delta_pasi``), pooling all post-baseline visits of all patients.
     Baseline visits are excluded (both deltas are 0 by construction).  The
-    observations are *not* independent (repeated visits per patient), so the
-    p-value is optimistic; it is reported for orientation only.
+    observations are *not* independent (repeated visits per patient); the
+    p-value permutes the PASI changes among each patient's visits.
 ``rmcorr``
     Repeated-measures correlation (Bakdash & Marusich 2017, Front Psychol
     8:456) between ``pct_parent`` and ``pasi``: the common within-patient
@@ -16,13 +16,20 @@ Three complementary analyses are run for every population:
     Equivalent to a Pearson correlation of patient-mean-centred values with
     ``dof = N - k - 1`` (N observations, k patients).  The 95 % CI uses the
     Fisher z transform with ``se = 1 / sqrt(dof - 1)`` (as the R ``rmcorr``
-    package and ``pingouin.rm_corr``).
+    package and ``pingouin.rm_corr``).  In :func:`associate` its p-value is a
+    within-patient permutation p-value (:func:`permutation_pvalues`).
 ``lmm``
     Linear mixed model ``pct_parent ~ pasi + (1 | patient)`` fitted by REML
     with :class:`statsmodels.regression.mixed_linear_model.MixedLM`; the fixed
     slope (percentage points per PASI point), Wald 95 % CI and p-value are
     reported.  Convergence / boundary warnings are caught and reported in the
-    ``fit_warnings`` column.
+    ``fit_warnings`` column; below :data:`MIN_PATIENTS_FOR_LMM` patients the
+    row says it is an effect size only.
+
+Declared readouts (:func:`associate_readouts`, the analysis ``correlate``
+leads with) are described first (:mod:`immuneprofile.study.readouts`) and
+associated in one treatment period with permutation p-values and
+Benjamini-Hochberg FDR over the declared readouts only.
 
 All coefficients have a common, unit-free companion ``std_coef`` (rho, r, and
 the LMM slope standardised by ``sd(pasi) / sd(pct_parent)``) used for the
@@ -66,7 +73,7 @@ __all__ = [
     "correlate",
     "MIN_PATIENTS_FOR_LMM",
     "N_PERMUTATIONS",
-    "permutation_rmcorr_pvalues",
+    "permutation_pvalues",
     "within_patient_permutations",
 ]
 
@@ -367,6 +374,19 @@ def _bh(p: pd.Series) -> pd.Series:
     return q
 
 
+def _permutation_p(sub: pd.DataFrame, x: str, y: str, n_perm: int, ranks: bool = False) -> float:
+    """Within-patient permutation p-value of ``x`` vs ``y`` (rmcorr; pooled Spearman with ``ranks``)."""
+    d = sub[["patient", x, y]].assign(**{c: pd.to_numeric(sub[c], errors="coerce") for c in (x, y)}).dropna()
+    d = d[d["patient"].map(d["patient"].value_counts()) >= 2]
+    if len(d) < 3:
+        return np.nan
+    xs, ys = d[x].to_numpy(float), d[y].to_numpy(float)
+    if ranks:
+        xs, ys = sps.rankdata(xs), sps.rankdata(ys)
+    return float(permutation_pvalues(xs, ys, d["patient"].to_numpy(), n_perm, 0,
+                                     centre="all" if ranks else "within")[0])
+
+
 def associate(
     data: pd.DataFrame,
     populations: Sequence[str] | None = None,
@@ -374,6 +394,7 @@ def associate(
     value: str = "pct_parent",
     min_patients: int = MIN_PATIENTS_FOR_INFERENCE,
     pseudocount: float = DEFAULT_PSEUDOCOUNT,
+    n_perm: int = N_PERMUTATIONS,
 ) -> pd.DataFrame:
     """Run the association analyses for every population.
 
@@ -394,6 +415,9 @@ def associate(
         ``warning`` entry on every row.
     pseudocount
         Passed to :func:`subset_changes` when ``data`` is a joined table.
+    n_perm
+        Within-patient permutations behind the ``spearman_delta`` and
+        ``rmcorr`` p-values (the ``lmm`` p-value is the model's Wald test).
 
     Returns
     -------
@@ -434,7 +458,9 @@ def associate(
                 r = spearman_changes(sub, x="delta_pasi", y=f"delta_{value}")
                 res = _nan_result(
                     x="delta_pasi", y=f"delta_{value}", coef=r["rho"], std_coef=r["rho"],
-                    ci_low=r["ci_low"], ci_high=r["ci_high"], p_value=r["p_value"],
+                    ci_low=r["ci_low"], ci_high=r["ci_high"],
+                    p_value=_permutation_p(sub[~sub["is_baseline"]], "delta_pasi", f"delta_{value}", n_perm,
+                                           ranks=True) if np.isfinite(r["rho"]) else np.nan,
                     statistic=r["rho"], dof=r["n_observations"] - 2,
                     n_patients=r["n_subjects"], n_observations=r["n_observations"],
                 )
@@ -442,8 +468,9 @@ def associate(
             elif method == "rmcorr":
                 r = rmcorr(sub, x="pasi", y=value, subject="patient")
                 res = _nan_result(
-                    x="pasi", y=value, coef=r["r"], std_coef=r["r"], ci_low=r["ci_low"],
-                    ci_high=r["ci_high"], p_value=r["p_value"], statistic=r["statistic"],
+                    x="pasi", y=value, coef=r["r"], std_coef=r["r"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+                    p_value=_permutation_p(sub, "pasi", value, n_perm) if np.isfinite(r["r"]) else np.nan,
+                    statistic=r["statistic"],
                     dof=r["dof"], n_patients=r["n_subjects"],
                     n_observations=r["n_observations"],
                 )
@@ -456,6 +483,9 @@ def associate(
                     n_observations=r["n_observations"], converged=r["converged"],
                     fit_warnings=r["fit_warnings"],
                 )
+                if r["n_subjects"] < MIN_PATIENTS_FOR_LMM:
+                    notes.append(f"mixed model with {r['n_subjects']} patients (< {MIN_PATIENTS_FOR_LMM}): an effect "
+                                 "size only, its Wald p-value is not trustworthy")
                 if r["fit_warnings"]:
                     notes.append("model fit warnings (see fit_warnings)")
                 if np.isfinite(r["coef"]) and not r["converged"]:
@@ -712,20 +742,25 @@ def within_patient_permutations(groups: np.ndarray, n_perm: int, rng: np.random.
     return out
 
 
-def permutation_rmcorr_pvalues(
+def permutation_pvalues(
     x: np.ndarray,
     y: np.ndarray,
     groups: np.ndarray,
     n_perm: int = N_PERMUTATIONS,
     rng: np.random.Generator | int | None = 0,
+    *,
+    centre: str = "within",
 ) -> np.ndarray:
-    """Two-sided permutation p-values of the repeated-measures correlation of ``x`` with each column of ``y``.
+    """Two-sided within-patient permutation p-values of the correlation of ``x`` with each column of ``y``.
 
     Under the null hypothesis the visit labels are exchangeable within a
-    patient, so ``x`` (PASI) is permuted among each patient's visits; the
-    rmcorr statistic of each permutation is compared with the observed one
-    (``p = (1 + #{|r*| >= |r|}) / (1 + n_perm)``).  Between-patient
-    differences never enter: each patient is compared only with itself.
+    patient, so ``x`` (PASI) is permuted among each patient's visits and the
+    correlation of each permutation is compared with the observed one
+    (``p = (1 + #{|r*| >= |r|}) / (1 + n_perm)``).  With ``centre="within"``
+    the values are centred per patient, so the statistic is the
+    repeated-measures correlation (rmcorr) and between-patient differences
+    never enter; with ``centre="all"`` it is the pooled correlation (pass
+    ranks for Spearman's rho).
 
     Parameters
     ----------
@@ -739,11 +774,13 @@ def permutation_rmcorr_pvalues(
         Permutations.
     rng
         Generator or seed.
+    centre
+        ``"within"`` (per patient: rmcorr) or ``"all"`` (pooled correlation).
 
     Returns
     -------
     numpy.ndarray
-        (k,) p-values (NaN where a response has no within-patient variation).
+        (k,) p-values (NaN where a response has no variation).
     """
     rng = np.random.default_rng(rng)
     y = np.asarray(y, dtype=float).reshape(len(x), -1)
@@ -751,6 +788,8 @@ def permutation_rmcorr_pvalues(
     codes = pd.factorize(np.asarray(groups))[0]
 
     def centred(a: np.ndarray) -> np.ndarray:
+        if centre == "all":
+            return a - a.mean(axis=0)
         means = np.stack([np.bincount(codes, weights=col) / np.bincount(codes) for col in a.T], axis=1)
         return a - means[codes]
 
@@ -803,7 +842,7 @@ def associate_readouts(
     counts are sufficient (``low_count`` false) are used.  The effect size is
     the repeated-measures correlation r of the readout (% of its denominator)
     with PASI (:func:`rmcorr`, Fisher-z CI); its p-value is a within-patient
-    permutation p-value (:func:`permutation_rmcorr_pvalues`: PASI permuted
+    permutation p-value (:func:`permutation_pvalues`: PASI permuted
     among each patient's visits, ``n_perm`` permutations), and q-values are
     Benjamini-Hochberg over the declared readouts only.  Co-therapy is a
     stratum: ``r_without_cotherapy`` repeats rmcorr without the patients on
@@ -837,7 +876,7 @@ def associate_readouts(
         sub = sub_all[~sub_all["low_count"] & sub_all["pasi"].notna()]
         r = rmcorr(sub, x="pasi", y="pct", subject="patient")
         kept = sub[sub["patient"].map(sub["patient"].value_counts()) >= 2]
-        p = permutation_rmcorr_pvalues(kept["pasi"].to_numpy(float), kept["pct"].to_numpy(float),
+        p = permutation_pvalues(kept["pasi"].to_numpy(float), kept["pct"].to_numpy(float),
                                        kept["patient"].to_numpy(), n_perm, seed)[0] \
             if np.isfinite(r["r"]) else np.nan
         cot = sub.loc[sub["cotherapy"].fillna("").astype(str) != "", "patient"].unique()
