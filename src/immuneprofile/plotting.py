@@ -489,6 +489,14 @@ def _panel(ax, g: pd.DataFrame, y: str, color, err: str | None = None) -> None:
                    label="below minimum events")
 
 
+def _readout_cell(ax, name: str, g: pd.DataFrame, color) -> None:
+    """One patient's values of one readout, with its literature reference where the denominator matches."""
+    if g.empty:
+        return
+    _panel(ax, g, "pct", color, err="se_pct")
+    _draw_reference(ax, name, str(g["of"].iloc[0]) if "of" in g.columns else None)
+
+
 def plot_patient_panels(
     changes: pd.DataFrame,
     clinical: pd.DataFrame,
@@ -528,27 +536,20 @@ def plot_patient_panels(
     by_readout = {k: g for k, g in changes.groupby("readout")}
     for j, pat in enumerate(patients):
         clin_p = clinical[clinical["patient"].astype(str) == pat]
-        for i, name in enumerate(["PASI", *readouts]):
-            ax = axes[i, j]
-            shade_periods(ax, clin_p, events=(i == 0))
-            if i == 0:
-                _panel(ax, clin_p.assign(patient=pat), "pasi", colors[pat])
-                ax.set_title(pat, fontsize=10)
-                ax.set_ylim(bottom=0)
-            else:
-                g = by_readout.get(name, pd.DataFrame())
-                g = g[g["patient"].astype(str) == pat] if not g.empty else g
-                if not g.empty:
-                    _panel(ax, g, "pct", colors[pat], err="se_pct")
-                of = str(g["of"].iloc[0]) if not g.empty and "of" in g.columns else None
-                _draw_reference(ax, name, of)
-            if j == 0:
-                of_txt = ""
-                if i and name in by_readout and "of" in by_readout[name].columns:
-                    of_txt = f"\n% of {by_readout[name]['of'].iloc[0]}"
-                ax.set_ylabel(("PASI" if i == 0 else name) + of_txt, fontsize=8)
-            ax.tick_params(labelsize=7)
+        shade_periods(axes[0, j], clin_p)
+        _panel(axes[0, j], clin_p.assign(patient=pat), "pasi", colors[pat])
+        axes[0, j].set_title(pat, fontsize=10)
+        axes[0, j].set_ylim(bottom=0)
+        for i, name in enumerate(readouts, start=1):
+            shade_periods(axes[i, j], clin_p, events=False)
+            g = by_readout.get(name, pd.DataFrame(columns=["patient"]))
+            _readout_cell(axes[i, j], name, g[g["patient"].astype(str) == pat], colors[pat])
         _set_week_ticks(axes[-1, j], clin_p["week"])
+    for i, name in enumerate(["PASI", *readouts]):
+        of = by_readout[name]["of"].iloc[0] if name in by_readout and "of" in by_readout[name].columns else None
+        axes[i, 0].set_ylabel(name + (f"\n% of {of}" if i and of is not None else ""), fontsize=8)
+    for ax in axes.ravel():
+        ax.tick_params(labelsize=7)
     handles = [matplotlib.patches.Patch(color=c, alpha=0.6, label=f"{p} period")
                for p, c in PERIOD_COLORS.items() if p in set(clinical.get("period", []))]
     handles += [Line2D([], [], color="0.4", ls=":", label=r["label"])

@@ -387,6 +387,42 @@ def _permutation_p(sub: pd.DataFrame, x: str, y: str, n_perm: int, ranks: bool =
                                      centre="all" if ranks else "within")[0])
 
 
+def _method_result(method: str, sub: pd.DataFrame, value: str, n_perm: int) -> tuple[dict[str, Any], list[str]]:
+    """One population's result row and notes for one method of :func:`associate`."""
+    notes: list[str] = []
+    if method == "spearman_delta":
+        r = spearman_changes(sub, x="delta_pasi", y=f"delta_{value}")
+        p = _permutation_p(sub[~sub["is_baseline"]], "delta_pasi", f"delta_{value}", n_perm, ranks=True)
+        res = _nan_result(
+            x="delta_pasi", y=f"delta_{value}", coef=r["rho"], std_coef=r["rho"], ci_low=r["ci_low"],
+            ci_high=r["ci_high"], p_value=p if np.isfinite(r["rho"]) else np.nan, statistic=r["rho"],
+            dof=r["n_observations"] - 2, n_patients=r["n_subjects"], n_observations=r["n_observations"],
+        )
+        return res, ["pooled repeated measures: observations not independent"]
+    if method == "rmcorr":
+        r = rmcorr(sub, x="pasi", y=value, subject="patient")
+        res = _nan_result(
+            x="pasi", y=value, coef=r["r"], std_coef=r["r"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+            p_value=_permutation_p(sub, "pasi", value, n_perm) if np.isfinite(r["r"]) else np.nan,
+            statistic=r["statistic"], dof=r["dof"], n_patients=r["n_subjects"], n_observations=r["n_observations"],
+        )
+        return res, notes
+    r = mixed_model(sub, x="pasi", y=value, group="patient")
+    res = _nan_result(
+        x="pasi", y=value, coef=r["coef"], std_coef=r["std_coef"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+        p_value=r["p_value"], statistic=r["statistic"], dof=np.nan, n_patients=r["n_subjects"],
+        n_observations=r["n_observations"], converged=r["converged"], fit_warnings=r["fit_warnings"],
+    )
+    if r["n_subjects"] < MIN_PATIENTS_FOR_LMM:
+        notes.append(f"mixed model with {r['n_subjects']} patients (< {MIN_PATIENTS_FOR_LMM}): an effect "
+                     "size only, its Wald p-value is not trustworthy")
+    if r["fit_warnings"]:
+        notes.append("model fit warnings (see fit_warnings)")
+    if np.isfinite(r["coef"]) and not r["converged"]:
+        notes.append("mixed model did not converge; estimate unreliable")
+    return res, notes
+
+
 def associate(
     data: pd.DataFrame,
     populations: Sequence[str] | None = None,
@@ -454,42 +490,8 @@ def associate(
         ident = dict(zip(feats, key))
         for method in methods:
             notes = [cohort_msg] if cohort_msg else []
-            if method == "spearman_delta":
-                r = spearman_changes(sub, x="delta_pasi", y=f"delta_{value}")
-                res = _nan_result(
-                    x="delta_pasi", y=f"delta_{value}", coef=r["rho"], std_coef=r["rho"],
-                    ci_low=r["ci_low"], ci_high=r["ci_high"],
-                    p_value=_permutation_p(sub[~sub["is_baseline"]], "delta_pasi", f"delta_{value}", n_perm,
-                                           ranks=True) if np.isfinite(r["rho"]) else np.nan,
-                    statistic=r["rho"], dof=r["n_observations"] - 2,
-                    n_patients=r["n_subjects"], n_observations=r["n_observations"],
-                )
-                notes.append("pooled repeated measures: observations not independent")
-            elif method == "rmcorr":
-                r = rmcorr(sub, x="pasi", y=value, subject="patient")
-                res = _nan_result(
-                    x="pasi", y=value, coef=r["r"], std_coef=r["r"], ci_low=r["ci_low"], ci_high=r["ci_high"],
-                    p_value=_permutation_p(sub, "pasi", value, n_perm) if np.isfinite(r["r"]) else np.nan,
-                    statistic=r["statistic"],
-                    dof=r["dof"], n_patients=r["n_subjects"],
-                    n_observations=r["n_observations"],
-                )
-            else:  # lmm
-                r = mixed_model(sub, x="pasi", y=value, group="patient")
-                res = _nan_result(
-                    x="pasi", y=value, coef=r["coef"], std_coef=r["std_coef"],
-                    ci_low=r["ci_low"], ci_high=r["ci_high"], p_value=r["p_value"],
-                    statistic=r["statistic"], dof=np.nan, n_patients=r["n_subjects"],
-                    n_observations=r["n_observations"], converged=r["converged"],
-                    fit_warnings=r["fit_warnings"],
-                )
-                if r["n_subjects"] < MIN_PATIENTS_FOR_LMM:
-                    notes.append(f"mixed model with {r['n_subjects']} patients (< {MIN_PATIENTS_FOR_LMM}): an effect "
-                                 "size only, its Wald p-value is not trustworthy")
-                if r["fit_warnings"]:
-                    notes.append("model fit warnings (see fit_warnings)")
-                if np.isfinite(r["coef"]) and not r["converged"]:
-                    notes.append("mixed model did not converge; estimate unreliable")
+            res, method_notes = _method_result(method, sub, value, n_perm)
+            notes += method_notes
             if not np.isfinite(res["coef"]):
                 notes.append("not estimable (too few observations or no variation)")
             res["warning"] = "; ".join(notes)

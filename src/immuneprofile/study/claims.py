@@ -33,9 +33,10 @@ def _text(clin: pd.DataFrame) -> pd.Series:
     return clin[cols].fillna("").astype(str).agg(" ".join, axis=1) if cols else pd.Series("", index=clin.index)
 
 
-def _period_starts(clin: pd.DataFrame, period: str) -> pd.Series:
-    """First week of ``period`` per patient (patients that never enter it are absent)."""
-    return clin[clin["period"] == period].groupby("patient")["week"].min()
+def _change_weeks(clin: pd.DataFrame, period: str, pattern: str) -> pd.Series:
+    """Week of a treatment change per patient: its event (matching ``pattern``) or the period's first visit."""
+    hit = (clin["period"] == period) | _text(clin).str.contains(pattern, case=False, regex=True)
+    return clin[hit].groupby("patient")["week"].min()
 
 
 def _women(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, bool | None]:
@@ -81,13 +82,13 @@ def _best_w4(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, bo
 
 
 def _resumed_w9(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, bool | None]:
-    starts = _period_starts(clin, "biologic resumed")
+    starts = _change_weeks(clin, "biologic resumed", r"resum|restart")
     at9 = starts[starts == 9]
     return f"{len(at9)} resumed at W9 ({', '.join(at9.index)})", len(at9) == 2
 
 
 def _switched_w24(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, bool | None]:
-    starts = _period_starts(clin, "new biologic")
+    starts = _change_weeks(clin, "new biologic", r"switch|new biologic")
     at24 = starts[starts == 24]
     return f"{len(at24)} switched at W24 ({', '.join(at24.index)})", len(at24) == 1
 

@@ -274,11 +274,15 @@ def validate_clinical(
             "change from baseline cannot be computed."
         )
 
+    return _with_treatment_columns(df)
+
+
+def _with_treatment_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Optional text columns filled, ``period`` derived, rows sorted by patient and week."""
     for col in (*CLINICAL_OPTIONAL, *CLINICAL_EXTRA):
         if col not in df.columns:
             df[col] = ""
         df[col] = df[col].fillna("").astype(str).str.strip()
-
     first = list(CLINICAL_REQUIRED) + list(CLINICAL_OPTIONAL)
     df = df[first + [c for c in df.columns if c not in first]]
     df = df.sort_values(["patient", "week"], kind="stable").reset_index(drop=True)

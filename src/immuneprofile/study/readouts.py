@@ -93,6 +93,15 @@ LEGACY_READOUTS: dict[str, tuple[str, Denominator]] = {
 # --------------------------------------------------------------------------- building / reading
 
 
+def _readout_row(counts: pd.Series, pop: str, of: Denominator) -> dict | None:
+    """``population, of, count, of_count, pct`` of one readout in one sample (None if a population is absent)."""
+    label, parts = (of, [of]) if isinstance(of, str) else (of[0], list(of[1]))
+    if pop not in counts.index or any(p not in counts.index for p in parts):
+        return None
+    n, d = int(counts[pop]), int(sum(counts[p] for p in parts))
+    return {"population": pop, "of": label, "count": n, "of_count": d, "pct": 100.0 * n / d if d else np.nan}
+
+
 def readouts_from_populations(
     populations: pd.DataFrame,
     declared: Mapping[str, tuple[str, Denominator]] | None = None,
@@ -124,13 +133,9 @@ def readouts_from_populations(
         counts = g.drop_duplicates("population").set_index("population")["count"]
         info = g.iloc[0][meta].to_dict()
         for name, (pop, of) in declared.items():
-            label, parts = (of, [of]) if isinstance(of, str) else (of[0], list(of[1]))
-            if pop not in counts.index or any(p not in counts.index for p in parts):
-                continue
-            n, d = int(counts[pop]), int(sum(counts[p] for p in parts))
-            rows.append({"sample_id": sid, **info, "readout": name, "population": pop,
-                         "of": label, "count": n, "of_count": d,
-                         "pct": 100.0 * n / d if d else np.nan})
+            row = _readout_row(counts, pop, of)
+            if row is not None:
+                rows.append({"sample_id": sid, **info, "readout": name, **row})
     cols = ["sample_id", "template", "readout", "population", "of", "count", "of_count", "pct"]
     out = pd.DataFrame(rows)
     if out.empty:
