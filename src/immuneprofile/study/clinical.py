@@ -547,6 +547,16 @@ def _as_samples(samples: pd.DataFrame | PathLike | Iterable[PathLike]) -> pd.Dat
 # --------------------------------------------------------------------------- populations
 
 
+def _read_table(source: pd.DataFrame | PathLike, kind: str) -> tuple[pd.DataFrame, str]:
+    """A copy of a DataFrame, or a CSV / Parquet (``.parquet``, ``.pq``) file, with its name for messages."""
+    if isinstance(source, pd.DataFrame):
+        return source.copy(), "<DataFrame>"
+    p = Path(source)
+    if not p.exists():
+        raise ClinicalDataError(f"{p}: {kind} not found.")
+    return (pd.read_parquet(p) if p.suffix.lower() in {".parquet", ".pq"} else pd.read_csv(p)), str(p)
+
+
 def read_populations(populations: pd.DataFrame | PathLike) -> pd.DataFrame:
     """Load a population table from a DataFrame, CSV or Parquet file.
 
@@ -567,17 +577,7 @@ def read_populations(populations: pd.DataFrame | PathLike) -> pd.DataFrame:
     ClinicalDataError
         Missing file or required columns (``sample_id, population, pct_parent``).
     """
-    if isinstance(populations, pd.DataFrame):
-        df, src = populations.copy(), "<DataFrame>"
-    else:
-        p = Path(populations)
-        src = str(p)
-        if not p.exists():
-            raise ClinicalDataError(f"{p}: population table not found.")
-        if p.suffix.lower() in {".parquet", ".pq"}:
-            df = pd.read_parquet(p)
-        else:
-            df = pd.read_csv(p)
+    df, src = _read_table(populations, "population table")
     _require_columns(df, POPULATION_REQUIRED, src, "population table")
     df["sample_id"] = df["sample_id"].astype(str).str.strip()
     df["population"] = df["population"].astype(str)

@@ -19,7 +19,6 @@ used (:data:`MIN_COUNT`, :data:`MIN_OF_COUNT`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -31,6 +30,7 @@ from immuneprofile.study.clinical import (
     PathLike,
     _as_clinical,
     _as_samples,
+    _read_table,
     _source_name,
 )
 
@@ -154,14 +154,7 @@ def read_readouts(readouts: pd.DataFrame | PathLike) -> pd.DataFrame:
         Missing file or columns (``sample_id, readout, pct, count, of_count``),
         or non-numeric values; the message names the source.
     """
-    if isinstance(readouts, pd.DataFrame):
-        df, src = readouts.copy(), "<DataFrame>"
-    else:
-        path = Path(readouts)
-        src = str(path)
-        if not path.exists():
-            raise ClinicalDataError(f"{path}: readout table not found.")
-        df = pd.read_parquet(path) if path.suffix.lower() in {".parquet", ".pq"} else pd.read_csv(path)
+    df, src = _read_table(readouts, "readout table")
     missing = [c for c in READOUT_REQUIRED if c not in df.columns]
     if missing:
         raise ClinicalDataError(f"{src}: readout table is missing column(s) {missing}; found {list(df.columns)}.")
