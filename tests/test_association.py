@@ -350,3 +350,81 @@ def test_correlate_with_readouts_writes_description_claims_and_plots(tmp_path: P
     assert {"claim", "readout", "observed", "reproduced"} <= set(claims.columns)
     assoc = res["readout_associations"].set_index("readout")
     assert assoc.loc["Treg", "r"] < 0 and set(assoc.index) == set(POPS)
+
+
+# --------------------------------------------------------------------------- the claim table and the main command
+
+
+def _paper_course() -> pd.DataFrame:
+    """The abstract's clinical course written as a clinical table (PASI values beyond the stated facts invented)."""
+    rows = []
+    courses = {
+        "P1": [(0, 20.0, "MSC", "infusion 1"), (1, 8.0, "MSC", "infusion 2"), (4, 2.4, "MSC", ""),
+               (9, 1.0, "MSC", ""), (52, 0.5, "MSC", ""), (104, 1.2, "MSC", "")],
+        "P2": [(0, 15.0, "MSC", "infusion 1"), (1, 12.0, "MSC", "infusion 2"), (4, 9.0, "MSC", ""),
+               (9, 12.0, "biologic resumed", "resumed adalimumab"), (52, 1.0, "biologic resumed", ""),
+               (104, 0.0, "biologic resumed", "")],
+        "P3": [(0, 18.0, "MSC", "infusion 1"), (1, 16.0, "MSC", "infusion 2"), (4, 14.0, "MSC", ""),
+               (9, 15.0, "biologic resumed", "resumed ustekinumab"),
+               (24, 14.0, "new biologic", "switched to secukinumab")],
+    }
+    for p, visits in courses.items():
+        rows += [{"patient": p, "week": w, "pasi": v, "treatment": t, "event": e,
+                  "cotherapy": "etanercept" if p == "P2" else ""} for w, v, t, e in visits]
+    return pd.DataFrame(rows)
+
+
+def test_claims_reproduce_the_abstract_course_and_fail_the_old_one(tmp_path):
+    from immuneprofile.study.claims import case_series_claims
+    from immuneprofile.study.clinical import validate_clinical
+
+    patients = pd.DataFrame({"patient": ["P1", "P2", "P3"], "sex": ["F"] * 3, "age": [45, 52, 38],
+                             "dose1_cells_per_kg": [1.96e6, 2.5e6, 3.0e6], "dose2_cells_per_kg": [2.0e6, 2.5e6, 2.9e6],
+                             "cotherapy": ["", "etanercept", ""]})
+    good = case_series_claims(validate_clinical(_paper_course()), patients=patients)
+    clinical_rows = good[good.source == "abstract"]
+    assert len(clinical_rows) == 8 and clinical_rows["reproduced"].eq(True).all(), clinical_rows
+    assert good[good.source != "abstract"]["reproduced"].isna().all()  # no readouts given: not judged
+    # the old example course quoted in issue 13 (old format: events in `treatment`): nobody past 57 % at W4,
+    # nobody relapses at W9, P3's W24 event is a restart (not a switch), no etanercept, no follow-up past W24
+    old_course = pd.DataFrame({
+        "patient": ["P1"] * 6 + ["P3"] * 6, "week": [0, 1, 2, 4, 9, 24] * 2,
+        "pasi": [24.6, 22.8, 17.9, 10.6, 4.2, 1.8, 28.4, 27.1, 23.0, 17.2, 13.9, 22.5],
+        "treatment": ["UC-MSC infusion", "UC-MSC infusion", "", "", "", "",
+                      "UC-MSC infusion", "UC-MSC infusion", "", "", "", "biologic restart"]})
+    by = case_series_claims(validate_clinical(old_course)).set_index("claim")["reproduced"]
+    assert by["Two IV UC-MSC infusions one week apart"] is True
+    for claim in ("Best responder reached PASI 87 (>= 87 % reduction) by W4",
+                  "On relapse two resumed their last failed biologic at W9", "One switched to a new biologic at W24",
+                  "One patient alongside etanercept, two on MSCs alone",
+                  "Two then held an absolute PASI of 0-2 for over two years"):
+        assert by[claim] is False, claim
+    assert by["Three adult women"] is None  # sex not recorded without a patient table
+
+
+def test_main_command_writes_patient_panels_with_periods_and_claims(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from conftest import EXAMPLE
+    from immuneprofile.cli import main
+
+    sheet = pd.read_csv(EXAMPLE / "samples.csv")
+    sub = sheet[sheet["panel"].eq("treg")]
+    for f in sub["file"]:
+        shutil.copy(EXAMPLE / f, tmp_path / f)
+    sub.to_csv(tmp_path / "samples.csv", index=False)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["study", str(tmp_path / "samples.csv"), "--clinical", str(EXAMPLE / "clinical.csv"),
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in ("patient_panels.png", "fold_changes.png", "claims.csv", "readout_changes.csv",
+                 "readout_associations.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    claims = pd.read_csv(out / "claims.csv")
+    assert claims["claim"].str.contains("PASI 87").any()
+    changes = pd.read_csv(out / "readout_changes.csv")
+    assert {"period", "log2fc", "beyond_assay", "se_pct", "low_count"} <= set(changes.columns)
+    treg = changes[changes.readout == "Treg"]
+    assert (treg["of"] == "CD4+").all() and len(treg) == len(sub)
