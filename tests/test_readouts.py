@@ -20,21 +20,33 @@ from immuneprofile.study.readouts import (
 )
 
 
-def test_readout_treg_of_cd4_matches_simulator_truth():
-    """Treg as % of CD4+ from a gated example file, against the simulator's per-event truth."""
-    from immuneprofile import gate_sample, load_fcs, load_template, population_table
+def _truth_of(truth: pd.DataFrame, population: str, ancestor: str) -> float:
+    """The simulator's true % of ``ancestor``, chained through the truth table's parents."""
+    t = truth.set_index("population")
+    pct, pop = 100.0, population
+    while pop != ancestor:
+        pct *= t.loc[pop, "pct_parent"] / 100.0
+        pop = t.loc[pop, "parent"]
+    return pct
 
-    sid = "P2_W04_treg"
+
+def test_readout_treg_of_cd4_matches_simulator_truth_in_every_example_file():
+    """Treg as % of CD4+ from every gated example file, within 1 point of the simulator's per-event truth."""
+    from immuneprofile import gate_files, load_template
+
+    sheet = pd.read_csv(EXAMPLE / "samples.csv")
+    files = [EXAMPLE / f for f in sheet.loc[sheet["panel"] == "treg", "file"]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = gate_sample(load_fcs(EXAMPLE / f"{sid}.fcs"), load_template(GATING / "treg.yaml"))
-    ro = readouts_from_populations(population_table([res])).set_index("readout")
+        batch = gate_files(files, load_template(GATING / "treg.yaml"))
+    assert not batch.errors
+    ro = readouts_from_populations(batch.table)
+    treg = ro[ro.readout == "Treg"].set_index("sample_id")
+    assert len(treg) == len(files) and (treg["of"] == "CD4+").all()
     truth = pd.read_csv(EXAMPLE / "truth.csv")
-    t = truth[truth.sample_id == sid].set_index("population")["pct_parent"]
-    true_treg_of_cd4 = t["Treg"] * t["CD25hi CD127lo"] / 100.0  # Treg % of CD25hi CD127lo x that % of CD4+
-    assert ro.loc["Treg", "of"] == "CD4+"
-    assert ro.loc["Treg", "pct"] == pytest.approx(true_treg_of_cd4, abs=1.0)
-    assert ro.loc["Treg", "pct"] == pytest.approx(100 * ro.loc["Treg", "count"] / ro.loc["Treg", "of_count"])
+    for sid, row in treg.iterrows():
+        assert row["pct"] == pytest.approx(_truth_of(truth[truth.sample_id == sid], "Treg", "CD4+"), abs=1.0), sid
+        assert row["pct"] == pytest.approx(100 * row["count"] / row["of_count"])
 
 
 def test_summed_denominator():
