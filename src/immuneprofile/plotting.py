@@ -494,7 +494,21 @@ def _readout_cell(ax, name: str, g: pd.DataFrame, color) -> None:
     if g.empty:
         return
     _panel(ax, g, "pct", color, err="se_pct")
+    if name not in REFERENCE_RANGES and "population" in g.columns:
+        name = str(g["population"].iloc[0])  # a readout named otherwise, of a population with a reference
     _draw_reference(ax, name, str(g["of"].iloc[0]) if "of" in g.columns else None)
+
+
+def _panel_legend(changes: pd.DataFrame, clinical: pd.DataFrame, readouts: Sequence[str]) -> list:
+    """Legend of the per-patient panels: the periods present, the cited reference ranges drawn, low counts."""
+    handles: list = [matplotlib.patches.Patch(color=c, alpha=0.6, label=f"{p} period")
+                     for p, c in PERIOD_COLORS.items() if p in set(clinical.get("period", []))]
+    shown = set(readouts)
+    if "population" in changes.columns:
+        shown |= set(changes.loc[changes["readout"].isin(readouts), "population"])
+    handles += [Line2D([], [], color="0.4", ls=":", label=r["label"]) for k, r in REFERENCE_RANGES.items() if k in shown]
+    handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="red", label="below minimum events"))
+    return handles
 
 
 def plot_patient_panels(
@@ -550,12 +564,8 @@ def plot_patient_panels(
         axes[i, 0].set_ylabel(name + (f"\n% of {of}" if i and of is not None else ""), fontsize=8)
     for ax in axes.ravel():
         ax.tick_params(labelsize=7)
-    handles = [matplotlib.patches.Patch(color=c, alpha=0.6, label=f"{p} period")
-               for p, c in PERIOD_COLORS.items() if p in set(clinical.get("period", []))]
-    handles += [Line2D([], [], color="0.4", ls=":", label=r["label"])
-                for k, r in REFERENCE_RANGES.items() if k in readouts]
-    handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="red", label="below minimum events"))
-    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=7, frameon=False)
+    fig.legend(handles=_panel_legend(changes, clinical, readouts), loc="upper center", ncol=2, fontsize=7,
+               frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
     _save(fig, save, dpi)
     return fig

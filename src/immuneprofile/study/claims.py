@@ -115,12 +115,22 @@ CLINICAL_CLAIMS: tuple[tuple[str, str, Callable], ...] = (
 )
 
 
+def _readout_named(name: str, changes: pd.DataFrame | None) -> str:
+    """The readout called ``name``, or else the one whose gated population is ``name``."""
+    if changes is None or name in set(changes["readout"]) or "population" not in changes.columns:
+        return name
+    hits = changes.loc[changes["population"] == name, "readout"].unique()
+    return str(hits[0]) if len(hits) == 1 else name
+
+
 def _immune_row(claim: str, readout: str, expected: str, changes: pd.DataFrame | None,
                 associations: pd.DataFrame | None) -> dict:
     row = {"claim": claim, "source": "readouts (direction as this project reads the paper)",
            "readout": readout, "expected": f"{expected} in >= 2 of 3 patients beyond 2 x assay CV"}
+    readout = _readout_named(readout, changes)
     if associations is None or readout not in set(associations["readout"]):
         return {**row, "observed": "readout not measured", "reproduced": None}
+    row["readout"] = readout
     a = associations.set_index("readout").loc[readout]
     n_dir = 0
     if changes is not None:
