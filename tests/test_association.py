@@ -428,3 +428,36 @@ def test_main_command_writes_patient_panels_with_periods_and_claims(tmp_path):
     assert {"period", "log2fc", "beyond_assay", "se_pct", "low_count"} <= set(changes.columns)
     treg = changes[changes.readout == "Treg"]
     assert (treg["of"] == "CD4+").all() and len(treg) == len(sub)
+
+
+def test_study_measures_assay_cv_on_the_reference_sample(tmp_path):
+    """A reference sample (role `reference`) stained at every visit: its readouts give the assay CV."""
+    import shutil
+
+    from conftest import EXAMPLE
+    from immuneprofile.study.run import run_study
+
+    sheet = pd.read_csv(EXAMPLE / "samples.csv")
+    sub = sheet[sheet["panel"].eq("treg")].assign(role="patient")
+    refs = []
+    for w in (0, 1, 2, 4):  # stand-in reference stainings: one donor's file per visit week
+        src = sub[(sub.patient == "P1") & (sub.week == w)].iloc[0]
+        refs.append({"file": f"REF_W{w:02d}_treg.fcs", "sample_id": f"REF_W{w:02d}_treg", "patient": "REF",
+                     "week": w, "panel": "treg", "role": "reference"})
+        shutil.copy(EXAMPLE / src["file"], tmp_path / refs[-1]["file"])
+    for f in sub["file"]:
+        shutil.copy(EXAMPLE / f, tmp_path / f)
+    pd.concat([sub, pd.DataFrame(refs)]).to_csv(tmp_path / "samples.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = run_study(tmp_path / "samples.csv", tmp_path / "out", clinical=EXAMPLE / "clinical.csv")
+    corr = res["correlation"]
+    cv = corr["assay_cv"].set_index("readout")
+    # the reference never enters the patients' tables or the association
+    assert "REF" not in set(corr["joined"]["patient"]) and "REF" not in set(corr["readout_changes"]["patient"])
+    assert cv.loc["Treg", "cv_source"] == "reference sample" and cv.loc["Treg", "n_reference"] == 4
+    table = res["table"]
+    vals = table[(table.population == "Treg") & table.sample_id.str.startswith("REF")]
+    of = table[(table.population == "CD4+") & table.sample_id.str.startswith("REF")]
+    pct = 100 * vals["count"].to_numpy() / of["count"].to_numpy()
+    assert cv.loc["Treg", "assay_cv"] == pytest.approx(pct.std(ddof=1) / pct.mean())

@@ -323,8 +323,10 @@ def treatment_periods(clinical: pd.DataFrame) -> pd.Series:
     treatment = col("treatment")
     known = {p.lower(): p for p in PERIODS}
     given = treatment.str.lower().map(known)
-    if (treatment != "").any() and given[treatment != ""].notna().all():
-        return given.fillna(MSC_PERIOD).rename("period")
+    if (treatment != "").any() and given[treatment != ""].notna().all():  # periods as data; blanks continue one
+        order = clinical.sort_values("week", kind="stable").index
+        filled = given.loc[order].groupby(clinical.loc[order, "patient"]).ffill()
+        return filled.reindex(clinical.index).fillna(MSC_PERIOD).rename("period")
     text = treatment + " " + col("event")
     period = pd.Series(MSC_PERIOD, index=clinical.index, name="period")
     for _, idx in clinical.sort_values("week", kind="stable").groupby("patient", sort=False).groups.items():
