@@ -83,8 +83,8 @@ MIN_PATIENTS_FOR_INFERENCE: int = 10
 #: Methods run by :func:`associate`, in output order.
 METHODS: tuple[str, ...] = ("spearman_delta", "rmcorr", "lmm")
 
-#: Mixed models are fitted only with at least this many patients; below it the
-#: random-effect variance cannot be estimated and the fit is not reported.
+#: Mixed models are fitted only with at least this many patients; with fewer the
+#: between-patient (random-intercept) variance rests on too few patients to trust.
 MIN_PATIENTS_FOR_LMM: int = 6
 
 #: Default number of within-patient permutations behind every p-value.
@@ -807,7 +807,7 @@ def permutation_pvalues(
 
 
 def _readout_summary(sub: pd.DataFrame) -> dict[str, Any]:
-    """Descriptive summary of one readout in one period: the last visit's change per patient."""
+    """Descriptive summary of one readout in one period: the last usable visit's change per patient."""
     post = sub[~sub["is_baseline"]]
     if post.empty:
         return {"median_log2fc_last": np.nan, "n_patients_beyond_assay": 0, "direction": ""}
@@ -868,7 +868,7 @@ def associate_readouts(
     -------
     pandas.DataFrame
         One row per readout, :data:`READOUT_RESULT_COLUMNS`.  ``direction`` and
-        ``median_log2fc_last`` describe the last visit of the period relative
+        ``median_log2fc_last`` describe the last visit of the period with enough events, relative
         to baseline (``n_patients_beyond_assay``: patients whose change exceeds
         2 x the assay CV).
     """
@@ -893,7 +893,7 @@ def associate_readouts(
             "ci_low": r["ci_low"], "ci_high": r["ci_high"], "slope": r["slope"], "p_perm": p,
             "permutations": f"{n_perm} within-patient permutations of PASI among visits",
             "r_without_cotherapy": r_free if len(cot) else np.nan, "cotherapy_patients": ", ".join(sorted(cot)),
-            **_readout_summary(sub_all), **_readout_lmm(sub, min_patients_lmm), "note": "; ".join(notes),
+            **_readout_summary(sub_all[~sub_all["low_count"]]), **_readout_lmm(sub, min_patients_lmm), "note": "; ".join(notes),
         })
     out = pd.DataFrame(rows, columns=[c for c in READOUT_RESULT_COLUMNS if c not in ("q_value", "called")])
     out["q_value"] = _bh(out["p_perm"]) if not out.empty else pd.Series(dtype=float)
