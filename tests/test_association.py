@@ -461,3 +461,28 @@ def test_study_measures_assay_cv_on_the_reference_sample(tmp_path):
     of = table[(table.population == "CD4+") & table.sample_id.str.startswith("REF")]
     pct = 100 * vals["count"].to_numpy() / of["count"].to_numpy()
     assert cv.loc["Treg", "assay_cv"] == pytest.approx(pct.std(ddof=1) / pct.mean())
+
+
+def test_cli_correlate_with_readouts_and_period(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from immuneprofile.cli import main
+
+    clin, sheet, pops = make_cohort(seed=6)
+    ro = pd.DataFrame({"sample_id": pops["sample_id"], "readout": pops["population"], "population": pops["population"],
+                       "of": "Live", "count": (pops["pct_parent"] * 30).round().astype(int), "of_count": 3000})
+    ro["pct"] = 100 * ro["count"] / ro["of_count"]
+    for name, df in (("c.csv", clin), ("s.csv", sheet), ("p.csv", pops), ("r.csv", ro)):
+        df.to_csv(tmp_path / name, index=False)
+    args = ["correlate", "--populations", str(tmp_path / "p.csv"), "--clinical", str(tmp_path / "c.csv"),
+            "--samples", str(tmp_path / "s.csv"), "--readouts", str(tmp_path / "r.csv"), "--permutations", "199"]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "msc")])
+    assert r.exit_code == 0, r.output
+    msc = pd.read_csv(tmp_path / "msc" / "readout_associations.csv").set_index("readout")
+    assert (msc["period"] == "MSC").all() and (msc["n_observations"] == 16).all()  # P2's W9/W24 on a biologic
+    r = CliRunner().invoke(main, [*args, "--period", "all", "-o", str(tmp_path / "all")])
+    assert r.exit_code == 0, r.output
+    every = pd.read_csv(tmp_path / "all" / "readout_associations.csv").set_index("readout")
+    assert (every["n_observations"] == 18).all()
+    r = CliRunner().invoke(main, [*args[:-4], "--readouts", str(tmp_path / "c.csv"), "-o", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "c.csv" in r.output and "missing column" in r.output
