@@ -165,8 +165,14 @@ def rmcorr(
     """
     xv = pd.to_numeric(data[x], errors="coerce").to_numpy(float)
     yv = pd.to_numeric(data[y], errors="coerce").to_numpy(float)
-    ok = np.isfinite(xv) & np.isfinite(yv) & data[subject].notna().to_numpy()
-    codes = pd.factorize(data[subject].to_numpy()[ok])[0]
+    ok = data[subject].notna().to_numpy()
+    return _rmcorr_arrays(xv[ok], yv[ok], data[subject].to_numpy()[ok], confidence)
+
+
+def _rmcorr_arrays(xv: np.ndarray, yv: np.ndarray, subjects: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
+    """:func:`rmcorr` on arrays (x, y, subject labels); non-finite pairs are dropped."""
+    ok = np.isfinite(xv) & np.isfinite(yv)
+    codes = pd.factorize(subjects[ok])[0]
     xv, yv = xv[ok], yv[ok]
     keep = np.bincount(codes)[codes] >= 2 if codes.size else np.zeros(0, bool)
     codes, xv, yv = pd.factorize(codes[keep])[0], xv[keep], yv[keep]
@@ -806,20 +812,23 @@ def permutation_pvalues(
     return np.where(flat, np.nan, p)
 
 
-def _readout_summary(sub: pd.DataFrame) -> dict[str, Any]:
+def _readout_summary(v: dict[str, np.ndarray]) -> dict[str, Any]:
     """Descriptive summary of one readout in one period: the last usable visit's change per patient."""
-    post = sub[~sub["is_baseline"]]
-    if post.empty:
+    post = ~v["is_baseline"]
+    if not post.any():
         return {"median_log2fc_last": np.nan, "n_patients_beyond_assay": 0, "direction": ""}
-    last = post.sort_values("week").groupby("patient").tail(1)
-    med = float(last["log2fc"].median())
-    beyond = last[last["beyond_assay"]]
-    ups, downs = int((beyond["log2fc"] > 0).sum()), int((beyond["log2fc"] < 0).sum())
+    order = np.lexsort((v["week"][post], v["patient"][post]))
+    pats, fc, beyond = v["patient"][post][order], v["log2fc"][post][order], v["beyond_assay"][post][order]
+    last = np.r_[pats[1:] != pats[:-1], True]  # the last (latest) row of each patient
+    fc, beyond = fc[last], beyond[last]
+    ups, downs = int((fc[beyond] > 0).sum()), int((fc[beyond] < 0).sum())
     direction = "up" if ups > downs else "down" if downs > ups else "no change beyond assay"
-    return {"median_log2fc_last": med, "n_patients_beyond_assay": int(len(beyond)), "direction": direction}
+    return {"median_log2fc_last": float(np.median(fc)), "n_patients_beyond_assay": int(beyond.sum()),
+            "direction": direction}
 
 
 def _readout_lmm(sub: pd.DataFrame, min_patients: int) -> dict[str, Any]:
+    """The mixed model of one readout on PASI, or why it was not fitted."""
     k = int(sub["patient"].nunique())
     if k < min_patients:
         return {"lmm_coef": np.nan, "lmm_ci_low": np.nan, "lmm_ci_high": np.nan, "lmm_converged": pd.NA,
@@ -873,27 +882,31 @@ def associate_readouts(
         2 x the assay CV).
     """
     data = changes if period is None else changes[changes["period"] == period]
+    fields = ("patient", "week", "pasi", "pct", "low_count", "is_baseline", "log2fc", "beyond_assay", "cotherapy")
+    arrays = {c: data[c].to_numpy() for c in fields}
+    arrays["cotherapy"] = data["cotherapy"].fillna("").astype(str).to_numpy()
     rows = []
-    for name, sub_all in data.groupby("readout", sort=True):
-        sub = sub_all[~sub_all["low_count"] & sub_all["pasi"].notna()]
-        r = rmcorr(sub, x="pasi", y="pct", subject="patient")
-        kept = sub[sub["patient"].map(sub["patient"].value_counts()) >= 2]
-        p = permutation_pvalues(kept["pasi"].to_numpy(float), kept["pct"].to_numpy(float),
-                                       kept["patient"].to_numpy(), n_perm, seed)[0] \
-            if np.isfinite(r["r"]) else np.nan
-        cot = sub.loc[sub["cotherapy"].fillna("").astype(str) != "", "patient"].unique()
-        r_free = rmcorr(sub[~sub["patient"].isin(cot)], x="pasi", y="pct", subject="patient")["r"]
+    for name, idx in data.groupby("readout", sort=True).indices.items():
+        v = {c: a[idx] for c, a in arrays.items()}
+        low = v["low_count"].astype(bool)
+        use = ~low & np.isfinite(v["pasi"].astype(float))
+        x, y, pats = v["pasi"][use].astype(float), v["pct"][use].astype(float), v["patient"][use]
+        r = _rmcorr_arrays(x, y, pats)
+        p = permutation_pvalues(x, y, pats, n_perm, seed)[0] if np.isfinite(r["r"]) else np.nan
+        cot = np.unique(pats[v["cotherapy"][use] != ""])
+        free = ~np.isin(pats, cot)
         notes = [] if np.isfinite(r["r"]) else ["not estimable (too few usable visits or no variation)"]
-        n_low = int(sub_all["low_count"].sum())
-        if n_low:
-            notes.append(f"{n_low} visit(s) below {MIN_COUNT} events or {MIN_OF_COUNT} of-count kept out")
+        if low.any():
+            notes.append(f"{int(low.sum())} visit(s) below {MIN_COUNT} events or {MIN_OF_COUNT} of-count kept out")
         rows.append({
             "readout": name, "period": period or "all", "n_patients": r["n_subjects"],
-            "n_observations": r["n_observations"], "n_low_count": n_low, "r": r["r"],
+            "n_observations": r["n_observations"], "n_low_count": int(low.sum()), "r": r["r"],
             "ci_low": r["ci_low"], "ci_high": r["ci_high"], "slope": r["slope"], "p_perm": p,
             "permutations": f"{n_perm} within-patient permutations of PASI among visits",
-            "r_without_cotherapy": r_free if len(cot) else np.nan, "cotherapy_patients": ", ".join(sorted(cot)),
-            **_readout_summary(sub_all[~sub_all["low_count"]]), **_readout_lmm(sub, min_patients_lmm), "note": "; ".join(notes),
+            "r_without_cotherapy": _rmcorr_arrays(x[free], y[free], pats[free])["r"] if len(cot) else np.nan,
+            "cotherapy_patients": ", ".join(sorted(map(str, cot))),
+            **_readout_summary({c: a[~low] for c, a in v.items()}),
+            **_readout_lmm(data.iloc[idx][use], min_patients_lmm), "note": "; ".join(notes),
         })
     out = pd.DataFrame(rows, columns=[c for c in READOUT_RESULT_COLUMNS if c not in ("q_value", "called")])
     out["q_value"] = _bh(out["p_perm"]) if not out.empty else pd.Series(dtype=float)

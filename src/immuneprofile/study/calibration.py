@@ -100,10 +100,10 @@ def simulate_readout_cohort(
     clin["pasi_improvement_pct"] = 100.0 * (1 - clin["pasi"] / clin["baseline_pasi"])
     clin["period"] = "MSC"
     improvement = clin["pasi_improvement_pct"].to_numpy() / 100.0
-    patients = clin["patient"].to_numpy()
-    pcodes = pd.factorize(patients)[0]
+    pcodes = pd.factorize(clin["patient"].to_numpy())[0]
     base_pasi = clin.groupby("patient", sort=False)["baseline_pasi"].first().to_numpy()
-    truth, frames, refs = {}, [], []
+    truth: dict[str, bool] = {}
+    names, pcts, counts, ofs, ref_pcts = [], [], [], [], []
     h = design.heterogeneity
     for j in range(design.n_effect + design.n_null):
         effect = j < design.n_effect
@@ -117,13 +117,20 @@ def simulate_readout_cohort(
         else:  # no effect, but baselines follow baseline PASI between patients
             base = level * base_pasi / base_pasi.mean()
             log2_pct = np.log2(base[pcodes])
-        pct = 2.0 ** log2_pct * np.exp(rng.normal(0, design.assay_cv, log2_pct.shape))
-        count, of = _counts(pct, design, rng)
-        frames.append(clin.assign(readout=name, count=count, of_count=of, pct=100.0 * count / of))
-        ref = level * np.exp(rng.normal(0, design.assay_cv, len(design.weeks)))
-        rc, ro = _counts(ref, design, rng)
-        refs.append(pd.DataFrame({"readout": name, "week": design.weeks, "pct": 100.0 * rc / ro}))
-    return pd.concat(frames, ignore_index=True), pd.concat(refs, ignore_index=True), truth
+        count, of = _counts(2.0 ** log2_pct * np.exp(rng.normal(0, design.assay_cv, log2_pct.shape)), design, rng)
+        rc, ro = _counts(level * np.exp(rng.normal(0, design.assay_cv, len(design.weeks))), design, rng)
+        names.append(name)
+        counts.append(count)
+        ofs.append(of)
+        pcts.append(100.0 * count / of)
+        ref_pcts.append(100.0 * rc / ro)
+    visits = pd.concat([clin] * len(names), ignore_index=True)
+    visits["readout"] = np.repeat(names, len(clin))
+    visits["count"], visits["of_count"], visits["pct"] = np.concatenate(counts), np.concatenate(ofs), np.concatenate(pcts)
+    reference = pd.DataFrame({"readout": np.repeat(names, len(design.weeks)),
+                              "week": np.tile(np.asarray(design.weeks, float), len(names)),
+                              "pct": np.concatenate(ref_pcts)})
+    return visits, reference, truth
 
 
 def calibrate(
