@@ -22,6 +22,7 @@ def test_case_series_notebook_executes():
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "largest deviation from truth" in text
     assert "cohort too small" in text
+    assert "power for the built-in effects" in text  # the calibration it reports
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # PASI, per-patient panels, fold changes
     # it ends in the claim table: claim -> readout -> reproduced, computed in the last cell
