@@ -347,3 +347,45 @@ def test_header_only_file(tmp_path):
     with pytest.raises(ClinicalDataError, match="no rows") as ei:
         read_clinical(f)
     assert str(f) in str(ei.value)
+
+
+# --------------------------------------------------------------------------- treatment periods
+
+
+def test_periods_given_as_data(tmp_path):
+    f = _write(tmp_path, "patient,week,pasi,treatment,cotherapy,event,notes\n"
+                         "A,0,20,MSC,,infusion 1,\nA,1,15,MSC,,infusion 2,\nA,9,12,biologic resumed,,resumed adalimumab,\n"
+                         "A,24,3,biologic resumed,,,\nB,0,10,MSC,etanercept,infusion 1,\nB,24,9,new biologic,etanercept,"
+                         "switched to secukinumab,\n")
+    df = read_clinical(f)
+    assert df["period"].tolist() == ["MSC", "MSC", "biologic resumed", "biologic resumed", "MSC", "new biologic"]
+    blank = pd.read_csv(f).assign(treatment=lambda d: d["treatment"].where((d.patient != "A") | (d.week != 24)))
+    assert validate_clinical(blank)["period"].tolist() == df["period"].tolist()  # a blank continues the period
+    assert df.loc[df.patient == "B", "cotherapy"].eq("etanercept").all()
+    assert df.loc[(df.patient == "A") & (df.week == 9), "event"].item() == "resumed adalimumab"
+
+
+def test_periods_derived_from_old_files(cohort_files):
+    # old format: `treatment` holds events ("UC-MSC infusion", "biologic restart"), no period column
+    df = read_clinical(cohort_files["clinical"])
+    p2 = df[df.patient == "P2"].set_index("week")["period"]
+    assert p2.loc[[0, 1, 2, 4]].eq("MSC").all()
+    assert p2.loc[[9, 24]].eq("biologic resumed").all()  # the restart visit and every later one
+    assert df.loc[df.patient != "P2", "period"].eq("MSC").all()
+    assert df.loc[(df.patient == "P1") & (df.week == 0), "event"].item() == "UC-MSC infusion"
+    assert (df["cotherapy"] == "").all()
+
+
+def test_example_clinical_file_reads_with_periods():
+    from conftest import EXAMPLE
+    from immuneprofile.study.clinical import PERIODS
+
+    df = read_clinical(EXAMPLE / "clinical.csv")
+    assert set(df["period"]) <= set(PERIODS)
+    assert (df.loc[df.week == 0, "period"] == "MSC").all()  # every patient starts in the MSC window
+
+
+def test_sample_sheet_keeps_role(tmp_path):
+    f = _write(tmp_path, "file,sample_id,patient,week,panel,role\na.fcs,a,P1,0,treg,patient\n"
+                         "r.fcs,r,REF,0,treg,reference\n", name="s.csv")
+    assert read_sample_sheet(f)["role"].tolist() == ["patient", "reference"]

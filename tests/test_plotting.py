@@ -122,10 +122,10 @@ def test_association_heatmap(data, tmp_path: Path):
     assert [t.get_text() for t in ax.get_yticklabels()] == sorted(POPS)
     texts = [t.get_text() for t in ax.texts]
     assert len(texts) == 3 * 3
-    # annotation matches the table (std_coef, 2 decimals, with stars)
+    # annotation matches the table (std_coef, 2 decimals); no significance stars (issue 13: n = 3 is exploratory)
     v = assoc[(assoc.population == "Treg") & (assoc.method == "rmcorr")]["std_coef"].item()
     assert any(t.startswith(f"{v:.2f}") for t in texts)
-    assert any("*" in t for t in texts)
+    assert not any("*" in t for t in texts)
     assert "exploratory" in ax.get_title()
 
 
@@ -137,3 +137,67 @@ def test_association_heatmap_skips_nan_cells(data):
     assert len(fig.axes[0].texts) == 8
     fig2 = plot_association_heatmap(a, annotate=False)
     assert len(fig2.axes[0].texts) == 0
+
+
+# --------------------------------------------------------------------------- per-patient panels, fold changes
+
+
+@pytest.fixture(scope="module")
+def readout_data():
+    import pandas as pd
+
+    from immuneprofile.study.clinical import validate_clinical
+    from immuneprofile.study.readouts import describe_changes
+
+    clin = validate_clinical(pd.DataFrame({
+        "patient": ["P1"] * 4 + ["P2"] * 4, "week": [0, 1, 9, 24] * 2, "pasi": [20, 10, 4, 1, 30, 25, 20, 8],
+        "treatment": ["MSC", "MSC", "biologic resumed", "biologic resumed", "MSC", "MSC", "MSC", "new biologic"],
+        "event": ["infusion 1", "infusion 2", "resumed adalimumab", "", "infusion 1", "infusion 2", "",
+                  "switched to secukinumab"]}))
+    rows = []
+    for p, w, pasi, period in clin[["patient", "week", "pasi", "period"]].itertuples(index=False):
+        for name, of, pct in (("Treg", "CD4+", 4 + (30 - pasi) / 10), ("Treg_other", "CD25hi CD127lo", 90.0)):
+            rows.append({"patient": p, "week": w, "pasi": pasi, "period": period, "cotherapy": "", "readout": name,
+                         "of": of, "pct": pct, "count": int(pct * 10), "of_count": 1000})
+    cv = pd.DataFrame({"readout": ["Treg", "Treg_other"], "assay_cv": [0.05, 0.2], "cv_source": "reference sample"})
+    return clin, describe_changes(pd.DataFrame(rows), cv)
+
+
+def test_patient_panels_shade_periods_mark_events_and_draw_cited_ranges(readout_data, tmp_path):
+    from immuneprofile.plotting import REFERENCE_RANGES, plot_patient_panels
+
+    clin, changes = readout_data
+    fig = plot_patient_panels(changes, clin, readouts=["Treg"], save=tmp_path / "p.png")
+    assert (tmp_path / "p.png").is_file()
+    axes = np.array(fig.axes).reshape(2, 2)  # rows PASI, Treg; columns P1, P2
+    spans = {p.get_gid(): (p.get_x(), p.get_x() + p.get_width()) for p in axes[0, 0].patches
+             if (p.get_gid() or "").startswith("period:")}
+    assert set(spans) == {"period:MSC", "period:biologic resumed"}
+    assert spans["period:MSC"] == (0, 9)  # MSC window up to the resumption
+    assert spans["period:biologic resumed"] == (9, 24)
+    p2_periods = {p.get_gid() for p in axes[0, 1].patches}
+    assert "period:new biologic" in p2_periods
+    events = sorted(ln.get_gid() for ln in axes[0, 0].get_lines() if (ln.get_gid() or "").startswith("event:"))
+    assert events == ["event:infusion 1", "event:infusion 2", "event:resumed adalimumab"]
+    ref = [a for a in axes[1, 0].patches if a.get_gid() == "reference:Treg"]
+    assert len(ref) == 1 and ref[0].get_y() == pytest.approx(6.35 - 0.26)
+    assert ref[0].get_height() == pytest.approx(2 * 0.26)
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "Seddiki 2006" in legend and REFERENCE_RANGES["Treg"]["label"] in legend
+    # a readout named like a reference but with another denominator gets no reference range
+    fig2 = plot_patient_panels(changes.assign(of="CD25hi CD127lo"), clin, readouts=["Treg"])
+    assert not [a for a in fig2.axes[2].patches if (a.get_gid() or "").startswith("reference:")]
+
+
+def test_fold_change_plot_shows_assay_band(readout_data):
+    from immuneprofile.plotting import plot_fold_changes
+
+    _, changes = readout_data
+    fig = plot_fold_changes(changes)
+    ax = fig.axes[0]
+    bands = {c.get_gid(): c.get_paths()[0].vertices[:, 0] for c in ax.collections
+             if (c.get_gid() or "").startswith("assay:")}
+    assert bands["assay:Treg"].max() == pytest.approx(np.log2(1.1))
+    assert bands["assay:Treg_other"].min() == pytest.approx(np.log2(0.6))
+    pts = [c for c in ax.collections if (c.get_gid() or "").startswith("patient:")]
+    assert sum(len(c.get_offsets()) for c in pts) == 2 * 2 * 3  # patients x readouts x post-baseline visits

@@ -190,13 +190,24 @@ def simulate(out_dir: str, n_events: int | None, seed: int) -> None:
 @click.option("--samples", type=click.Path(exists=True), default=None,
               help="Sample sheet CSV (sample_id, patient, week), or FCS files/directory to read PATIENT/WEEK keywords.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
-def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir: str) -> None:
-    """Relate subset shifts to PASI: changes from baseline, PASI75/90, rmcorr, mixed models, plots."""
+@click.option("--readouts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Readout table (readouts.csv: sample_id, readout, pct, count, of_count); default: the declared "
+                   "readouts found in the population table.")
+@click.option("--patients", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Patient table for the claim table (default: patients.csv beside the clinical CSV).")
+@click.option("--period", default="MSC", show_default=True,
+              help="Treatment period of the readout association ('all' pools every visit).")
+@click.option("--permutations", "n_perm", default=9999, show_default=True, type=int,
+              help="Within-patient permutations per p-value.")
+def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir: str, readouts: str | None,
+                  patients: str | None, period: str, n_perm: int) -> None:
+    """Relate declared readouts to PASI: change from baseline against assay CV, permutation p-values, plots, claims."""
     from immuneprofile.study.association import correlate
     from immuneprofile.study.clinical import ClinicalDataError
 
     try:
-        res = correlate(populations, clinical, samples, out_dir)
+        res = correlate(populations, clinical, samples, out_dir, readouts=readouts, patients=patients,
+                        period=None if period == "all" else period, n_perm=n_perm)
     except ClinicalDataError as exc:
         raise click.ClickException(str(exc))
     for path in res["files"].values():

@@ -8,7 +8,9 @@ Plot elements carry a ``gid`` so they can be identified programmatically:
 ``patient:<id>`` (trajectory lines), ``infusion`` (infusion visits),
 ``restart:<id>`` (biologic restart of one patient), ``pasi75`` (PASI75
 reference on the improvement panel) and ``pasi75:<id>`` (per-patient PASI75
-threshold, 25 % of baseline PASI, on the absolute panel).
+threshold, 25 % of baseline PASI, on the absolute panel); on the per-patient
+panels ``period:<name>`` (shaded treatment period), ``event:<text>`` (a
+clinical event) and ``reference:<readout>`` (a literature reference range).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from immuneprofile._pyplot import pyplot
 
 plt = pyplot()  # the backend switch (Agg without a display), before pyplot is first used
 
+import matplotlib.patches  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -33,6 +36,10 @@ __all__ = [
     "plot_pasi_trajectories",
     "plot_subset_trajectories",
     "plot_association_heatmap",
+    "plot_patient_panels",
+    "plot_fold_changes",
+    "REFERENCE_RANGES",
+    "PERIOD_COLORS",
 ]
 
 PathLike = str | Path
@@ -306,12 +313,6 @@ def plot_subset_trajectories(
     return fig
 
 
-def _stars(p: float) -> str:
-    if not np.isfinite(p):
-        return ""
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
-
-
 def plot_association_heatmap(
     assoc: pd.DataFrame,
     *,
@@ -332,11 +333,11 @@ def plot_association_heatmap(
         Coefficient column coloured on a -1..1 scale (default ``std_coef``:
         Spearman rho, rmcorr r and the standardised LMM slope).
     p_col
-        p-value column for significance stars (``*`` < .05, ``**`` < .01,
-        ``***`` < .001); ``None`` disables stars.
+        Ignored; kept for backward compatibility.  No significance stars are
+        drawn: with a handful of patients every p-value is exploratory.
     annotate
-        Write the coefficient (2 decimals, plus stars) in each cell;
-        not-estimable cells are left blank.
+        Write the coefficient (2 decimals) in each cell; not-estimable cells
+        are left blank.
     save, dpi
         Optional output path and resolution.
     title
@@ -362,15 +363,11 @@ def plot_association_heatmap(
                          dropna=False).reindex(index=rows, columns=methods)
     annot_arr = None
     if annotate:
-        pv = (df.pivot_table(index="row", columns="method", values=p_col, aggfunc="first",
-                             dropna=False).reindex(index=rows, columns=methods)
-              if p_col else None)
         annot_arr = np.empty(mat.shape, dtype=object)
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 v = mat.iat[i, j]
-                p = float(pv.iat[i, j]) if pv is not None and pd.notna(pv.iat[i, j]) else np.nan
-                annot_arr[i, j] = f"{v:.2f}{_stars(p)}" if pd.notna(v) else ""
+                annot_arr[i, j] = f"{v:.2f}" if pd.notna(v) else ""
     vals = mat.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(1.9 * len(methods) + 2.5, 0.45 * len(rows) + 1.8))
     sns.heatmap(
@@ -392,6 +389,221 @@ def plot_association_heatmap(
                 "too small").any()
             title += ", exploratory)" if has_warn else ")"
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, save, dpi)
+    return fig
+
+
+# --------------------------------------------------------------------------- per-patient panels
+
+#: Literature reference values drawn on the per-patient panels, keyed by
+#: readout name; drawn only when the readout's denominator (``of``) matches.
+REFERENCE_RANGES: dict[str, dict] = {
+    "Treg": {"low": 6.35 - 0.26, "high": 6.35 + 0.26, "mean": 6.35, "of": "CD4+",
+             "label": "healthy donors 6.35 ± 0.26 % of CD4+ (Seddiki 2006 J Exp Med 203:1693)"},
+    "non-classical": {"low": None, "high": None, "mean": 9.0, "of": "monocytes",
+                      "label": "healthy donors ≈ 9 % of monocytes (Ziegler-Heitbrock 2015 Front Immunol 6:423)"},
+}
+
+#: Shading of the treatment periods.
+PERIOD_COLORS: dict[str, str] = {"MSC": "#d9ecd0", "biologic resumed": "#f6dcc2", "new biologic": "#e3d7ee"}
+
+
+def _period_spans(visits: pd.DataFrame) -> list[tuple[str, float, float]]:
+    """``(period, start week, end week)`` runs of one patient's visits in week order."""
+    v = visits.sort_values("week")
+    spans: list[tuple[str, float, float]] = []
+    for period, week in zip(v["period"].astype(str), v["week"].astype(float)):
+        if spans and spans[-1][0] == period:
+            spans[-1] = (period, spans[-1][1], week)
+        else:
+            if spans:
+                spans[-1] = (spans[-1][0], spans[-1][1], week)
+            spans.append((period, week, week))
+    return spans
+
+
+def shade_periods(ax, clinical_patient: pd.DataFrame, *, events: bool = True) -> None:
+    """Shade one patient's treatment periods on ``ax`` and mark the clinical events.
+
+    Parameters
+    ----------
+    ax
+        Matplotlib axes with weeks on x.
+    clinical_patient
+        One patient's clinical rows (``week, period[, event]``).
+    events
+        Also draw a vertical line (gid ``event:<text>``) at every visit with an event.
+    """
+    for period, start, end in _period_spans(clinical_patient):
+        patch = ax.axvspan(start, end if end > start else start + 0.5, color=PERIOD_COLORS.get(period, "0.9"),
+                           alpha=0.6, lw=0, zorder=0)
+        patch.set_gid(f"period:{period}")
+    if not events or "event" not in clinical_patient.columns:
+        return
+    for week, text in clinical_patient[["week", "event"]].itertuples(index=False):
+        if isinstance(text, str) and text.strip():
+            line = ax.axvline(float(week), color="0.35", ls="--", lw=0.8, zorder=1)
+            line.set_gid(f"event:{text.strip()}")
+            ax.annotate(text.strip(), (float(week), 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                        fontsize=6, va="top", ha="right", color="0.3")
+
+
+def _draw_reference(ax, readout: str, of: str | None) -> None:
+    ref = REFERENCE_RANGES.get(readout)
+    if ref is None or (of is not None and of.replace(" ", "") != ref["of"].replace(" ", "")):
+        return
+    if ref["low"] is not None:
+        band = ax.axhspan(ref["low"], ref["high"], color="0.6", alpha=0.35, lw=0, zorder=1)
+        band.set_gid(f"reference:{readout}")
+    line = ax.axhline(ref["mean"], color="0.4", ls=":", lw=1, zorder=1)
+    line.set_gid(f"reference:{readout}")
+
+
+def _panel(ax, g: pd.DataFrame, y: str, color, err: str | None = None) -> None:
+    g = g.sort_values("week")
+    (line,) = ax.plot(g["week"], g[y], color=color, lw=1.5, marker="o", ms=3.5, zorder=3)
+    line.set_gid(f"patient:{g['patient'].iloc[0]}")
+    if err is not None and err in g.columns:
+        ax.errorbar(g["week"], g[y], yerr=g[err], fmt="none", ecolor=color, elinewidth=0.8, zorder=3)
+    if "low_count" in g.columns and g["low_count"].any():
+        low = g[g["low_count"]]
+        ax.scatter(low["week"], low[y], facecolor="white", edgecolor="red", s=30, zorder=4,
+                   label="below minimum events")
+
+
+def _readout_cell(ax, name: str, g: pd.DataFrame, color) -> None:
+    """One patient's values of one readout, with its literature reference where the denominator matches."""
+    if g.empty:
+        return
+    _panel(ax, g, "pct", color, err="se_pct")
+    if name not in REFERENCE_RANGES and "population" in g.columns:
+        name = str(g["population"].iloc[0])  # a readout named otherwise, of a population with a reference
+    _draw_reference(ax, name, str(g["of"].iloc[0]) if "of" in g.columns else None)
+
+
+def _panel_legend(changes: pd.DataFrame, clinical: pd.DataFrame, readouts: Sequence[str]) -> list:
+    """Legend of the per-patient panels: the periods present, the cited reference ranges drawn, low counts."""
+    handles: list = [matplotlib.patches.Patch(color=c, alpha=0.6, label=f"{p} period")
+                     for p, c in PERIOD_COLORS.items() if p in set(clinical.get("period", []))]
+    shown = set(readouts)
+    if "population" in changes.columns:
+        shown |= set(changes.loc[changes["readout"].isin(readouts), "population"])
+    handles += [Line2D([], [], color="0.4", ls=":", label=r["label"]) for k, r in REFERENCE_RANGES.items() if k in shown]
+    handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="red", label="below minimum events"))
+    return handles
+
+
+def plot_patient_panels(
+    changes: pd.DataFrame,
+    clinical: pd.DataFrame,
+    readouts: Sequence[str] | None = None,
+    *,
+    save: PathLike | None = None,
+    dpi: int = 120,
+) -> Figure:
+    """Per-patient panels: PASI and each readout over weeks, treatment periods shaded, events marked.
+
+    Parameters
+    ----------
+    changes
+        Output of :func:`immuneprofile.study.readouts.describe_changes`
+        (``patient, readout, week, pct, se_pct, low_count[, of]``).
+    clinical
+        Validated clinical table (``patient, week, pasi, period[, event]``).
+    readouts
+        Readouts to draw, in order (default: all, sorted).
+    save, dpi
+        Optional output path and resolution.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One column per patient; the first row is PASI, then one row per
+        readout (% of its denominator, error bars = binomial SE; hollow red
+        points: below the minimum event count).  Literature reference ranges
+        (:data:`REFERENCE_RANGES`) are drawn where the denominator matches,
+        with their citation in the legend.
+    """
+    readouts = list(readouts) if readouts is not None else sorted(changes["readout"].unique())
+    patients = sorted(clinical["patient"].astype(str).unique())
+    colors = patient_palette(patients)
+    fig, axes = plt.subplots(len(readouts) + 1, len(patients), squeeze=False, sharex="col",
+                             figsize=(3.4 * len(patients), 1.9 * (len(readouts) + 1)))
+    by_readout = {k: g for k, g in changes.groupby("readout")}
+    for j, pat in enumerate(patients):
+        clin_p = clinical[clinical["patient"].astype(str) == pat]
+        shade_periods(axes[0, j], clin_p)
+        _panel(axes[0, j], clin_p.assign(patient=pat), "pasi", colors[pat])
+        axes[0, j].set_title(pat, fontsize=10)
+        axes[0, j].set_ylim(bottom=0)
+        for i, name in enumerate(readouts, start=1):
+            shade_periods(axes[i, j], clin_p, events=False)
+            g = by_readout.get(name, pd.DataFrame(columns=["patient"]))
+            _readout_cell(axes[i, j], name, g[g["patient"].astype(str) == pat], colors[pat])
+        _set_week_ticks(axes[-1, j], clin_p["week"])
+    for i, name in enumerate(["PASI", *readouts]):
+        of = by_readout[name]["of"].iloc[0] if name in by_readout and "of" in by_readout[name].columns else None
+        axes[i, 0].set_ylabel(name + (f"\n% of {of}" if i and of is not None else ""), fontsize=8)
+    for ax in axes.ravel():
+        ax.tick_params(labelsize=7)
+    fig.legend(handles=_panel_legend(changes, clinical, readouts), loc="upper center", ncol=2, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
+    _save(fig, save, dpi)
+    return fig
+
+
+def plot_fold_changes(
+    changes: pd.DataFrame,
+    *,
+    save: PathLike | None = None,
+    dpi: int = 120,
+) -> Figure:
+    """log2 fold change from baseline of every readout, per patient and visit, against assay variation.
+
+    Parameters
+    ----------
+    changes
+        Output of :func:`immuneprofile.study.readouts.describe_changes`.
+    save, dpi
+        Optional output path and resolution.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Readouts on y, log2 fold change on x; one point per patient x
+        post-baseline visit (filled: MSC window, hollow: later periods; a cross
+        marks visits below the minimum event count).  The grey band of each
+        readout is ±2 x its assay CV: changes inside it are within assay noise.
+    """
+    post = changes[~changes["is_baseline"]]
+    readouts = sorted(post["readout"].unique())
+    colors = patient_palette(post["patient"].astype(str))
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(readouts) + 1.6))
+    ypos = {r: i for i, r in enumerate(readouts)}
+    cv = post.groupby("readout")["assay_cv"].first()
+    for r, i in ypos.items():
+        lo, hi = np.log2(max(1 - 2 * cv[r], 1e-3)), np.log2(1 + 2 * cv[r])
+        band = ax.fill_betweenx([i - 0.4, i + 0.4], lo, hi, color="0.85", lw=0, zorder=0)
+        band.set_gid(f"assay:{r}")
+    offsets = {p: (k - (len(colors) - 1) / 2) * 0.18 for k, p in enumerate(colors)}
+    for (pat, msc, low), g in post.assign(msc=post["period"] == "MSC").groupby(
+            ["patient", "msc", "low_count"]):
+        y = g["readout"].map(ypos) + offsets[str(pat)]
+        ax.scatter(g["log2fc"], y, s=22, marker="x" if low else "o", color=colors[str(pat)],
+                   facecolor=colors[str(pat)] if (msc or low) else "none", zorder=3,
+                   gid=f"patient:{pat}")
+    ax.axvline(0, color="0.3", lw=0.8)
+    ax.set_yticks(range(len(readouts)), readouts, fontsize=8)
+    ax.set_xlabel("log2 fold change from baseline")
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colors.items()]
+    handles += [Line2D([], [], ls="", marker="o", mfc="none", mec="0.3", label="later period"),
+                Line2D([], [], ls="", marker="x", color="0.3", label="below minimum events"),
+                matplotlib.patches.Patch(color="0.85", label="±2 × assay CV")]
+    ax.legend(handles=handles, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title("Change from baseline per patient and visit (description, n = "
+                 f"{post['patient'].nunique()})", fontsize=10)
     fig.tight_layout()
     _save(fig, save, dpi)
     return fig

@@ -8,9 +8,13 @@ sheet or from FCS keywords -- never guessed from file names.
 Tables
 ------
 Clinical CSV
-    ``patient, week, pasi[, treatment, notes]``; one row per patient visit.
-    PASI is 0-72; week 0 is the (pre-treatment) baseline and must exist for
-    every patient.
+    ``patient, week, pasi[, treatment, cotherapy, event, notes]``; one row per
+    patient visit.  PASI is 0-72; week 0 is the (pre-treatment) baseline and
+    must exist for every patient.  ``treatment`` is the treatment *period* of
+    the visit (``MSC``, ``biologic resumed``, ``new biologic``); older files
+    that only mark events there (``UC-MSC infusion``, ``biologic restart``)
+    still read: a normalised ``period`` column is always derived, see
+    :func:`treatment_periods`.
 Sample sheet CSV
     ``[file,] sample_id, patient, week[, panel]``; ``sample_id`` is the FCS file
     stem used in the population table.  If ``sample_id`` is absent it is taken
@@ -47,6 +51,9 @@ __all__ = [
     "sample_metadata_from_fcs",
     "read_populations",
     "join_clinical",
+    "treatment_periods",
+    "MSC_PERIOD",
+    "PERIODS",
     "pasi_response",
     "select_populations",
     "subset_changes",
@@ -65,6 +72,21 @@ DEFAULT_PSEUDOCOUNT: float = 0.1
 
 CLINICAL_REQUIRED = ("patient", "week", "pasi")
 CLINICAL_OPTIONAL = ("treatment", "notes")
+CLINICAL_EXTRA = ("cotherapy", "event")
+
+#: The treatment period every association defaults to: baseline through the
+#: UC-MSC window, up to (not including) the first visit on a changed biologic.
+MSC_PERIOD: str = "MSC"
+
+#: Known treatment periods, in clinical order.
+PERIODS: tuple[str, ...] = (MSC_PERIOD, "biologic resumed", "new biologic")
+
+#: Patterns (case-insensitive) that open a later period when a file gives
+#: events instead of periods in ``treatment``/``event`` (older clinical files).
+_PERIOD_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("new biologic", r"switch|new biologic"),
+    ("biologic resumed", r"restart|resum"),
+)
 SAMPLE_REQUIRED = ("patient", "week")
 POPULATION_REQUIRED = ("sample_id", "population", "pct_parent")
 
@@ -253,14 +275,70 @@ def validate_clinical(
             "change from baseline cannot be computed."
         )
 
-    for col in CLINICAL_OPTIONAL:
+    return _with_treatment_columns(df)
+
+
+def _with_treatment_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Optional text columns filled, ``period`` derived, rows sorted by patient and week."""
+    for col in (*CLINICAL_OPTIONAL, *CLINICAL_EXTRA):
         if col not in df.columns:
             df[col] = ""
         df[col] = df[col].fillna("").astype(str).str.strip()
-
     first = list(CLINICAL_REQUIRED) + list(CLINICAL_OPTIONAL)
     df = df[first + [c for c in df.columns if c not in first]]
-    return df.sort_values(["patient", "week"], kind="stable").reset_index(drop=True)
+    df = df.sort_values(["patient", "week"], kind="stable").reset_index(drop=True)
+    df["period"] = treatment_periods(df)
+    is_period = df["treatment"].str.lower().isin([p.lower() for p in PERIODS])
+    if (df["event"] == "").all() and not is_period.all():  # older files: events were written in `treatment`
+        df["event"] = df["treatment"].where(~is_period, "")
+    return df
+
+
+def treatment_periods(clinical: pd.DataFrame) -> pd.Series:
+    """The treatment period of every visit (one of :data:`PERIODS`).
+
+    When ``treatment`` already holds period names (the current clinical
+    format) they are used as given (case-insensitive).  Otherwise (older files
+    whose ``treatment`` marks events such as ``UC-MSC infusion`` or
+    ``biologic restart``) the period is derived per patient in week order:
+    every visit is in the MSC window until a visit whose ``treatment`` or
+    ``event`` mentions a restart/resumption (``biologic resumed``) or a
+    switch/new biologic (``new biologic``); that visit and all later ones
+    belong to the new period.
+
+    Parameters
+    ----------
+    clinical
+        Table with ``patient, week`` and optionally ``treatment, event``.
+
+    Returns
+    -------
+    pandas.Series
+        Period names aligned with ``clinical``'s index.
+    """
+    def col(name: str) -> pd.Series:
+        if name not in clinical.columns:
+            return pd.Series("", index=clinical.index)
+        return clinical[name].fillna("").astype(str).str.strip()
+
+    treatment = col("treatment")
+    known = {p.lower(): p for p in PERIODS}
+    given = treatment.str.lower().map(known)
+    if (treatment != "").any() and given[treatment != ""].notna().all():  # periods as data; blanks continue one
+        order = clinical.sort_values("week", kind="stable").index
+        filled = given.loc[order].groupby(clinical.loc[order, "patient"]).ffill()
+        return filled.reindex(clinical.index).fillna(MSC_PERIOD).rename("period")
+    text = treatment + " " + col("event")
+    period = pd.Series(MSC_PERIOD, index=clinical.index, name="period")
+    for _, idx in clinical.sort_values("week", kind="stable").groupby("patient", sort=False).groups.items():
+        current = MSC_PERIOD
+        for i in idx:
+            for name, pattern in _PERIOD_PATTERNS:
+                if re.search(pattern, text[i], flags=re.IGNORECASE):
+                    current = name
+                    break
+            period[i] = current
+    return period
 
 
 def read_clinical(path: PathLike) -> pd.DataFrame:
@@ -354,7 +432,7 @@ def validate_sample_sheet(
         raise ClinicalDataError(f"{src}: duplicate sample_id(s): {'; '.join(parts)}.")
 
     cols = ["sample_id", "patient", "week"]
-    for opt in ("panel", "file"):
+    for opt in ("panel", "file", "role"):
         if opt in df.columns:
             df[opt] = df[opt].fillna("").astype(str).str.strip()
             cols.append(opt)
@@ -472,6 +550,16 @@ def _as_samples(samples: pd.DataFrame | PathLike | Iterable[PathLike]) -> pd.Dat
 # --------------------------------------------------------------------------- populations
 
 
+def _read_table(source: pd.DataFrame | PathLike, kind: str) -> tuple[pd.DataFrame, str]:
+    """A copy of a DataFrame, or a CSV / Parquet (``.parquet``, ``.pq``) file, with its name for messages."""
+    if isinstance(source, pd.DataFrame):
+        return source.copy(), "<DataFrame>"
+    p = Path(source)
+    if not p.exists():
+        raise ClinicalDataError(f"{p}: {kind} not found.")
+    return (pd.read_parquet(p) if p.suffix.lower() in {".parquet", ".pq"} else pd.read_csv(p)), str(p)
+
+
 def read_populations(populations: pd.DataFrame | PathLike) -> pd.DataFrame:
     """Load a population table from a DataFrame, CSV or Parquet file.
 
@@ -492,17 +580,7 @@ def read_populations(populations: pd.DataFrame | PathLike) -> pd.DataFrame:
     ClinicalDataError
         Missing file or required columns (``sample_id, population, pct_parent``).
     """
-    if isinstance(populations, pd.DataFrame):
-        df, src = populations.copy(), "<DataFrame>"
-    else:
-        p = Path(populations)
-        src = str(p)
-        if not p.exists():
-            raise ClinicalDataError(f"{p}: population table not found.")
-        if p.suffix.lower() in {".parquet", ".pq"}:
-            df = pd.read_parquet(p)
-        else:
-            df = pd.read_csv(p)
+    df, src = _read_table(populations, "population table")
     _require_columns(df, POPULATION_REQUIRED, src, "population table")
     df["sample_id"] = df["sample_id"].astype(str).str.strip()
     df["population"] = df["population"].astype(str)
@@ -605,7 +683,7 @@ def join_clinical(
     baseline = clin.loc[clin["week"] == 0, ["patient", "pasi"]].rename(
         columns={"pasi": "baseline_pasi"}
     )
-    clin_cols = clin[["patient", "week", "pasi", "treatment"]]
+    clin_cols = clin[["patient", "week", "pasi", "treatment", "period", "cotherapy"]]
     joined = joined.merge(clin_cols, on=["patient", "week"], how="left", validate="many_to_one")
     joined = joined.merge(baseline, on="patient", how="left", validate="many_to_one")
 
@@ -619,6 +697,8 @@ def join_clinical(
             stacklevel=2,
         )
     joined["treatment"] = joined["treatment"].fillna("")
+    joined["cotherapy"] = joined["cotherapy"].fillna("")
+    joined["period"] = joined["period"].fillna("")
 
     lead = ["sample_id", "patient", "week"] + (["panel"] if "panel" in joined.columns else [])
     return joined[lead + [c for c in joined.columns if c not in lead]].sort_values(
