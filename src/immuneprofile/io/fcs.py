@@ -38,7 +38,7 @@ MARKER_ALIASES: dict[str, set[str]] = {
     "livedead": {
         "livedead", "ld", "live", "dead", "viability", "viabilitydye", "fvs",
         "zombie", "zombieaqua", "aqua", "7aad", "dapi", "pi", "sytox", "lda",
-        "livedeadaqua", "fixableviability",
+        "livedeadaqua", "fixableviability", "vivid",
     },
     "foxp3": {"foxp3", "fox3"},
     "hladr": {"hladr", "hla", "dr"},
@@ -193,36 +193,61 @@ class FCSData:
         pnn = [normalize_marker(c) for c in self.channels]
         if norm in pnn:
             return pnn.index(norm)
-        full = [normalize_marker(m) for m in self.markers]
-        hits = [i for i, m in enumerate(full) if m and m == norm]
+        parts = [_label_parts(m) for m in self.markers]
+        hits: list[int] = []
+        for stage in (_same_label, _label_prefix, _alias):
+            hits = [i for i in stage(name, self.markers, parts) if stage is not _alias or i not in self.scatter]
+            if hits:
+                break
         if len(hits) == 1:
             return hits[0]
-        words = [[normalize_marker(w) for w in _SPLIT.split(m.strip())] if m.strip() else [] for m in self.markers]
-        first = [w[0] if w else "" for w in words]
-        if not hits:  # the name's words start the label: "CD4" ~ "CD4 BV605", "CD8 B" ~ "CD8 B PE"
-            nw = [normalize_marker(w) for w in _SPLIT.split(name.strip())]
-            hits = [i for i, w in enumerate(words) if len(w) >= len(nw) and w[:len(nw)] == nw]
-        if not hits:
-            group = _alias_group(norm)
-            hits = [i for i in range(len(self.channels))
-                    if (first[i] and first[i] in group) or (full[i] and full[i] in group)]
-            hits = [i for i in hits if i not in self.scatter]
+        raise self._marker_error(name, context, hits)
+
+    def _marker_error(self, name: str, context: str, hits: list[int]) -> MarkerError:
         where = f" ({context})" if context else ""
-        if len(hits) == 1:
-            return hits[0]
+        if hits:
+            return MarkerError(
+                f"{self.path}: marker {name!r}{where} is ambiguous: channels "
+                f"{', '.join(self.channels[i] for i in hits)} all match. Name the channel ($PnN) instead."
+            )
         offered = ", ".join(
             f"{c}={m!r}" if m and m != c else c for c, m in zip(self.channels, self.markers)
         )
-        if not hits:
-            raise MarkerError(
-                f"{self.path}: marker {name!r}{where} is not in this file. "
-                f"Channels ($PnN=$PnS): {offered}. Fix the template's marker name, "
-                f"or add a spelling to immuneprofile.io.MARKER_ALIASES."
-            )
-        raise MarkerError(
-            f"{self.path}: marker {name!r}{where} is ambiguous: channels "
-            f"{', '.join(self.channels[i] for i in hits)} all match. Name the channel ($PnN) instead."
+        return MarkerError(
+            f"{self.path}: marker {name!r}{where} is not in this file. "
+            f"Channels ($PnN=$PnS): {offered}. Fix the template's marker name, "
+            f"or add a spelling to immuneprofile.io.MARKER_ALIASES."
         )
+
+
+def _label_parts(label: str) -> list[list[str]]:
+    """Normalised words of each part of a ``$PnS`` label.
+
+    Parts are separated by ``;`` (``"CD21;FITC;..."``) or ``/`` (dump channels such as
+    ``"VIVID / CD14"``); words by spaces or underscores (``"CD4 BV605"``).
+    """
+    parts = [p.strip() for p in re.split(r"[;/]", label or "")]
+    return [[normalize_marker(w) for w in _SPLIT.split(p)] for p in parts if p]
+
+
+def _same_label(name: str, markers: list[str], parts: list[list[list[str]]]) -> list[int]:
+    """Channels whose whole ``$PnS`` equals ``name``."""
+    norm = normalize_marker(name)
+    return [i for i, m in enumerate(markers) if m and normalize_marker(m) == norm]
+
+
+def _label_prefix(name: str, markers: list[str], parts: list[list[list[str]]]) -> list[int]:
+    """Channels a part of whose label starts with the name's words (``"CD4"`` ~ ``"CD4 BV605"``)."""
+    nw = [normalize_marker(w) for w in _SPLIT.split(name.strip())]
+    return [i for i, ps in enumerate(parts) if any(p[:len(nw)] == nw for p in ps)]
+
+
+def _alias(name: str, markers: list[str], parts: list[list[list[str]]]) -> list[int]:
+    """Channels whose label (or a part's first word) is an alias of the name (:data:`MARKER_ALIASES`)."""
+    group = _alias_group(normalize_marker(name))
+    full = [normalize_marker(m) for m in markers]
+    return [i for i, ps in enumerate(parts)
+            if (full[i] and full[i] in group) or any(p and (p[0] in group or "".join(p) in group) for p in ps)]
 
 
 def _flowkit_sample(path: str, sample_id: str, dataset: int) -> Any:
@@ -318,18 +343,21 @@ def _spill_from_csv(csv: str, channels: list[str]) -> _Spill:
     for i, line in enumerate(lines):
         labels = [v.strip() for v in re.split("[\t,]", re.sub(r"^#\s*", "", line))]
         if labels and all(lab in channels for lab in labels):
-            rows = lines[i + 1:i + 1 + len(labels)]
-            try:
-                values = np.array([[float(v) for v in re.split("[\t,]", r)] for r in rows])
-            except ValueError as exc:
-                raise ValueError(f"a value is not a number ({exc})") from None
-            if len(rows) < len(labels) or values.ndim != 2:
-                raise ValueError(f"it has {len(rows)} rows of unequal length for {len(labels)} detectors")
-            return _in_file_order(values, labels, channels)
+            return _in_file_order(_csv_rows(lines[i + 1:i + 1 + len(labels)], len(labels)), labels, channels)
     raise ValueError(
         f"it has no header row naming channels of this file "
         f"(expected a row like {','.join(channels[i] for i in fluoro_indices(channels))})"
     )
+
+
+def _csv_rows(rows: list[str], n: int) -> np.ndarray:
+    try:
+        values = [[float(v) for v in re.split("[\t,]", r)] for r in rows]
+    except ValueError as exc:
+        raise ValueError(f"a value is not a number ({exc})") from None
+    if len(rows) < n or any(len(v) != n for v in values):
+        raise ValueError(f"it needs {n} rows of {n} values after its header, found {[len(v) for v in values]}")
+    return np.array(values)
 
 
 def _spill_from_frame(frame: pd.DataFrame, channels: list[str]) -> _Spill:
