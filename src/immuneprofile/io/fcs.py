@@ -223,10 +223,11 @@ class FCSData:
 def _label_parts(label: str) -> list[list[str]]:
     """Normalised words of each part of a ``$PnS`` label.
 
-    Parts are separated by ``;`` (``"CD21;FITC;..."``) or ``/`` (dump channels such as
+    The whole label is the first part; then, if it has several, its parts separated by ``;`` (``"CD21;FITC;..."``) or ``/`` (dump channels such as
     ``"VIVID / CD14"``); words by spaces or underscores (``"CD4 BV605"``).
     """
     parts = [p.strip() for p in re.split(r"[;/]", label or "")]
+    parts = [label.strip()] + (parts if len(parts) > 1 else [])  # the whole label ("L/D Aqua") first
     return [[normalize_marker(w) for w in _SPLIT.split(p)] for p in parts if p]
 
 
@@ -415,7 +416,7 @@ def _resolve_spill(path: str, compensation: Any, channels: list[str], text: dict
         raise FCSError(f"{path}: cannot compensate with {what}: {exc}") from None
 
 
-_COMP_ROWS = 1 << 16  # events compensated per block: FlowUtils' solve, without a full-size copy
+_COMP_ROWS = 1 << 14  # events compensated per block: FlowUtils' solve, without a full-size copy
 
 
 def compensate_inplace(events: np.ndarray, matrix: np.ndarray, idx: list[int]) -> None:
@@ -471,14 +472,21 @@ def load_fcs(
     from immuneprofile.io.reader import read_fcs
 
     path = os.fspath(path)
-    raw = read_fcs(path, dataset)
-    spill, mode = _resolve_spill(path, compensation, raw.channels, raw.text)
+    chosen: dict[str, Any] = {}
+
+    def finish(text: dict[str, str], channels: list[str]):
+        """Resolve the matrix from TEXT, then compensate each block of events as it is read."""
+        spill, chosen["mode"] = _resolve_spill(path, compensation, channels, text)
+        chosen["spill"] = spill
+        if spill is None:
+            return None
+        idx = [channels.index(d) for d in spill.detectors]
+        return lambda block: compensate_inplace(block, spill.matrix, idx)
+
+    raw = read_fcs(path, dataset, finish=finish)
+    spill, mode = chosen["spill"], chosen["mode"]
     events = raw.events
-    compensated: list[str] = []
-    if spill is not None:
-        idx = [raw.channels.index(d) for d in spill.detectors]
-        compensate_inplace(events, spill.matrix, idx)
-        compensated = list(spill.detectors)
+    compensated = list(spill.detectors) if spill is not None else []
     return FCSData(
         path=path,
         sample_id=sample_id or Path(path).stem,

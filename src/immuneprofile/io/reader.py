@@ -31,7 +31,7 @@ from immuneprofile.exceptions import FCSError, FCSWarning
 __all__ = ["RawFCS", "read_fcs"]
 
 _HEADER_FIELDS = ("text_start", "text_stop", "data_start", "data_stop", "analysis_start", "analysis_stop")
-_BLOCK_BYTES = 1 << 22  # DATA is converted in blocks of about 4 MB: peak memory stays near the matrix's
+_BLOCK_BYTES = 1 << 20  # DATA is converted in blocks of 1 MB (cache-sized): peak memory stays near the matrix's
 
 
 @dataclass
@@ -235,8 +235,10 @@ def _block_to_float(block: np.ndarray, dtype: str, bits: list[int], order: str, 
     return np.stack(cols, axis=1)
 
 
-def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, par: int) -> np.ndarray:
+def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, prepare) -> np.ndarray:
+    """Read ``n`` events block by block; ``prepare(block)`` finishes each float64 block in place."""
     dtype, bits, order, masks = layout
+    par = len(bits)
     out = np.empty((n, par), dtype=np.float64, order="F")
     items_per_event = 1 if rec.names else par
     per_block = max(1, _BLOCK_BYTES // (rec.itemsize * items_per_event))
@@ -245,10 +247,13 @@ def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, par: 
         rows = min(per_block, n - r0)
         block = np.fromfile(fh, dtype=rec, count=rows * items_per_event)
         if block.size != rows * items_per_event:
-            raise _fail(path, f"corrupt or truncated FCS file: the DATA segment ends after {r0 + block.size // items_per_event} of {n} events")
+            raise _fail(path, f"corrupt or truncated FCS file: the DATA segment ends after "
+                              f"{r0 + block.size // items_per_event} of {n} events")
         if rec.names is None:
             block = block.reshape(rows, par)
-        out[r0:r0 + rows] = _block_to_float(block, dtype, bits, order, masks)
+        values = np.asarray(_block_to_float(block, dtype, bits, order, masks), dtype=np.float64)
+        prepare(values)
+        out[r0:r0 + rows] = values
     return out
 
 
@@ -290,23 +295,40 @@ def _check_size(path: str, text: dict[str, str], start: int, stop: int, size: in
     )
 
 
-def _preprocess(events: np.ndarray, text: dict[str, str], channels: list[str]) -> None:
-    """FlowIO's ``as_array(preprocess=True)`` in place: ``$TIMESTEP``, ``$PnE`` decades, ``$PnG`` gain."""
+def _preprocessor(text: dict[str, str], channels: list[str]):
+    """FlowIO's ``as_array(preprocess=True)`` as a function of a block of events (in place):
+    ``$TIMESTEP`` on the time channel, ``$PnE`` log decades, ``$PnG`` gain, in FlowIO's order and arithmetic."""
     time_index = next((i for i, c in enumerate(channels) if c.lower() == "time"), None)
-    if "timestep" in text and time_index is not None:
-        step = text["timestep"].strip()
-        events[:, time_index] = events[:, time_index] * (float(step) if step else 1.0)
+    step = text.get("timestep", "").strip() if time_index is not None and "timestep" in text else None
+    ops = []
     for i in range(len(channels)):
         n = i + 1
         decades, log0 = (float(x) for x in text.get(f"p{n}e", "0,0").split(","))
         if log0 == 0 and decades != 0:
             log0 = 1.0
-        col = events[:, i]
-        if decades > 0:
-            col[:] = (10 ** (decades * col / float(text[f"p{n}r"]))) * log0
         gain = float(text[f"p{n}g"]) if f"p{n}g" in text and i != time_index else 1.0
-        if gain != 1.0 and gain != 0:
-            col[:] = col / gain
+        rng = float(text[f"p{n}r"]) if decades > 0 else 0.0
+        if decades > 0 or (gain != 1.0 and gain != 0):
+            ops.append((i, decades, log0, rng, gain))
+
+    def prepare(block: np.ndarray) -> None:
+        if step is not None:
+            block[:, time_index] = block[:, time_index] * (float(step) if step else 1.0)
+        for i, decades, log0, rng, gain in ops:
+            if decades > 0:
+                block[:, i] = (10 ** (decades * block[:, i] / rng)) * log0
+            if gain != 1.0 and gain != 0:
+                block[:, i] = block[:, i] / gain
+
+    return prepare
+
+
+def _chain(first, then):
+    def both(block: np.ndarray) -> None:
+        first(block)
+        then(block)
+
+    return both
 
 
 def _pick_dataset(path: str, sets: list, dataset: int | None) -> tuple[int, list[str]]:
@@ -323,7 +345,13 @@ def _pick_dataset(path: str, sets: list, dataset: int | None) -> tuple[int, list
     return dataset, notes
 
 
-def read_fcs(path: str | os.PathLike, dataset: int | None = None, *, only_text: bool = False) -> RawFCS:
+def read_fcs(
+    path: str | os.PathLike,
+    dataset: int | None = None,
+    *,
+    only_text: bool = False,
+    finish=None,
+) -> RawFCS:
     """Read one data set of an FCS file (events pre-processed exactly as FlowIO does).
 
     Parameters
@@ -335,6 +363,10 @@ def read_fcs(path: str | os.PathLike, dataset: int | None = None, *, only_text: 
         warning when there are more.
     only_text
         Parse HEADER and TEXT only (``events`` is ``None``).
+    finish
+        ``finish(text, channels)`` may return a function that completes each block of
+        pre-processed events in place (``load_fcs`` compensates there, while the block is
+        in cache), or ``None``.
 
     Raises
     ------
@@ -365,8 +397,12 @@ def read_fcs(path: str | os.PathLike, dataset: int | None = None, *, only_text: 
             notes.append(note)
         if not only_text:
             rec = _record_dtype(dtype, bits, order)
-            events = _read_events(fh, path, base + start, n, rec, (dtype, bits, order, _masks(text, dtype, bits)), par)
-            _preprocess(events, text, channels)
+            prepare = _preprocessor(text, channels)
+            done = finish(text, channels) if finish is not None else None
+            if done is not None:
+                prepare = _chain(prepare, done)
+            events = _read_events(fh, path, base + start, n, rec, (dtype, bits, order, _masks(text, dtype, bits)),
+                                  prepare)
     for note in notes:
         warnings.warn(f"{path}: {note}", FCSWarning, stacklevel=3)
     return RawFCS(path, header["version"], text, channels, markers, events, dtype, bits, index, len(sets), notes)
