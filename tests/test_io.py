@@ -288,3 +288,34 @@ def test_compensation_in_blocks_is_flowkits_bit_for_bit():
         fcsmod._COMP_ROWS = old
     assert np.array_equal(whole.events, blocks.events)
     assert np.array_equal(blocks.events, blocks.spill.apply(blocks.sample))
+
+
+# ------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_reports_channels_compensation_and_template_needs(tmp_path, bd_events):
+    import json
+
+    from click.testing import CliRunner
+
+    from immuneprofile.cli import main
+    from immuneprofile.io import inspect_fcs
+
+    markers = ["", "", "", "CD3", "", "CD4 PE", "", "CD25;APC", "", ""]
+    spill = "2,FITC-A,PE-A,1,0.1,0.02,1"
+    path = _write(tmp_path / "bd [1].fcs", BD_CHANNELS, bd_events, spill, markers=markers)
+    info = inspect_fcs(path, ["treg"])
+    loaded = load_fcs(path)
+    assert info["events"] == loaded.n_events == 3000
+    assert [c["channel"] for c in info["channels"]] == loaded.channels
+    assert info["compensation"]["detectors"] == loaded.compensated == ["FITC-A", "PE-A"]
+    assert [c["channel"] for c in info["channels"] if c["compensated"]] == ["FITC-A", "PE-A"]
+    (treg,) = info["templates"]
+    found = {m["marker"]: m["channel"] for m in treg["markers"]}
+    assert found["CD3"] == "FITC-A" and found["CD4"] == "PE-A" and found["CD25"] == "APC-A"
+    assert not treg["ready"] and set(treg["missing"]) == {"LiveDead", "CD127", "FoxP3"}
+    r = CliRunner().invoke(main, ["inspect", "-t", "treg", "--json", str(path)])
+    assert r.exit_code == 1  # a template's markers are missing
+    assert json.loads(r.stdout)[0]["templates"][0]["missing"] == treg["missing"]
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0 and "bd [1].fcs" in r.output and "compensation: $SPILLOVER over 2 channels" in r.output

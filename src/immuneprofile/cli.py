@@ -102,6 +102,42 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     sys.exit(1 if n_bad else 0)
 
 
+@main.command("inspect")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-t", "--template", "template_paths", multiple=True,
+              help="Template (YAML path or shipped name) whose markers to look for. Repeatable.")
+@click.option("--dataset", default=None, type=int, help="Data set of a multi-data-set file (0-based).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list, one object per file).")
+def inspect_cmd(files: tuple[str, ...], template_paths: tuple[str, ...], dataset: int | None, as_json: bool) -> None:
+    """A first look at FILES: channels, markers, events, data type, compensation, template readiness.
+
+    Reads only each file's HEADER and TEXT. Exit code 1 if a file cannot be read or a
+    template's marker is missing from a file.
+    """
+    import json
+
+    from immuneprofile.io.inspect import format_inspection, inspect_fcs
+    from immuneprofile.template.parse import load_template
+
+    templates = [load_template(p) for p in template_paths]
+    infos, bad = [], 0
+    for path in files:
+        try:
+            infos.append(inspect_fcs(path, templates, dataset=dataset))
+        except ImmuneProfileError as exc:
+            bad += 1
+            infos.append({"path": path, "error": str(exc)})
+            if not as_json:
+                _say("failed:", "red", str(exc))
+            continue
+        bad += any(not t["ready"] for t in infos[-1]["templates"])
+        if not as_json:
+            click.echo(format_inspection(infos[-1]))
+    if as_json:
+        click.echo(json.dumps(infos, indent=1))
+    sys.exit(1 if bad else 0)
+
+
 @main.command()
 @click.argument("sample_sheet", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
