@@ -427,9 +427,12 @@ def compensate_inplace(events: np.ndarray, matrix: np.ndarray, idx: list[int]) -
     against FlowKit) while the extra memory stays one block.
     """
     mt = np.ascontiguousarray(matrix.T)
+    cols: list[int] | slice = list(idx)
+    if cols and cols == list(range(cols[0], cols[-1] + 1)):
+        cols = slice(cols[0], cols[-1] + 1)  # adjacent channels: a view, not a gathered copy
     for r0 in range(0, events.shape[0], _COMP_ROWS):
-        block = events[r0:r0 + _COMP_ROWS, idx]
-        events[r0:r0 + _COMP_ROWS, idx] = np.linalg.solve(mt, block.T).T
+        block = events[r0:r0 + _COMP_ROWS, cols]
+        events[r0:r0 + _COMP_ROWS, cols] = np.linalg.solve(mt, block.T).T
 
 
 def load_fcs(
