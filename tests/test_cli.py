@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pandas as pd
 from click.testing import CliRunner
 
-from conftest import EXAMPLE, GATING, SHARED
+from conftest import EXAMPLE, GATING
 from immuneprofile.cli import main
 
 TREG = str(GATING / "treg.yaml")

@@ -319,3 +319,13 @@ def test_inspect_reports_channels_compensation_and_template_needs(tmp_path, bd_e
     assert json.loads(r.stdout)[0]["templates"][0]["missing"] == treg["missing"]
     r = CliRunner().invoke(main, ["inspect", str(path)])
     assert r.exit_code == 0 and "bd [1].fcs" in r.output and "compensation: $SPILLOVER over 2 channels" in r.output
+
+
+def test_loading_does_not_import_flowkit_or_plotting():
+    import subprocess
+    import sys
+
+    code = ("import sys, immuneprofile as ip; d = ip.load_fcs(sys.argv[1]); "
+            "print(d.compensation, sorted(m for m in ('flowkit', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(COMP_FCS)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["FCS", "[]"]

@@ -338,7 +338,7 @@ def _pick_dataset(path: str, sets: list, dataset: int | None) -> tuple[int, list
         if len(sets) > 1:
             notes.append(
                 f"the file holds {len(sets)} data sets ($NEXTDATA); loaded the first. "
-                f"Pass dataset=1..{len(sets) - 1} (CLI: --dataset) for another"
+                f"pass dataset=1..{len(sets) - 1} to load_fcs (or --dataset to inspect) for another"
             )
     if not 0 <= dataset < len(sets):
         raise _fail(path, f"dataset={dataset} asked, but the file holds {len(sets)} data set(s) (0-based)")
