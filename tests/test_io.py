@@ -329,3 +329,15 @@ def test_loading_does_not_import_flowkit_or_plotting():
             "print(d.compensation, sorted(m for m in ('flowkit', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(COMP_FCS)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["FCS", "[]"]
+
+
+def test_malformed_numeric_keywords_are_named(tmp_path, bd_events):
+    path = _write(tmp_path / "g.fcs", BD_CHANNELS, bd_events, None, extra={"$P4G": "1.5"})
+    assert np.array_equal(load_fcs(path).events, flowkit_sample(path).get_events(source="raw"))  # gain applied
+    for old, new, what in ((b"$P4G/1.5/", b"$P4G/1x5/", r"\$P4G is '1x5', not a number"),
+                           (b"$P5E/0,0/", b"$P5E/0;0/", r"\$P5E is '0;0', expected 'decades,offset'")):
+        bad = tmp_path / "bad.fcs"
+        bad.write_bytes(path.read_bytes())
+        _patch(bad, old, new)
+        with pytest.raises(FCSError, match=r"bad\.fcs: TEXT keyword " + what):
+            load_fcs(bad)

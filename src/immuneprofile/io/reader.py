@@ -124,6 +124,19 @@ def _keyword(path: str, text: dict[str, str], key: str, kind=int):
         raise _fail(path, f"TEXT keyword ${key.upper()} is {text[key]!r}, not a number") from None
 
 
+def _number(path: str, text: dict[str, str], key: str, default: float | None = None) -> float:
+    """A numeric TEXT keyword (``default`` if absent or blank); an error naming it if not a number."""
+    raw = text.get(key, "").strip()
+    if not raw:
+        if default is None:
+            raise _fail(path, f"required TEXT keyword ${key.upper()} is missing (corrupt TEXT segment?)")
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise _fail(path, f"TEXT keyword ${key.upper()} is {text[key]!r}, not a number") from None
+
+
 def _channel_keys(path: str, text: dict[str, str]) -> int:
     """``$PAR``, checked against the ``$PnN`` keywords actually present."""
     par = _keyword(path, text, "par")
@@ -257,13 +270,13 @@ def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, prepa
     return out
 
 
-def _masks(text: dict[str, str], dtype: str, bits: list[int]) -> list[int | None]:
+def _masks(path: str, text: dict[str, str], dtype: str, bits: list[int]) -> list[int | None]:
     """FlowIO's rule: integer values are masked to ``next_power_of_2($PnR) - 1`` when narrower than ``$PnB``."""
     if dtype != "I":
         return [None] * len(bits)
     masks: list[int | None] = []
     for n, b in enumerate(bits, start=1):
-        rng = _next_pow2(int(float(text.get(f"p{n}r", "0") or 0)))
+        rng = _next_pow2(int(_number(path, text, f"p{n}r")))
         masks.append(rng - 1 if 2 ** b > rng else None)
     return masks
 
@@ -295,25 +308,28 @@ def _check_size(path: str, text: dict[str, str], start: int, stop: int, size: in
     )
 
 
-def _preprocessor(text: dict[str, str], channels: list[str]):
+def _preprocessor(path: str, text: dict[str, str], channels: list[str]):
     """FlowIO's ``as_array(preprocess=True)`` as a function of a block of events (in place):
     ``$TIMESTEP`` on the time channel, ``$PnE`` log decades, ``$PnG`` gain, in FlowIO's order and arithmetic."""
     time_index = next((i for i, c in enumerate(channels) if c.lower() == "time"), None)
-    step = text.get("timestep", "").strip() if time_index is not None and "timestep" in text else None
+    step = _number(path, text, "timestep", 1.0) if time_index is not None and "timestep" in text else None
     ops = []
     for i in range(len(channels)):
         n = i + 1
-        decades, log0 = (float(x) for x in text.get(f"p{n}e", "0,0").split(","))
+        pne = text.get(f"p{n}e", "0,0").split(",")
+        if len(pne) != 2:
+            raise _fail(path, f"TEXT keyword $P{n}E is {text[f'p{n}e']!r}, expected 'decades,offset'")
+        decades, log0 = (_number(path, {f"p{n}e": v}, f"p{n}e") for v in pne)
         if log0 == 0 and decades != 0:
             log0 = 1.0
-        gain = float(text[f"p{n}g"]) if f"p{n}g" in text and i != time_index else 1.0
-        rng = float(text[f"p{n}r"]) if decades > 0 else 0.0
+        gain = _number(path, text, f"p{n}g", 1.0) if i != time_index else 1.0
+        rng = _number(path, text, f"p{n}r") if decades > 0 else 0.0
         if decades > 0 or (gain != 1.0 and gain != 0):
             ops.append((i, decades, log0, rng, gain))
 
     def prepare(block: np.ndarray) -> None:
         if step is not None:
-            block[:, time_index] = block[:, time_index] * (float(step) if step else 1.0)
+            block[:, time_index] = block[:, time_index] * step
         for i, decades, log0, rng, gain in ops:
             if decades > 0:
                 block[:, i] = (10 ** (decades * block[:, i] / rng)) * log0
@@ -397,11 +413,11 @@ def read_fcs(
             notes.append(note)
         if not only_text:
             rec = _record_dtype(dtype, bits, order)
-            prepare = _preprocessor(text, channels)
+            prepare = _preprocessor(path, text, channels)
             done = finish(text, channels) if finish is not None else None
             if done is not None:
                 prepare = _chain(prepare, done)
-            events = _read_events(fh, path, base + start, n, rec, (dtype, bits, order, _masks(text, dtype, bits)),
+            events = _read_events(fh, path, base + start, n, rec, (dtype, bits, order, _masks(path, text, dtype, bits)),
                                   prepare)
     for note in notes:
         warnings.warn(f"{path}: {note}", FCSWarning, stacklevel=3)
