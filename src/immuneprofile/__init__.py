@@ -3,7 +3,7 @@
 The public API::
 
     import immuneprofile as ip
-    data = ip.load_fcs("P1_W00_treg.fcs")          # FlowKit read + compensation
+    data = ip.load_fcs("P1_W00_treg.fcs")          # compensated events, FlowKit's values
     tmpl = ip.load_template("treg")                # a shipped template by name, or a YAML path
     res = ip.gate_sample(data, tmpl)               # vectorised engine, FlowKit-identical
     table = ip.population_table([res])             # tidy pandas table

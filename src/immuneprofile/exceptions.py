@@ -13,6 +13,7 @@ __all__ = [
     "DuplicateBatchError",
     "FCSError",
     "FlowJoError",
+    "FCSWarning",
     "GatingError",
     "GatingMLError",
     "GatingMLWarning",
@@ -88,3 +89,7 @@ class ThresholdWarning(ImmuneProfileWarning):
 
 class GatingMLWarning(ImmuneProfileWarning):
     """A Gating-ML document needed repair (e.g. gates wrapped in a non-Gating-ML element)."""
+
+
+class FCSWarning(ImmuneProfileWarning):
+    """An FCS file is unusual but readable (the message says what was unusual and how it was read)."""

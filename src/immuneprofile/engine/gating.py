@@ -166,8 +166,10 @@ def _cmp(vals_raw: np.ndarray, xb: float | None, t: float, ge: bool, exact_fn) -
         tv = exact_fn(np.arange(vals_raw.size))
         return tv >= t if ge else tv < t
     tol = _REL_TOL * (1.0 + abs(xb))
-    out = vals_raw > xb if ge else vals_raw < xb
-    unsure = np.flatnonzero(np.abs(vals_raw - xb) <= tol)
+    with np.errstate(invalid="ignore"):
+        out = vals_raw > xb if ge else vals_raw < xb
+        # near the cut, or not finite: FlowKit's transform decides (logicle/hyperlog map NaN and +-inf to -1.0)
+        unsure = np.flatnonzero((np.abs(vals_raw - xb) <= tol) | ~np.isfinite(vals_raw))
     if unsure.size:
         tv = exact_fn(unsure)
         out[unsure] = tv >= t if ge else tv < t
@@ -443,15 +445,15 @@ class _Engine:
     def cut(self, ch: int, comp, xb: float, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """Bit sets of all events surely at or above and surely below a raw-scale cut (one pass, kept).
 
-        Events in neither are within the tolerance of the cut, or NaN; the third
-        item says whether there are any.
+        Events in neither are within the tolerance of the cut, or not finite (NaN, +-inf:
+        decided by FlowKit's transform, see :func:`_cmp`); the third item says whether there are any.
         """
         col = self.cols.base(ch, comp)
 
         def compute():
             a, b = _sure_cut(xb)
             above, below = self.shared.buffer(self.full()), self.shared.buffer(self.full())
-            self.kernels.interval_bits(col, a, np.inf, -np.inf, b, above, below)
+            self.kernels.interval_bits(col, a, _MAX, -_MAX, b, above, below)  # +-inf: never "sure"
             return above, below, bool(((above | below) != self.full()).any())
 
         return self.shared.get(("cut", ch, self._comp_key(comp), xb), compute, wait)
@@ -562,6 +564,7 @@ class _Engine:
             if a is not None and b is not None and dim.ratio is None:
                 cuts.append((self.cols.channel(dim.marker, pop.name), a, b))
         sure, unsure = self._in_box(cuts, parent, comp)
+        # not finite (NaN, +-inf) in a bounded dimension: never "sure", so among ``unsure`` and transformed exactly
         return _members(sure if unsure is None else sure | unsure, self.n)
 
     def polygon(self, pop: Population, g: PolygonGate, parent, comp) -> np.ndarray:
@@ -641,6 +644,9 @@ def _vertices(vertices) -> tuple:
     if len(v) <= TUPLE_VERTICES:
         return tuple(float(x) for x in v[:, 0]), tuple(float(y) for y in v[:, 1])
     return np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1])
+
+
+_MAX = float(np.finfo(np.float64).max)
 
 
 def _sure_cut(xb: float) -> tuple[float, float]:

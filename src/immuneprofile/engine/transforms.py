@@ -88,12 +88,14 @@ def _check_params(spec: Mapping[str, Any]) -> None:
 
 
 def transform_key(spec: Mapping[str, Any] | None) -> str:
-    """A short stable identifier of a spec, used as the FlowKit transform id."""
+    """A stable identifier of a spec, used as the FlowKit transform id and as cache key.
+
+    Exact: each parameter is written as the shortest string that reads back as the same
+    float (``repr``), so two transforms differing in any digit never share a key.
+    """
     if spec is None:
         return "none"
-    if spec["type"] in ("biex", "flowjo_log"):  # FlowJo writes these with 10 digits: keep them all
-        return spec["type"] + "_" + "_".join(f"{k}{spec[k]!r}" for k in _PARAMS[spec["type"]])
-    return spec["type"] + "_" + "_".join(f"{k}{spec[k]:g}" for k in _PARAMS[spec["type"]])
+    return spec["type"] + "_" + "_".join(f"{k}{float(spec[k])!r}" for k in _PARAMS[spec["type"]])
 
 
 def make_transform(spec: Mapping[str, Any] | None):

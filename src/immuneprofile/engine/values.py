@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from immuneprofile.engine.transforms import MONOTONE, inverse_bound, make_transform, transform_key
+from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData
 from immuneprofile.template.parse import Dim, Template
 
@@ -66,12 +67,25 @@ class EventValues:
         cache = self.__dict__.setdefault("_matrix_events", {})
         ev = cache.get(matrix_id)
         if ev is None:
-            from flowkit import Matrix
+            from immuneprofile.io.fcs import compensate_inplace
 
             frame = self.template.compensation[matrix_id]
-            m = Matrix(np.asarray(frame, dtype=float), list(frame.columns), list(frame.index))
-            ev = cache[matrix_id] = m.apply(self.data.sample)
+            missing = [str(c) for c in frame.columns if c not in self.data.channels]
+            if missing:
+                raise GatingError(f"{self.data.path}: template {self.template.path} matrix {matrix_id!r} "
+                                  f"names channels not in the file: {', '.join(missing)}")
+            ev = self.raw_events().copy(order="F")
+            idx = [self.data.channels.index(c) for c in frame.columns]
+            compensate_inplace(ev, np.asarray(frame, dtype=float), idx)  # FlowKit Matrix.apply's arithmetic
+            cache[matrix_id] = ev
         return np.ascontiguousarray(ev[:, ch])
+
+    def raw_events(self) -> np.ndarray:
+        """The file's uncompensated events (read again once, only when a gate asks for them)."""
+        raw = self.__dict__.get("_raw_events")
+        if raw is None:
+            raw = self.__dict__["_raw_events"] = self.data.raw_events()
+        return raw
 
     def base(self, ch: int, compensated: Compensation) -> np.ndarray:
         """Contiguous column ``ch`` of the compensated (or, if not ``compensated``, raw) events."""
@@ -81,7 +95,7 @@ class EventValues:
             return self.data.column(ch)
         col = self._raw_cols.get(ch)
         if col is None:
-            col = np.ascontiguousarray(self.data.sample.get_events(source="raw")[:, ch])
+            col = np.ascontiguousarray(self.raw_events()[:, ch])
             self._raw_cols[ch] = col
         return col
 

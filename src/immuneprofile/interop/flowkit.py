@@ -65,7 +65,19 @@ def compensation_ref(dim: Dim, data: FCSData | None, channel: str | None) -> str
         return "uncompensated" if channel is not None and is_scatter(channel) else "FCS"
     if channel is not None and data.channels.index(channel) in data.scatter:
         return "uncompensated"
-    return data.compensation if data.compensation in ("FCS", "custom") else "uncompensated"
+    return file_compensation_ref(data)
+
+
+def file_compensation_ref(data: FCSData) -> str:
+    """How FlowKit names the compensation ``data`` was loaded with: ``"FCS"`` (the file's own
+    spillover over all its fluorescence channels), ``"custom"`` (a user's matrix, or a
+    ``$SPILLOVER`` naming only some channels) or ``"uncompensated"``."""
+    from immuneprofile.io.fcs import fluoro_indices
+
+    if data.compensation is None:
+        return "uncompensated"
+    fluoro = [data.channels[i] for i in fluoro_indices(data.channels)]
+    return "FCS" if data.compensation == "FCS" and list(data.compensated) == fluoro else "custom"
 
 
 def _ref_path(template: Template, name: str) -> tuple[str, ...]:
@@ -109,7 +121,7 @@ class _StrategyBuilder:
         self.data = data
         self.fixed = dict(thresholds or {})
         self.gs = fk.GatingStrategy()
-        if data.compensation == "custom":
+        if file_compensation_ref(data) == "custom":
             self.gs.add_comp_matrix("custom", data.spill)
 
     def build(self):

@@ -35,10 +35,10 @@ from immuneprofile.study.clinical import (
 )
 from immuneprofile.study.readouts import (
     assay_cv,
+    declared_readouts,
     describe_changes,
     join_readouts,
     read_readouts,
-    declared_readouts,
 )
 from immuneprofile.study.run import (
     DEFAULT_TEMPLATES,

@@ -9,8 +9,9 @@ to PASI with :func:`immuneprofile.association.correlate`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pandas as pd
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import sys
-from array import array
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
@@ -1135,7 +1133,7 @@ def _of_fraction(f: Mapping[str, float], of: str) -> float:
 
 
 def simulate_readouts(n_patients: int = 3, *, seed: int = 0,
-                      n_events: Mapping[str, int] | None = None) -> "pd.DataFrame":
+                      n_events: Mapping[str, int] | None = None) -> pd.DataFrame:
     """The declared readouts of a simulated cohort, without writing FCS files.
 
     The same model as :func:`simulate_study` (:func:`cohort_design`); counting noise is drawn
