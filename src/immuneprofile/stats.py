@@ -86,7 +86,16 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
 
 
 def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
-    """Every threshold used per sample (fixed or fitted), for audit."""
+    """Every threshold used per sample (fixed or fitted), for audit.
+
+    Data-driven transforms and 2-D gates (:mod:`immuneprofile.engine.fit2d`) follow
+    as rows of their own: ``marker`` is the marker (logicle) or the population
+    (gate), ``cut`` is ``"W"`` or the gate's kind, ``value`` the fitted ``W`` (NaN
+    for gates), ``method`` ``"logicle-auto"``/``"singlet"``/``"cluster"``, and
+    ``note`` the fitted parameters as JSON (vertices; center, covariance and
+    distance_square), to rebuild the gate.
+    """
+    results = list(results)
     rows = [
         {
             "sample_id": r.sample_id,
@@ -102,9 +111,21 @@ def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
         }
         for r in results
         for f in r.thresholds
-    ]
+    ] + [_fit_row(r, f) for r in results for f in r.fits]
     return pd.DataFrame(rows, columns=["sample_id", "template", "marker", "cut", "value", "method",
                                        "fitted_on", "n_events", "fallback", "note"])
+
+
+def _fit_row(res: GatingResult, fit) -> dict[str, object]:
+    """A fitted transform or 2-D gate as a row of the thresholds table."""
+    row = fit.row()
+    logicle = fit.kind == "logicle"
+    parent = None if logicle else res.template[fit.name].parent
+    return {"sample_id": res.sample_id, "template": res.template.name, "marker": fit.name,
+            "cut": "W" if logicle else fit.kind, "value": row["W"],
+            "method": "logicle-auto" if logicle else fit.kind,
+            "fitted_on": "root" if parent is None else parent, "n_events": fit.n_events,
+            "fallback": False, "note": "; ".join(x for x in (row["params"], fit.note) if x)}
 
 
 def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,

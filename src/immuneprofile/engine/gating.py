@@ -103,6 +103,10 @@ class GatingResult:
         The loaded sample (for medians and AnnData export).
     counts
         ``{population: number of events}`` (counted from ``bits`` if not given).
+    fits
+        The data-driven transforms and 2-D gates fitted for this sample (or given for
+        its batch), :class:`~immuneprofile.engine.fit2d.Fit`; ``template`` holds
+        their fitted values.
     """
 
     sample_id: str
@@ -113,6 +117,7 @@ class GatingResult:
     thresholds: list[ThresholdFit] = field(default_factory=list)
     data: FCSData | None = field(default=None, repr=False)
     counts: dict[str, int] = field(default_factory=dict, repr=False)
+    fits: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         for name, b in self.bits.items():
@@ -820,6 +825,29 @@ def gate_sample(data, template, *, thresholds=None, threads=0):
     return _gate_templates(data, templates, [thresholds] * len(templates), threads)
 
 
+def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None]):
+    """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
+
+    ``fixed`` may carry batch fits (:class:`~immuneprofile.engine.fit2d.Fit`, keyed by
+    ``Fit.key``) besides threshold values; returns the templates, the thresholds alone,
+    and each template's fits.
+    """
+    from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
+
+    out_t, out_fx, out_fits = [], [], []
+    for t, fx in zip(templates, fixed):
+        fx = dict(fx or {})
+        given = {k: v for k, v in fx.items() if isinstance(v, Fit)}
+        th = {k: v for k, v in fx.items() if not isinstance(v, Fit)}
+        fits: list = []
+        if needs_fitting(t):
+            t, fits = fit_template(data, t, given, th)
+        out_t.append(t)
+        out_fx.append(th or None)
+        out_fits.append(fits)
+    return out_t, out_fx, out_fits
+
+
 def _gate_templates(data: FCSData, templates: Sequence[Template],
                     fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0) -> list[GatingResult]:
     import os
@@ -833,14 +861,15 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            templates, fixed, fitted = _fit_templates(data, templates, fixed)
             engines = [_Engine(data, t, fx, shared) for t, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            for eng in engines:
+            for eng, fits in zip(engines, fitted):
                 bits = eng.run()
                 out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.t,
                                         n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
-                                        data=data, counts=dict(eng.counts)))
+                                        data=data, counts=dict(eng.counts), fits=fits))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

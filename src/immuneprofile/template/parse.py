@@ -28,6 +28,7 @@ __all__ = [
     "PolygonGate",
     "EllipseGate",
     "BooleanGate",
+    "FitGate",
     "Population",
     "Template",
     "load_template",
@@ -132,7 +133,27 @@ class BooleanGate:
     refs: tuple[tuple[str, bool], ...]
 
 
-Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate]
+@dataclass(frozen=True)
+class FitGate:
+    """A data-driven 2-D gate, fitted on its parent's events before gating (:mod:`immuneprofile.engine.fit2d`).
+
+    ``kind`` is ``"singlet"`` (a band around the robust FSC-H/FSC-A line; becomes a
+    :class:`PolygonGate`) or ``"cluster"`` (the Gaussian-mixture component nearest
+    ``target``; becomes an :class:`EllipseGate`). ``options`` holds the fitting
+    options as ``(key, value)`` pairs; ``scope`` is ``"sample"`` or ``"batch"``.
+    """
+
+    kind: str
+    dims: tuple[Dim, Dim]
+    options: tuple[tuple[str, Any], ...]
+    scope: str = "sample"
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate, FitGate]
 
 
 @dataclass(frozen=True)
@@ -225,6 +246,34 @@ class Template:
 
 
 # --------------------------------------------------------------------------- parsing
+
+#: Options of the data-driven 2-D gates (besides x, y and scope).
+FIT_GATE_OPTIONS = {"singlet": {"k"}, "cluster": {"target", "units", "components", "q"}}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fit_options(kind: str, opts: Mapping[str, Any]) -> str | None:
+    """What is wrong with a data-driven gate's options (``None``: nothing)."""
+    if kind == "cluster":
+        t = opts.get("target")
+        if not isinstance(t, Sequence) or isinstance(t, str) or len(t) != 2 or not all(map(_num, t)):
+            return f"needs `target: [x, y]` (two numbers), got {t!r}"
+        units = opts.get("units", "quantile")
+        if units not in ("quantile", "data"):
+            return f"units must be 'quantile' (target as quantiles of the parent's events) or 'data', got {units!r}"
+        if units == "quantile" and not all(0 <= v <= 1 for v in t):
+            return f"a target in quantile units needs two numbers in [0, 1], got {t!r}"
+    if "k" in opts and not (_num(opts["k"]) and opts["k"] > 0):
+        return f"k (the band's half-width in robust SDs) must be a number > 0, got {opts['k']!r}"
+    if "q" in opts and not (_num(opts["q"]) and 0 < opts["q"] < 1):
+        return f"q (the ellipse's chi-square quantile) must be in (0, 1), got {opts['q']!r}"
+    c = opts.get("components", 1)
+    if not (isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 20):
+        return f"components must be an integer from 1 to 20, got {c!r}"
+    return None
 
 
 def _err(src: str, pop: str | None, problem: str, fix: str) -> TemplateError:
@@ -456,8 +505,30 @@ class _Parser:
             return BooleanGate(op, refs)
         if kind == "quadrant":
             return self.quadrant(pop, g)
+        if kind in FIT_GATE_OPTIONS:
+            return self.fit_gate(pop, kind, g)
         raise _err(self.src, pop, f"unknown gate type {kind!r}",
-                   "use range, rectangle, polygon, ellipse, quadrant, threshold or boolean")
+                   "use range, rectangle, polygon, ellipse, quadrant, threshold, boolean, singlet or cluster")
+
+    def fit_gate(self, pop: str, kind: str, g: Mapping[str, Any]) -> FitGate:
+        """``{type: singlet, x: FSC-A, y: FSC-H, k: 4}`` or ``{type: cluster, x:, y:, target: [x, y], ...}``."""
+        allowed = FIT_GATE_OPTIONS[kind]
+        unknown = set(g) - {"type", "x", "y", "scope", *allowed}
+        if unknown:
+            raise _err(self.src, pop, f"{kind} gate has unknown key(s) {sorted(map(str, unknown))}",
+                       f"use x, y, scope, {', '.join(sorted(allowed))}")
+        default_x, default_y = ("FSC-A", "FSC-H") if kind == "singlet" else (None, None)
+        dx, dy = self.dim(g.get("x", default_x), pop), self.dim(g.get("y", default_y), pop)
+        scope = str(g.get("scope", "sample"))
+        if scope not in ("sample", "batch"):
+            raise _err(self.src, pop, f"scope must be 'sample' or 'batch', got {scope!r}", "write `scope: batch`")
+        opts = {k: g[k] for k in allowed if k in g}
+        problem = _check_fit_options(kind, opts)
+        if problem:
+            raise _err(self.src, pop, f"{kind} gate: {problem}", "see the data-driven gates in gating/README.md")
+        if "target" in opts:
+            opts["target"] = tuple(float(v) for v in opts["target"])
+        return FitGate(kind, (dx, dy), tuple(sorted(opts.items())), scope)
 
     def quadrant(self, group: str, g: Mapping[str, Any]) -> list[Population]:
         dx, dy = self.dim(g.get("x"), group), self.dim(g.get("y"), group)
