@@ -93,7 +93,9 @@ def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
     (gate), ``cut`` is ``"W"`` or the gate's kind, ``value`` the fitted ``W`` (NaN
     for gates), ``method`` ``"logicle-auto"``/``"singlet"``/``"cluster"``, and
     ``note`` the fitted parameters as JSON (vertices; center, covariance and
-    distance_square), to rebuild the gate.
+    distance_square), to rebuild the gate. Acquisition QC (a template's ``qc:``
+    step) is a row ``qc_pass``/``qc``/``acquisition-qc`` whose ``value`` is the
+    number of events removed (the time segments and margins in ``note``).
     """
     results = list(results)
     rows = [
@@ -121,9 +123,10 @@ def _fit_row(res: GatingResult, fit) -> dict[str, object]:
     row = fit.row()
     logicle = fit.kind == "logicle"
     parent = None if logicle else res.template[fit.name].parent
+    value = row["W"] if logicle else fit.params["removed"] if fit.kind == "qc" else float("nan")
+    method = {"logicle": "logicle-auto", "qc": "acquisition-qc"}.get(fit.kind, fit.kind)
     return {"sample_id": res.sample_id, "template": res.template.name, "marker": fit.name,
-            "cut": "W" if logicle else fit.kind, "value": row["W"],
-            "method": "logicle-auto" if logicle else fit.kind,
+            "cut": "W" if logicle else fit.kind, "value": value, "method": method,
             "fitted_on": "root" if parent is None else parent, "n_events": fit.n_events,
             "fallback": False, "note": "; ".join(x for x in (row["params"], fit.note) if x)}
 

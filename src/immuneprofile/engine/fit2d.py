@@ -44,9 +44,9 @@ class Fit:
     Attributes
     ----------
     kind
-        ``"logicle"``, ``"singlet"`` or ``"cluster"``.
+        ``"logicle"``, ``"singlet"``, ``"cluster"`` or ``"qc"`` (acquisition QC).
     name
-        The marker (logicle) or the population (gates).
+        The marker (logicle) or the population (gates; ``qc_pass`` for QC).
     dims
         The markers/channels of the gate (the marker for a logicle).
     params
@@ -189,8 +189,8 @@ def fit_cluster(x: np.ndarray, y: np.ndarray, target: tuple[float, float], *, un
 
 def needs_fitting(template: Template) -> bool:
     """Whether a template has data-driven transforms or 2-D gates left to fit."""
-    return any(isinstance(p.gate, FitGate) or any(is_auto(d.transform) for d in p.dims)
-               for p in template.populations)
+    return bool(template.qc) or any(isinstance(p.gate, FitGate) or any(is_auto(d.transform) for d in p.dims)
+                                    for p in template.populations)
 
 
 def _auto_specs(template: Template) -> dict[str, dict[str, Any]]:
@@ -281,6 +281,19 @@ def _set_gate(template: Template, name: str, gate) -> Template:
                                           for p in template.populations])
 
 
+def _fit_qc(data, template: Template) -> tuple[Template, Fit]:
+    """The template with acquisition QC's populations (:func:`immuneprofile.qc.acquisition.qc_populations`)."""
+    from immuneprofile.qc.acquisition import QC_POPULATION, qc_populations
+
+    out, res = qc_populations(data, template, template.qc)
+    params = {"removed": res.removed, "removed_time": res.removed_time, "removed_margin": res.removed_margin,
+              "segments": [list(s) for s in res.segments], "margins": res.margins, "bins": res.n_bins,
+              "bin_events": res.bin_events}
+    return replace(out, qc=None), Fit("qc", QC_POPULATION, tuple(data.channels[j] for j in range(len(data.channels))
+                                                                  if data.channels[j].lower() == "time"),
+                                      params, data.n_events, "sample", f"{res.removed} event(s) removed")
+
+
 def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] | None = None,
                  thresholds: Mapping[tuple[str, str], Any] | None = None, *,
                  collect: tuple[str, str] | None = None):
@@ -313,6 +326,9 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
     """
     given = dict(given or {})
     fits: list[Fit] = []
+    if template.qc:
+        template, qc = _fit_qc(data, template)
+        fits.append(qc)
     specs: dict[str, dict[str, Any]] = {}
     for marker, spec in _auto_specs(template).items():
         if collect == ("logicle", marker):

@@ -42,7 +42,7 @@ from typing import Any, overload
 import numpy as np
 
 from immuneprofile.engine._kernels import kernels as _kernels
-from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, unpack
+from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, pack, unpack
 from immuneprofile.io.fcs import FCSData, MarkerError
 from immuneprofile.template.parse import (
     BooleanGate,
@@ -50,6 +50,7 @@ from immuneprofile.template.parse import (
     EllipseGate,
     PolygonGate,
     Population,
+    QCGate,
     RectGate,
     Template,
     ThresholdRef,
@@ -467,6 +468,8 @@ class _Engine:
         if isinstance(g, BooleanGate):
             refs = tuple((self.keys.get(name), c) for name, c in g.refs)
             return None if any(r is None for r, _ in refs) else (pk, "boolean", g.op, refs)
+        if isinstance(g, QCGate):
+            return (pk, "qc", g)
         dims = tuple(self.dim_key(d, pop) for d in g.dims)
         if any(d is None for d in dims):
             return None
@@ -516,6 +519,8 @@ class _Engine:
         P = self._parent(pop)
         if isinstance(g, BooleanGate):
             b = self.boolean(g, P)
+        elif isinstance(g, QCGate):
+            b = self.qc(pop, g, P)
         else:
             comp = _compensated(g)
             if isinstance(g, RectGate):
@@ -696,6 +701,17 @@ class _Engine:
             pts = np.column_stack([self.cols.transformed(d, ev, comp, pop.name) for d in g.dims])
             _assign(out, ev[np.asarray(points_in_ellipsoid(cov, c, g.distance_square, pts), dtype=bool)], True)
         return out
+
+    def qc(self, pop: Population, g: QCGate, P) -> np.ndarray:
+        """Events kept by acquisition QC: outside its Time segments and below its margins (raw values)."""
+        keep = np.ones(self.n, dtype=bool)
+        if g.segments:
+            t = self.cols.base(self.cols.channel(g.time_channel, pop.name), False)
+            for a, b in g.segments:
+                keep &= ~((t >= a) & (t <= b))
+        for ch, limit in g.margins:
+            keep &= ~(self.cols.base(self.cols.channel(ch, pop.name), False) >= limit)
+        return pack(keep) & P
 
     def boolean(self, g: BooleanGate, P) -> np.ndarray:
         operands = [~self.bits[name] if complement else self.bits[name] for name, complement in g.refs]

@@ -3,21 +3,23 @@
 What flowAI and PeacoQC do from the Time channel, with NumPy:
 
 1. the events, in time order, are cut into bins of equal event count;
-2. per bin: the log event rate (events per unit of Time) and the median of every
-   signal channel (``asinh(x / 150)``: log-like for bright values);
-3. a bin is an outlier when any of these is more than ``k`` robust SDs (1.4826
-   MAD over the bins) from its median over the bins, either as it is (clogs,
-   bubbles: abrupt) or averaged over ``smooth`` neighbouring bins (drift: slow);
+2. per bin: the log event rate (events per unit of Time) and the mean of every
+   signal channel's ``asinh(x / 150)`` (log-like for bright values);
+3. a bin is an outlier when any of these is more than ``k`` noise SDs from its
+   median over the bins (clogs, bubbles: abrupt), or when it lies in a stretch
+   of bins whose level has shifted (drift: the series is segmented at its mean
+   shifts, as ``ruptures``' binary segmentation does, and off-level segments are
+   removed whole; :func:`flag_bins`);
 4. runs of good bins shorter than ``min_run`` between outlier bins are removed too
    (an acquisition does not recover for a moment in the middle of a fault);
 5. margin events: any channel at or above its ``$PnR - 1`` (piled on the
    detector's maximum), on the raw (uncompensated) values.
 
 :func:`acquisition_qc` returns a :class:`QCResult`; a template's ``qc:`` step
-(:func:`qc_population`) makes it a ``qc_pass`` population that every top-level
-population of the template descends from, so removed events are counted per
-file in the population table (``qc_pass``'s ``count`` vs ``parent_count``) and
-in the thresholds table.
+(:func:`qc_populations`) makes it a ``qc_pass`` population that every top-level
+population of the template descends from, and its complement ``qc_removed``, so
+removed events are counted per file in the population table and in the
+thresholds table (method ``acquisition-qc``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ import numpy as np
 
 from immuneprofile.exceptions import TemplateError
 
-__all__ = ["QCResult", "QC_OPTIONS", "QC_POPULATION", "acquisition_qc", "check_qc_options", "flag_bins"]
+__all__ = ["QCResult", "QC_OPTIONS", "QC_POPULATION", "QC_POPULATIONS", "QC_REMOVED", "acquisition_qc",
+           "check_qc_options", "flag_bins", "qc_populations"]
 
 #: Options of a template's ``qc:`` step and their defaults.
 QC_OPTIONS: dict[str, Any] = {"time": True, "margins": True, "bin_events": None, "k": 6.0, "shift": 0.5,
                               "min_run": 3, "channels": None}
-#: Name of the population of the events QC keeps.
-QC_POPULATION = "qc_pass"
+#: Names of the populations of the events QC keeps and removes.
+QC_POPULATION, QC_REMOVED = "qc_pass", "qc_removed"
+QC_POPULATIONS = (QC_POPULATION, QC_REMOVED)
 
 
 @dataclass
@@ -148,9 +152,9 @@ def flag_bins(stats: np.ndarray, *, k: float = 6.0, shift: float = 0.5, min_run:
 
     Abrupt faults: a bin more than ``k`` noise SDs from the median level. Slow ones
     (drift): the series is segmented at its mean shifts (binary segmentation, BIC-like
-    penalty); a segment whose mean is off the median level by more than ``shift``
-    noise SDs on some statistic, and significantly so on all together (a chi-square
-    as unlikely as ``k`` SDs), is removed whole.
+    penalty); a segment whose mean is off the level of the longest segment by more
+    than ``shift`` noise SDs on some statistic, and significantly so on all together
+    (a chi-square as unlikely as ``k`` SDs), is removed whole.
     """
     from scipy.stats import chi2, norm
 
@@ -160,9 +164,12 @@ def flag_bins(stats: np.ndarray, *, k: float = 6.0, shift: float = 0.5, min_run:
     w = _whiten(z)  # the statistics move together with the cell mix of a bin: test them jointly
     nb, d = w.shape
     limit = chi2.isf(2 * norm.sf(k), d)  # as unlikely, for d statistics together, as k SDs for one
-    for a, b in _changepoints(w, penalty=d * np.log(max(nb, 2)) / 2):  # half BIC: the segment test guards
-        m = w[a:b].mean(axis=0)
-        if np.abs(z[a:b].mean(axis=0)).max() > shift and (b - a) * float(m @ m) > limit:
+    segs = _changepoints(w, penalty=d * np.log(max(nb, 2)))  # BIC
+    ra, rb = max(segs, key=lambda ab: ab[1] - ab[0])  # the reference level: the longest stable stretch
+    for a, b in segs:
+        dz = z[a:b].mean(axis=0) - z[ra:rb].mean(axis=0)
+        dw = w[a:b].mean(axis=0) - w[ra:rb].mean(axis=0)
+        if np.abs(dz).max() > shift and float(dw @ dw) / (1 / (b - a) + 1 / (rb - ra)) > limit:
             bad[a:b] = True
     return _fill_short_runs(bad, min_run)
 
@@ -278,3 +285,23 @@ def _range_of(data, j: int) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("inf")
+
+
+def qc_populations(data, template, options: Mapping[str, Any]):
+    """Run acquisition QC on ``data`` and put its verdict into ``template``.
+
+    Returns the template with ``qc_pass`` (a :class:`~immuneprofile.template.parse.QCGate`)
+    as the parent of its top-level populations and ``qc_removed`` (its complement,
+    a boolean gate) beside it, and the :class:`QCResult`.
+    """
+    from dataclasses import replace
+
+    from immuneprofile.template.parse import BooleanGate, Population, QCGate
+
+    opts = {k: v for k, v in options.items() if k in QC_OPTIONS}
+    res = acquisition_qc(data, **opts)
+    tcol = _time_index(data)
+    gate = QCGate(None if tcol is None else data.channels[tcol], tuple(res.segments), tuple(res.margins.items()))
+    pops = [Population(QC_POPULATION, None, gate), Population(QC_REMOVED, None, BooleanGate("not", ((QC_POPULATION, False),)))]
+    pops += [replace(p, parent=QC_POPULATION) if p.parent is None else p for p in template.populations]
+    return replace(template, populations=pops), res

@@ -29,6 +29,7 @@ __all__ = [
     "EllipseGate",
     "BooleanGate",
     "FitGate",
+    "QCGate",
     "Population",
     "Template",
     "load_template",
@@ -153,7 +154,21 @@ class FitGate:
         return dict(self.options)
 
 
-Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate, FitGate]
+@dataclass(frozen=True)
+class QCGate:
+    """Acquisition QC's verdict on one sample (:mod:`immuneprofile.qc.acquisition`): the events kept.
+
+    An event is kept unless its ``time_channel`` value lies in one of ``segments``
+    (inclusive Time intervals) or its raw (uncompensated) value on a channel of
+    ``margins`` is at or above that channel's limit.
+    """
+
+    time_channel: str | None
+    segments: tuple[tuple[float, float], ...]
+    margins: tuple[tuple[str, float], ...]
+
+
+Gate = Union[RectGate, PolygonGate, EllipseGate, BooleanGate, FitGate, QCGate]
 
 
 @dataclass(frozen=True)
@@ -196,6 +211,7 @@ class Template:
     description: str = ""
     path: str = "<template>"
     compensation: dict[str, Any] = field(default_factory=dict)
+    qc: dict[str, Any] | None = None  # the `qc:` step's options (immuneprofile.qc.acquisition), None: no QC
 
     def __post_init__(self) -> None:
         self._by_name = {p.name: p for p in self.populations}
@@ -622,15 +638,28 @@ def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Templa
     """Validate a template given as a mapping (parsed YAML) and build a :class:`Template`."""
     if not isinstance(doc, Mapping):
         raise TemplateError(f"{source}: a template must be a mapping with `populations`, got {type(doc).__name__}")
-    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "populations"}
+    unknown = set(doc) - {"name", "description", "transforms", "thresholds", "populations", "qc"}
     if unknown:
         raise _err(source, None, f"unknown top-level key(s) {sorted(unknown)}",
-                   "use name, description, transforms, thresholds, populations")
+                   "use name, description, transforms, thresholds, populations, qc")
     p = _Parser(doc, source)
     pops = p.populations()
     name = str(doc.get("name") or Path(source).stem)
     return Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
-                    description=str(doc.get("description", "")), path=source)
+                    description=str(doc.get("description", "")), path=source, qc=_parse_qc(doc, pops, source))
+
+
+def _parse_qc(doc: Mapping[str, Any], pops: Sequence[Population], source: str) -> dict[str, Any] | None:
+    """The validated options of a template's ``qc:`` step (``None`` without one)."""
+    if doc.get("qc") in (None, False):
+        return None
+    from immuneprofile.qc.acquisition import QC_POPULATIONS, check_qc_options
+
+    taken = sorted(set(QC_POPULATIONS) & {p.name for p in pops})
+    if taken:
+        raise _err(source, taken[0], "this name is reserved for the `qc:` step's populations",
+                   "rename the population")
+    return check_qc_options(doc["qc"], source)
 
 
 def load_template(path: str | os.PathLike) -> Template:
