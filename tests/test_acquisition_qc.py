@@ -83,6 +83,9 @@ def test_template_qc_step_counts_removed_events_per_file(faulty, tmp_path):
     removed = res.mask("qc_removed")
     assert removed[labels["fault"]].mean() >= 0.95 and removed[~labels["fault"]].mean() <= 0.02
     assert set(FAULTS) <= set(labels)
+    from immuneprofile.qc.report import report_warnings
+
+    assert any(f"acquisition QC removed {tab.loc['qc_removed', 'count']:,} event" in w for w in report_warnings(batch))
 
 
 @pytest.mark.parametrize("qc, msg", [({"k": -1}, "out of range"), ({"bogus": 1}, "unknown option"), (3, "mapping")])

@@ -144,3 +144,17 @@ def test_bad_auto_logicle_is_rejected():
     with pytest.raises(TemplateError, match="scope"):
         parse_template({"transforms": {"default": {"type": "logicle", "W": "auto", "scope": "everything"}},
                         "populations": [{"name": "p", "gate": {"type": "range", "marker": "CD3", "min": 0}}]})
+
+
+def test_report_draws_the_fitted_gates(files):
+    """The HTML report's gate plots show the fitted ellipse and band (the values in thresholds.csv)."""
+    from immuneprofile.qc.report import gate_figure
+
+    res = gate_sample(_load(files[1]), parse_template(DOC))
+    th = thresholds_table([res]).set_index("marker")
+    fig = gate_figure(res)
+    gids = {x.get_gid(): x for a in fig.axes for x in a.patches if x.get_gid()}
+    band = json.loads(th.loc["singlets", "note"].split("; ")[0])["vertices"]
+    assert np.allclose(gids["gate:singlets"].get_xy()[:4], band)
+    ell = json.loads(th.loc["lymphocytes", "note"].split("; ")[0])
+    assert np.allclose(gids["gate:lymphocytes"].center, ell["center"])

@@ -34,7 +34,7 @@ import pandas as pd
 
 from immuneprofile.batch import Batch
 from immuneprofile.engine.gating import GatingResult
-from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, Population, RectGate, Template, ThresholdRef
+from immuneprofile.template.parse import BooleanGate, Dim, EllipseGate, PolygonGate, Population, QCGate, RectGate, Template, ThresholdRef
 
 __all__ = ["gate_figure", "gate_panels", "report_warnings", "build_report", "make_report",
            "MAX_POINTS", "MIN_POPULATION_EVENTS", "MIN_SAMPLE_EVENTS"]
@@ -62,12 +62,12 @@ def _pyplot():
 
 
 def gate_panels(template: Template) -> list[list[Population]]:
-    """Populations to draw, one list per plot: quadrants share one plot; boolean gates are not drawn."""
+    """Populations to draw, one list per plot: quadrants share one plot; boolean and QC gates are not drawn."""
     panels: list[list[Population]] = []
     groups: dict[str, list[Population]] = {}
     for pop in template.populations:
         g = pop.gate
-        if isinstance(g, BooleanGate):
+        if isinstance(g, (BooleanGate, QCGate)):  # QC: a line of the report's warnings
             continue
         if isinstance(g, RectGate) and g.kind == "quadrant" and g.quadrant:
             key = g.quadrant[0]
@@ -321,6 +321,11 @@ def report_warnings(batch: Batch, *, min_sample_events: int = MIN_SAMPLE_EVENTS,
         if small:
             out.append(f"{res.sample_id}: {len(small)} population(s) under {min_population_events} events: "
                        + ", ".join(f"{n} ({c})" for n, c in small))
+        for f in res.fits:
+            if f.kind == "qc" and f.params["removed"]:
+                out.append(f"{res.sample_id}: acquisition QC removed {f.params['removed']:,} event(s) "
+                           f"({_fmt_pct(f.params['removed'], res.n_events)}: {f.params['removed_time']:,} in "
+                           f"{len(f.params['segments'])} time segment(s), {f.params['removed_margin']:,} margin)")
         for f in res.thresholds:
             if f.fallback:
                 out.append(f"{res.sample_id}: threshold {f.marker}.{f.cut} fell back to {f.value:.3g}"
