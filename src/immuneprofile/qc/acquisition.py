@@ -225,10 +225,12 @@ def acquisition_qc(data, *, time: bool = True, margins: bool = True, bin_events:
         [j for j in range(len(data.channels)) if j != tcol]
     res = QCResult(keep=np.ones(n, dtype=bool))
     if margins:
-        raw = data.sample.get_events(source="raw")
+        from immuneprofile.engine.gating import _Columns
+
+        cols = _Columns(data, None)  # the raw (uncompensated) columns, read as the engine reads them
         for j in chans:
             limit = _range_of(data, j) - 1
-            hit = raw[:, j] >= limit
+            hit = cols.base(j, False) >= limit
             if hit.any():
                 res.margins[data.channels[j]] = limit
                 res.keep &= ~hit
