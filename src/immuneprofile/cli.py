@@ -64,10 +64,10 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
         batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
     write_tables(out, batch.table, batch.thresholds, batch.errors)
     if batch.results and anndata and jobs == 1:
-        for t in templates:
+        for k, t in enumerate(templates):
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
-            try:
-                to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
+            try:  # results: files in order, templates in order within a file (each its fitted copy)
+                to_anndata(batch.results[k::len(templates)]).write_h5ad(out / name)
             except ValueError as exc:
                 err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
     n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)

@@ -167,7 +167,8 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from immuneprofile.engine.transforms import make_transform
+    from immuneprofile.engine.fit2d import fitted_logicle
+    from immuneprofile.engine.transforms import is_auto, make_transform
 
     if isinstance(results, GatingResult):
         results = [results]
@@ -183,6 +184,8 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
             scatter = j in d.scatter
             spec = res.template.transform_for(ch if scatter else d.marker_label(j), scatter)
             col = d.column(j)
+            if is_auto(spec):  # a data-driven logicle the template did not gate on: fitted on this column
+                spec = fitted_logicle(col, spec)[0]
             if spec is not None:
                 col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
             cols.append(col.astype(np.float32))

@@ -33,7 +33,7 @@ from immuneprofile.engine.transforms import is_auto
 from immuneprofile.exceptions import GatingError
 from immuneprofile.template.parse import Dim, EllipseGate, FitGate, PolygonGate, Population, Template
 
-__all__ = ["Fit", "estimate_logicle_width", "fit_singlet", "fit_cluster", "fit_template", "fit_batch",
+__all__ = ["Fit", "estimate_logicle_width", "fitted_logicle", "fit_singlet", "fit_cluster", "fit_template", "fit_batch",
            "needs_fitting"]
 
 
@@ -203,10 +203,16 @@ def _auto_specs(template: Template) -> dict[str, dict[str, Any]]:
     return out
 
 
+def fitted_logicle(values: np.ndarray, spec: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """The ordinary logicle spec a data-driven one (``W: auto``) becomes on ``values``, and the negatives read."""
+    w, n_neg = estimate_logicle_width(values, spec["T"], spec["M"], spec["q"])
+    return {"type": "logicle", "T": spec["T"], "W": w, "M": spec["M"], "A": spec["A"]}, n_neg
+
+
 def _fit_logicle(data, template: Template, marker: str, spec: Mapping[str, Any]) -> Fit:
     ch = data.find_channel(marker, context=f"template {template.path}, transform of {marker!r}")
-    w, n_neg = estimate_logicle_width(data.column(ch), spec["T"], spec["M"], spec["q"])
-    params = {"T": spec["T"], "W": w, "M": spec["M"], "A": spec["A"]}
+    fitted, n_neg = fitted_logicle(data.column(ch), spec)
+    params = {k: fitted[k] for k in ("T", "W", "M", "A")}
     return Fit("logicle", marker, (marker,), params, n_neg, "sample", f"{n_neg} negative values")
 
 
@@ -399,11 +405,9 @@ def fit_batch(datas: Iterable, template: Template, thresholds=None) -> dict[tupl
         pooled = [v for v in (_collect(d, template, fits, thresholds, item) for d in datas) if v is not None]
         note = f"scope: batch, pooled over {len(pooled)} sample(s)"
         if item[0] == "logicle":
-            spec = specs[item[1]]
-            neg = np.concatenate(pooled) if pooled else np.empty(0)
-            w, n_neg = estimate_logicle_width(neg, spec["T"], spec["M"], spec["q"])
-            fits[item] = Fit("logicle", item[1], (item[1],), {"T": spec["T"], "W": w, "M": spec["M"],
-                                                              "A": spec["A"]}, n_neg, "batch", note)
+            fitted, n_neg = fitted_logicle(np.concatenate(pooled) if pooled else np.empty(0), specs[item[1]])
+            fits[item] = Fit("logicle", item[1], (item[1],), {k: fitted[k] for k in ("T", "W", "M", "A")},
+                             n_neg, "batch", note)
         else:
             # each sample contributes at most MAX_FIT_EVENTS / n of its events
             step = [max(1, -(-x.size * len(pooled) // MAX_FIT_EVENTS)) for x, _ in pooled]

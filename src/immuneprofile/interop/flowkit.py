@@ -55,8 +55,17 @@ def to_gating_strategy(
     thresholds
         Values for thresholds, e.g. the fitted ones of a :class:`~immuneprofile.gating.GatingResult`
         (``{(marker, cut): value}``); required for data-driven thresholds.
+
+    Data-driven transforms and 2-D gates (``W: auto``, ``singlet``, ``cluster``) are fitted
+    on ``data`` first (:func:`~immuneprofile.engine.fit2d.fit_template`), as the engine fits
+    them; or pass the fitted template of a result (``GatingResult.template``).
     """
     import flowkit as fk
+
+    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+
+    if needs_fitting(template):
+        template = fit_template(data, template, thresholds=thresholds)[0]
 
     gs = fk.GatingStrategy()
     if data.compensation == "FCS":

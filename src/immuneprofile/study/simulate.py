@@ -857,6 +857,7 @@ def simulate_study(
     weeks: Sequence[int] = (0, 1, 2, 4, 9, 24),
     panels: Sequence[str] = ("tcell", "treg", "monocyte"),
     seed: int = 0,
+    instrument=None,
 ) -> dict[str, object]:
     """Simulate the UC-MSC psoriasis case series and write it to ``out_dir``.
 
@@ -888,6 +889,10 @@ def simulate_study(
         Panels to stain each sample with (keys of :data:`PANELS`).
     seed
         Random seed.
+    instrument
+        Optional ``f(sample, rng) -> Recorded`` recording each sample on another
+        instrument (e.g. :func:`immuneprofile.study.instrument.other_instrument`);
+        the cells, hence ``truth.csv``, are the same.
 
     Returns
     -------
@@ -925,10 +930,14 @@ def simulate_study(
                 sid = f"{patient}_W{week:02d}_{panel}"
                 rng = np.random.default_rng([seed, 2, pi, wi, ki])
                 sim = simulate_sample(panel, n_events, frequencies=freqs, rng=rng)
-                path = write_fcs(out / f"{sid}.fcs", sim, {
-                    "$DATE": date, "PATIENT": patient, "WEEK": str(week), "PANEL": panel,
-                    "$SRC": "peripheral blood", "$SMNO": sid,
-                })
+                meta = {"$DATE": date, "PATIENT": patient, "WEEK": str(week), "PANEL": panel,
+                        "$SRC": "peripheral blood", "$SMNO": sid}
+                if instrument is None:
+                    path = write_fcs(out / f"{sid}.fcs", sim, meta)
+                else:
+                    from immuneprofile.study.instrument import write_recorded
+
+                    path = write_recorded(out / f"{sid}.fcs", instrument(sim, rng), meta)
                 fcs[sid] = path
                 sample_rows.append([path.name, sid, patient, week, panel])
                 for row in truth_table(sim):
