@@ -155,6 +155,16 @@ def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
     return files
 
 
+def _column_spec(template, label: str, scatter: bool, col: np.ndarray):
+    """The transform spec of a channel for AnnData; a data-driven logicle the template did not gate on
+    (``W: auto``) is fitted on the column."""
+    from immuneprofile.engine.fit2d import fitted_logicle
+    from immuneprofile.engine.transforms import is_auto
+
+    spec = template.transform_for(label, scatter)
+    return fitted_logicle(col, spec)[0] if is_auto(spec) else spec
+
+
 def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """Events as an :class:`anndata.AnnData` for scanpy users.
 
@@ -167,8 +177,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from immuneprofile.engine.fit2d import fitted_logicle
-    from immuneprofile.engine.transforms import is_auto, make_transform
+    from immuneprofile.engine.transforms import make_transform
 
     if isinstance(results, GatingResult):
         results = [results]
@@ -182,10 +191,8 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
         cols = []
         for j, ch in enumerate(d.channels):
             scatter = j in d.scatter
-            spec = res.template.transform_for(ch if scatter else d.marker_label(j), scatter)
             col = d.column(j)
-            if is_auto(spec):  # a data-driven logicle the template did not gate on: fitted on this column
-                spec = fitted_logicle(col, spec)[0]
+            spec = _column_spec(res.template, ch if scatter else d.marker_label(j), scatter, col)
             if spec is not None:
                 col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
             cols.append(col.astype(np.float32))

@@ -63,6 +63,12 @@ def _as_recorded(sample: SimulatedSample | Recorded) -> Recorded:
                     sample.spillover, [262144] * len(sample.channels))
 
 
+def _wider_negatives(fl: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    """Extra noise that makes the negatives' spread ``factor`` times wider (their SD capped at 150)."""
+    base_sd = 1.4826 * np.median(np.abs(fl - np.median(fl, axis=0)), axis=0)
+    return rng.standard_normal(fl.shape) * (np.minimum(base_sd, 150.0) * np.sqrt(factor ** 2 - 1))
+
+
 def other_instrument(
     sample: SimulatedSample,
     *,
@@ -102,22 +108,25 @@ def other_instrument(
         if c in SCATTER_CHANNELS:
             unmixed[:, i] = np.clip(unmixed[:, i] * gains[c], 0, scatter_range - 1)
     if negative_spread > 1:
-        base_sd = 1.4826 * np.median(np.abs(unmixed[:, fl] - np.median(unmixed[:, fl], axis=0)), axis=0)
-        extra = np.minimum(base_sd, 150.0) * np.sqrt(negative_spread ** 2 - 1)
-        unmixed[:, fl] += rng.standard_normal((unmixed.shape[0], len(fl))) * extra
+        unmixed[:, fl] += _wider_negatives(unmixed[:, fl], negative_spread, rng)
     raw = unmixed.copy()
     raw[:, fl] = unmixed[:, fl] @ sample.spillover
+    events, chans, ranges = _columns(raw, list(sample.channels), fl if heights else [], scatter_range)
+    return Recorded(events, chans, dict(sample.labels), [names[i] for i in fl], sample.spillover, ranges)
+
+
+def _columns(raw: np.ndarray, channels: list[tuple[str, str]], heights: list[int], scatter_range: int):
+    """Events, ``($PnN, $PnS)`` and ``$PnR`` of the recorded channels: a ``-H`` after each of ``heights``."""
     cols, chans, ranges = [], [], []
-    for i, (pnn, pns) in enumerate(sample.channels):
+    for i, (pnn, pns) in enumerate(channels):
         cols.append(raw[:, i])
         chans.append((pnn, pns))
         ranges.append(scatter_range if pnn in SCATTER_CHANNELS else 262144)
-        if heights and i in fl:
+        if i in heights:
             cols.append(0.82 * raw[:, i])
             chans.append((pnn[:-2] + "-H" if pnn.endswith("-A") else pnn + "-H", ""))
             ranges.append(262144)
-    return Recorded(np.column_stack(cols).astype(np.float32), chans, dict(sample.labels),
-                    [names[i] for i in fl], sample.spillover, ranges)
+    return np.column_stack(cols).astype(np.float32), chans, ranges
 
 
 def inject_faults(

@@ -271,17 +271,23 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _check_target(opts: Mapping[str, Any]) -> str | None:
+    """What is wrong with a cluster gate's ``target`` and ``units`` (``None``: nothing)."""
+    t = opts.get("target")
+    if not isinstance(t, Sequence) or isinstance(t, str) or len(t) != 2 or not all(map(_num, t)):
+        return f"needs `target: [x, y]` (two numbers), got {t!r}"
+    units = opts.get("units", "quantile")
+    if units not in ("quantile", "data"):
+        return f"units must be 'quantile' (target as quantiles of the parent's events) or 'data', got {units!r}"
+    if units == "quantile" and not all(0 <= v <= 1 for v in t):
+        return f"a target in quantile units needs two numbers in [0, 1], got {t!r}"
+    return None
+
+
 def _check_fit_options(kind: str, opts: Mapping[str, Any]) -> str | None:
     """What is wrong with a data-driven gate's options (``None``: nothing)."""
-    if kind == "cluster":
-        t = opts.get("target")
-        if not isinstance(t, Sequence) or isinstance(t, str) or len(t) != 2 or not all(map(_num, t)):
-            return f"needs `target: [x, y]` (two numbers), got {t!r}"
-        units = opts.get("units", "quantile")
-        if units not in ("quantile", "data"):
-            return f"units must be 'quantile' (target as quantiles of the parent's events) or 'data', got {units!r}"
-        if units == "quantile" and not all(0 <= v <= 1 for v in t):
-            return f"a target in quantile units needs two numbers in [0, 1], got {t!r}"
+    if kind == "cluster" and _check_target(opts):
+        return _check_target(opts)
     if "k" in opts and not (_num(opts["k"]) and opts["k"] > 0):
         return f"k (the band's half-width in robust SDs) must be a number > 0, got {opts['k']!r}"
     if "q" in opts and not (_num(opts["q"]) and 0 < opts["q"] < 1):
