@@ -8,9 +8,39 @@ from pathlib import Path
 import click
 
 from immuneprofile import __version__
+from immuneprofile.exceptions import ImmuneProfileError
+
+# Exit codes: 0 all well; 1 some files (or reference populations) failed, the others' results written;
+# 2 the run could not start (bad template, sheet, option or database): one red line, no traceback.
+# Every message prints user text (file names, labels, populations) literally, never as rich markup.
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _say(label: str, style: str, message: str, console=None) -> None:
+    """Print ``label`` in ``style`` followed by ``message`` taken literally (no markup)."""
+    from rich.text import Text
+
+    text = Text.assemble((label, style), " ", str(message)) if label else Text(str(message))
+    (console or _console()).print(text)
+
+
+class _Group(click.Group):
+    """Click group turning every :class:`ImmuneProfileError` into one red line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ImmuneProfileError as exc:
+            _say("error:", "bold red", str(exc))
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="immuneprofile")
 def main() -> None:
     """immuneprofile: gate FCS files with declarative templates and relate subsets to PASI."""
@@ -21,9 +51,9 @@ def main() -> None:
               help="Gating template: a YAML file or a shipped template's name (treg, monocytes, "
                    "tcell_skin_homing). Repeatable: each file is read once and "
                    "gated with every template.")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output directory (created if missing).")
+              help="Output directory (created if missing; outputs of an earlier run there are replaced).")
 @click.option("--compensation", default="auto", show_default=True,
               help="'auto' (file's $SPILLOVER if any), 'fcs', 'none', or a CSV matrix path.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=int,
@@ -38,28 +68,25 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     population, and the events go to events_<template>.h5ad. A file that cannot
     be read or gated is reported and skipped; the exit code is 1 if any file failed.
     """
-    from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
 
     from immuneprofile.batch import gate_files
-    from immuneprofile.stats import to_anndata, write_tables
-    from immuneprofile.template.parse import TemplateError, load_template
+    from immuneprofile.stats import clear_outputs, to_anndata, write_tables
+    from immuneprofile.template.parse import load_template
 
-    err = Console(stderr=True, soft_wrap=True)
-    try:
-        templates = [load_template(p) for p in template_paths]
-    except TemplateError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        sys.exit(2)
+    err = _console()
+    templates = [load_template(p) for p in template_paths]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_outputs(out)
     with Progress(console=err, transient=False) as bar:
-        task = bar.add_task(f"gating with {', '.join(t.name for t in templates)}", total=len(files))
+        task = bar.add_task(escape(f"gating with {', '.join(t.name for t in templates)}"), total=len(files))
 
         def tick(path: str, error: str | None) -> None:
             bar.advance(task)
             if error:
-                bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
+                _say("failed:", "red", error, bar.console)
 
         batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
     write_tables(out, batch.table, batch.thresholds, batch.errors)
@@ -69,10 +96,46 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
             try:  # results: files in order, templates in order within a file (each its fitted copy)
                 to_anndata(batch.results[k::len(templates)]).write_h5ad(out / name)
             except ValueError as exc:
-                err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
+                _say(f"AnnData not written ({name}):", "yellow", str(exc), err)
     n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
-    err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
+    _say("", "", f"{n_ok} file(s) gated, {n_bad} failed -> {out}", err)
     sys.exit(1 if n_bad else 0)
+
+
+@main.command("inspect")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("-t", "--template", "template_paths", multiple=True,
+              help="Template (YAML path or shipped name) whose markers to look for. Repeatable.")
+@click.option("--dataset", default=None, type=int, help="Data set of a multi-data-set file (0-based).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list, one object per file).")
+def inspect_cmd(files: tuple[str, ...], template_paths: tuple[str, ...], dataset: int | None, as_json: bool) -> None:
+    """A first look at FILES: channels, markers, events, data type, compensation, template readiness.
+
+    Reads only each file's HEADER and TEXT. Exit code 1 if a file cannot be read or a
+    template's marker is missing from a file.
+    """
+    import json
+
+    from immuneprofile.io.inspect import format_inspection, inspect_fcs
+    from immuneprofile.template.parse import load_template
+
+    templates = [load_template(p) for p in template_paths]
+    infos, bad = [], 0
+    for path in files:
+        try:
+            infos.append(inspect_fcs(path, templates, dataset=dataset))
+        except ImmuneProfileError as exc:
+            bad += 1
+            infos.append({"path": path, "error": str(exc)})
+            if not as_json:
+                _say("failed:", "red", str(exc))
+            continue
+        bad += any(not t["ready"] for t in infos[-1]["templates"])
+        if not as_json:
+            click.echo(format_inspection(infos[-1]))
+    if as_json:
+        click.echo(json.dumps(infos, indent=1))
+    sys.exit(1 if bad else 0)
 
 
 @main.command()
@@ -95,13 +158,9 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
     Writes one population table for the study and, with --clinical, the PASI
     correlation outputs. Exit code 1 if any file failed.
     """
-    from rich.console import Console
-
-    from immuneprofile.study.clinical import ClinicalDataError
     from immuneprofile.study.run import DEFAULT_TEMPLATES, run_study
-    from immuneprofile.template.parse import TemplateError
 
-    err = Console(stderr=True, soft_wrap=True)
+    err = _console()
     mapping: dict[str, str] = dict(DEFAULT_TEMPLATES)
     for item in templates:
         panel, sep, path = item.partition("=")
@@ -111,15 +170,12 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 
     def tick(path: str, error: str | None) -> None:
         if error:
-            err.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
+            _say("failed:", "red", error, err)
 
-    try:
-        res = run_study(sample_sheet, out_dir, templates=mapping, gating_dir=gating_dir, clinical=clinical,
-                        compensation=compensation, jobs=jobs, anndata=anndata, progress=tick)
-    except (TemplateError, ClinicalDataError) as exc:
-        raise click.ClickException(str(exc))
+    res = run_study(sample_sheet, out_dir, templates=mapping, gating_dir=gating_dir, clinical=clinical,
+                    compensation=compensation, jobs=jobs, anndata=anndata, progress=tick)
     n_samples = res["table"]["sample_id"].nunique() if not res["table"].empty else 0
-    err.print(f"{n_samples} sample(s) gated, {len(res['errors'])} failed -> {out_dir}", highlight=False)
+    _say("", "", f"{n_samples} sample(s) gated, {len(res['errors'])} failed -> {out_dir}", err)
     for path in res["files"].values():
         click.echo(str(path))
     sys.exit(1 if res["errors"] else 0)
@@ -148,12 +204,8 @@ def simulate(out_dir: str, n_events: int, seed: int) -> None:
 def correlate_cmd(populations: str, clinical: str, samples: str | None, out_dir: str) -> None:
     """Relate subset shifts to PASI: changes from baseline, PASI75/90, rmcorr, mixed models, plots."""
     from immuneprofile.study.association import correlate
-    from immuneprofile.study.clinical import ClinicalDataError
 
-    try:
-        res = correlate(populations, clinical, samples, out_dir)
-    except ClinicalDataError as exc:
-        raise click.ClickException(str(exc))
+    res = correlate(populations, clinical, samples, out_dir)
     for path in res["files"].values():
         click.echo(str(path))
 
@@ -176,12 +228,9 @@ def reference() -> None:
 def reference_add(db: str, batch_id: str, populations: str, samples: tuple[str, ...], date: str | None,
                   note: str) -> None:
     """Store the reference sample's population frequencies of one batch."""
-    from immuneprofile.qc.reference import ReferenceDBError, add_reference
+    from immuneprofile.qc.reference import add_reference
 
-    try:
-        rows = add_reference(db, batch_id, populations, sample=list(samples) or None, date=date, note=note)
-    except ReferenceDBError as exc:
-        raise click.ClickException(str(exc))
+    rows = add_reference(db, batch_id, populations, sample=list(samples) or None, date=date, note=note)
     click.echo(f"batch {batch_id}: stored {len(rows)} population(s) of "
                f"{', '.join(sorted(set(rows['sample_id'])))} in {db}")
 
@@ -204,22 +253,20 @@ def reference_check(db: str, populations: str, samples: tuple[str, ...], batch_i
     """Check a batch's reference sample against the history (1-3s, 2-2s); exit 1 if any population fails."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from immuneprofile.qc.reference import ReferenceDBError, check_reference, write_levey_jennings
+    from immuneprofile.qc.reference import check_reference, write_levey_jennings
 
-    try:
-        res = check_reference(db, populations, batch_id=batch_id, sample=list(samples) or None,
-                              min_history=min_history)
-    except ReferenceDBError as exc:
-        raise click.ClickException(str(exc))
-    table = Table(title=f"reference check against {db}")
+    res = check_reference(db, populations, batch_id=batch_id, sample=list(samples) or None,
+                          min_history=min_history)
+    table = Table(title=Text(f"reference check against {db}"))
     for col in ("template", "population", "value", "n", "mean", "sd", "z", "rules", "status"):
         table.add_column(col, justify="right" if col in ("value", "n", "mean", "sd", "z") else "left")
     colour = {"pass": "green", "fail": "bold red", "insufficient-history": "yellow"}
     for r in res.itertuples(index=False):
-        table.add_row(r.template, r.population, f"{r.value:.2f}", str(r.n_history), f"{r.mean:.2f}",
-                      f"{r.sd:.2f}", f"{r.z:.2f}", r.rules or r.warning,
-                      f"[{colour.get(r.status, 'white')}]{r.status}[/]")
+        table.add_row(Text(str(r.template)), Text(str(r.population)), f"{r.value:.2f}", str(r.n_history),
+                      f"{r.mean:.2f}", f"{r.sd:.2f}", f"{r.z:.2f}", Text(str(r.rules or r.warning)),
+                      Text(str(r.status), style=colour.get(r.status, "white")))
     Console(width=140).print(table)
     if out_csv:
         res.to_csv(out_csv, index=False)
@@ -236,12 +283,9 @@ def reference_check(db: str, populations: str, samples: tuple[str, ...], batch_i
 @click.option("--batch", "batch_id", required=True, help="Batch to delete.")
 def reference_remove(db: str, batch_id: str) -> None:
     """Delete a stored batch (e.g. one added by mistake)."""
-    from immuneprofile.qc.reference import ReferenceDBError, remove_batch
+    from immuneprofile.qc.reference import remove_batch
 
-    try:
-        remove_batch(db, batch_id)
-    except ReferenceDBError as exc:
-        raise click.ClickException(str(exc))
+    remove_batch(db, batch_id)
     click.echo(f"removed batch {batch_id} from {db}")
 
 
@@ -261,13 +305,9 @@ def report_cmd(template_path: str, files: tuple[str, ...], out_dir: str, referen
                reference_samples: tuple[str, ...], compensation: str) -> None:
     """Gate FILES and write an HTML report: gating plots, population tables, reference check, warnings."""
     from immuneprofile.qc.report import make_report
-    from immuneprofile.template.parse import TemplateError
 
-    try:
-        path, batch = make_report(template_path, files, out_dir, compensation=compensation,
-                                  reference_db=reference_db, reference_sample=list(reference_samples) or None)
-    except TemplateError as exc:
-        raise click.ClickException(str(exc))
+    path, batch = make_report(template_path, files, out_dir, compensation=compensation,
+                              reference_db=reference_db, reference_sample=list(reference_samples) or None)
     click.echo(f"{len(batch.results)} sample(s) gated, {len(batch.errors)} failed -> {path}")
 
 

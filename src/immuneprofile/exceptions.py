@@ -12,6 +12,7 @@ __all__ = [
     "ClinicalDataError",
     "DuplicateBatchError",
     "FCSError",
+    "FCSWarning",
     "GatingError",
     "GatingMLError",
     "GatingMLWarning",
@@ -83,3 +84,7 @@ class ThresholdWarning(ImmuneProfileWarning):
 
 class GatingMLWarning(ImmuneProfileWarning):
     """A Gating-ML document needed repair (e.g. gates wrapped in a non-Gating-ML element)."""
+
+
+class FCSWarning(ImmuneProfileWarning):
+    """An FCS file is unusual but readable (the message says what was unusual and how it was read)."""

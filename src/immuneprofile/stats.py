@@ -15,7 +15,8 @@ import pandas as pd
 from immuneprofile.engine.gating import GatingResult
 from immuneprofile.exceptions import MarkerError
 
-__all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "TABLE_COLUMNS"]
+__all__ = ["population_table", "thresholds_table", "to_anndata", "write_tables", "clear_outputs", "RUN_TABLES",
+           "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["sample_id", "population", "parent", "count", "parent_count", "pct_parent", "pct_total"]
 
@@ -131,6 +132,25 @@ def _fit_row(res: GatingResult, fit) -> dict[str, object]:
             "fallback": False, "note": "; ".join(x for x in (row["params"], fit.note) if x)}
 
 
+#: The tables :func:`write_tables` writes; it removes those an earlier run left in the folder.
+RUN_TABLES = ("populations.csv", "populations.parquet", "thresholds.csv", "errors.csv")
+
+
+def clear_outputs(out_dir) -> list[str]:
+    """Remove the outputs an earlier ``gate`` run left in ``out_dir`` (tables and ``events*.h5ad``).
+
+    Returns the names removed.
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    stale = [out / n for n in RUN_TABLES] + sorted(out.glob("events*.h5ad"))
+    removed = [p.name for p in stale if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
                  errors: dict[str, str]) -> dict[str, object]:
     """Write a run's tables into ``out_dir``: what ``gate`` and ``study`` both produce.
@@ -142,6 +162,8 @@ def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
 
     out = Path(out_dir)
     files: dict[str, object] = {}
+    for name in RUN_TABLES:  # a run's outputs are that run's: no table left from an earlier run
+        (out / name).unlink(missing_ok=True)
     if not table.empty:
         table.to_csv(out / "populations.csv", index=False)
         table.to_parquet(out / "populations.parquet", index=False)

@@ -190,12 +190,25 @@ class _Columns:
         cache = self.__dict__.setdefault("_matrix_events", {})
         ev = cache.get(matrix_id)
         if ev is None:
-            from flowkit import Matrix
+            from immuneprofile.io.fcs import compensate_inplace
 
             frame = self.template.compensation[matrix_id]
-            m = Matrix(np.asarray(frame, dtype=float), list(frame.columns), list(frame.index))
-            ev = cache[matrix_id] = m.apply(self.data.sample)
+            missing = [str(c) for c in frame.columns if c not in self.data.channels]
+            if missing:
+                raise GatingError(f"{self.data.path}: template {self.template.path} matrix {matrix_id!r} "
+                                  f"names channels not in the file: {', '.join(missing)}")
+            ev = self.raw_events().copy(order="F")
+            idx = [self.data.channels.index(c) for c in frame.columns]
+            compensate_inplace(ev, np.asarray(frame, dtype=float), idx)  # FlowKit Matrix.apply's arithmetic
+            cache[matrix_id] = ev
         return np.ascontiguousarray(ev[:, ch])
+
+    def raw_events(self) -> np.ndarray:
+        """The file's uncompensated events (read again once, only when a gate asks for them)."""
+        raw = self.__dict__.get("_raw_events")
+        if raw is None:
+            raw = self.__dict__["_raw_events"] = self.data.raw_events()
+        return raw
 
     def base(self, ch: int, compensated: bool | str) -> np.ndarray:
         """Contiguous column ``ch`` of the compensated (or, if not ``compensated``, raw) events."""
@@ -205,7 +218,7 @@ class _Columns:
             return self.data.column(ch)
         col = self._raw_cols.get(ch)
         if col is None:
-            col = np.ascontiguousarray(self.data.sample.get_events(source="raw")[:, ch])
+            col = np.ascontiguousarray(self.raw_events()[:, ch])
             self._raw_cols[ch] = col
         return col
 
@@ -287,8 +300,10 @@ def _cmp(vals_raw: np.ndarray, xb: float | None, t: float, ge: bool, exact_fn) -
         tv = exact_fn(np.arange(vals_raw.size))
         return tv >= t if ge else tv < t
     tol = _REL_TOL * (1.0 + abs(xb))
-    out = vals_raw > xb if ge else vals_raw < xb
-    unsure = np.flatnonzero(np.abs(vals_raw - xb) <= tol)
+    with np.errstate(invalid="ignore"):
+        out = vals_raw > xb if ge else vals_raw < xb
+        # near the cut, or not finite: FlowKit's transform decides (logicle/hyperlog map NaN and +-inf to -1.0)
+        unsure = np.flatnonzero((np.abs(vals_raw - xb) <= tol) | ~np.isfinite(vals_raw))
     if unsure.size:
         tv = exact_fn(unsure)
         out[unsure] = tv >= t if ge else tv < t
@@ -555,15 +570,15 @@ class _Engine:
     def cut(self, ch: int, comp, xb: float, wait: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
         """Bit sets of all events surely at or above and surely below a raw-scale cut (one pass, kept).
 
-        Events in neither are within the tolerance of the cut, or NaN; the third
-        item says whether there are any.
+        Events in neither are within the tolerance of the cut, or not finite (NaN, +-inf:
+        decided by FlowKit's transform, see :func:`_cmp`); the third item says whether there are any.
         """
         col = self.cols.base(ch, comp)
 
         def compute():
             a, b = _sure_cut(xb)
             above, below = self.shared.buffer(self.full()), self.shared.buffer(self.full())
-            self.K.interval_bits(col, a, np.inf, -np.inf, b, above, below)
+            self.K.interval_bits(col, a, _MAX, -_MAX, b, above, below)  # +-inf: never "sure"
             return above, below, bool(((above | below) != self.full()).any())
 
         return self.shared.get(("cut", ch, self._comp_key(comp), xb), compute, wait)
@@ -672,6 +687,7 @@ class _Engine:
             if a is not None and b is not None and dim.ratio is None:
                 cuts.append((self.cols.channel(dim.marker, pop.name), a, b))
         sure, unsure = self._in_box(cuts, P, comp)
+        # not finite (NaN, +-inf) in a bounded dimension: never "sure", so among ``unsure`` and transformed exactly
         return _members(sure if unsure is None else sure | unsure, self.n)
 
     def polygon(self, pop: Population, g: PolygonGate, P, comp) -> np.ndarray:
@@ -766,6 +782,9 @@ def _vertices(vertices) -> tuple:
     if len(v) <= TUPLE_VERTICES:
         return tuple(float(x) for x in v[:, 0]), tuple(float(y) for y in v[:, 1])
     return np.ascontiguousarray(v[:, 0]), np.ascontiguousarray(v[:, 1])
+
+
+_MAX = float(np.finfo(np.float64).max)
 
 
 def _sure_cut(xb: float) -> tuple[float, float]:

@@ -105,12 +105,16 @@ def is_auto(spec: Mapping[str, Any] | None) -> bool:
 
 
 def transform_key(spec: Mapping[str, Any] | None) -> str:
-    """A short stable identifier of a spec, used as the FlowKit transform id."""
+    """A stable identifier of a spec, used as the FlowKit transform id and as cache key.
+
+    Exact: each parameter is written as the shortest string that reads back as the same
+    float (``repr``), so two transforms differing in any digit never share a key.
+    """
     if spec is None:
         return "none"
     if is_auto(spec):
-        return f"logicle_auto_T{spec['T']:g}_M{spec['M']:g}_A{spec['A']:g}_{spec['scope']}_q{spec['q']:g}"
-    return spec["type"] + "_" + "_".join(f"{k}{spec[k]:g}" for k in _PARAMS[spec["type"]])
+        return f"logicle_auto_T{spec['T']!r}_M{spec['M']!r}_A{spec['A']!r}_{spec['scope']}_q{spec['q']!r}"
+    return spec["type"] + "_" + "_".join(f"{k}{float(spec[k])!r}" for k in _PARAMS[spec["type"]])
 
 
 def make_transform(spec: Mapping[str, Any] | None):

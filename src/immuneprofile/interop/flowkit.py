@@ -68,9 +68,12 @@ def to_gating_strategy(
         template = fit_template(data, template, thresholds=thresholds)[0]
 
     gs = fk.GatingStrategy()
-    if data.compensation == "FCS":
+    from immuneprofile.io.fcs import fluoro_indices
+
+    fluoro = [data.channels[i] for i in fluoro_indices(data.channels)]
+    if data.compensation == "FCS" and list(data.compensated) == fluoro:
         comp_ref = "FCS"
-    elif data.compensation == "custom":
+    elif data.compensation is not None:  # a user's matrix, or a $SPILLOVER naming only some channels
         comp_ref = "custom"
         gs.add_comp_matrix("custom", data.spill)
     else:

@@ -10,12 +10,15 @@ from immuneprofile.io.fcs import (
     load_fcs,
     normalize_marker,
 )
+from immuneprofile.io.inspect import format_inspection, inspect_fcs
 
 __all__ = [
     "FCSData",
     "FCSError",
     "MARKER_ALIASES",
     "MarkerError",
+    "format_inspection",
+    "inspect_fcs",
     "load_fcs",
     "normalize_marker",
 ]

@@ -92,10 +92,10 @@ class _Values:
     def _col(self, name: str, comp: bool) -> np.ndarray:
         d = self.data
         j = d.find_channel(name)
-        if comp or d.compensation is None or d.sample is None:
+        if comp or d.compensation is None:
             return d.column(j)
         if self._raw is None:
-            self._raw = d.sample.get_events(source="raw")
+            self._raw = d.raw_events()
         return self._raw[:, j]
 
     def get(self, dim: Dim, idx: np.ndarray, comp: bool) -> np.ndarray:
