@@ -40,7 +40,7 @@ def sim():
 def files(sim, tmp_path_factory):
     d = tmp_path_factory.mktemp("fit2d")
     ref = write_recorded(d / "ref.fcs", sim)
-    other = write_recorded(d / "other.fcs", other_instrument(sim, rng=3, heights=False))
+    other = write_recorded(d / "other.fcs", other_instrument(sim, rng=3))
     return ref, other
 
 
