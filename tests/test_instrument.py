@@ -88,3 +88,18 @@ def test_fixed_scatter_polygons_do_not_travel(other_cohort):
     m = _gate_cohort(other_cohort, {"treg": ip.parse_template(doc, "treg-fixed")})
     m = m[m.panel == "treg"]
     assert m.pct_parent_gated.isna().any() or m.err.max() > 5
+
+
+def test_cli_simulates_another_instrument(tmp_path):
+    from click.testing import CliRunner
+
+    from immuneprofile.cli import main
+
+    out = tmp_path / "other"
+    r = CliRunner().invoke(main, ["simulate", str(out), "--events", "500", "--other-instrument"])
+    assert r.exit_code == 0, r.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = ip.load_fcs(out / "P2_W09_monocyte.fcs")
+    assert "AF700-H" in data.channels and "AF700-H" not in data.compensated
+    assert data.metadata[f"p{data.channels.index('SSC-A') + 1}r"] == str(2 ** 20)

@@ -185,11 +185,16 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--events", "n_events", default=50_000, show_default=True, type=int, help="Events per file.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def simulate(out_dir: str, n_events: int, seed: int) -> None:
+@click.option("--other-instrument", is_flag=True,
+              help="Record on another cytometer's scale (scatter gains, 2^20 range, -H detectors, "
+                   "$SPILLOVER over -A only, wider negatives); same cells, same truth.")
+def simulate(out_dir: str, n_events: int, seed: int, other_instrument: bool) -> None:
     """Write a simulated case-series study (FCS files, truth, clinical and sample sheets) to OUT_DIR."""
+    from immuneprofile.study.instrument import other_instrument as record
     from immuneprofile.study.simulate import simulate_study
 
-    simulate_study(out_dir, n_events=n_events, seed=seed)
+    simulate_study(out_dir, n_events=n_events, seed=seed,
+                   instrument=(lambda s, rng: record(s, rng=rng)) if other_instrument else None)
     click.echo(f"wrote simulated study to {out_dir}")
 
 
