@@ -157,4 +157,14 @@ def test_report_draws_the_fitted_gates(files):
     band = json.loads(th.loc["singlets", "note"].split("; ")[0])["vertices"]
     assert np.allclose(gids["gate:singlets"].get_xy()[:4], band)
     ell = json.loads(th.loc["lymphocytes", "note"].split("; ")[0])
-    assert np.allclose(gids["gate:lymphocytes"].center, ell["center"])
+    assert np.allclose(gids["gate:lymphocytes"].get_xy()[:16], ell["vertices"])
+
+
+def test_cluster_polygon_lies_on_the_fitted_ellipse(files):
+    """The cluster gate's vertices are on the recorded ellipse (Mahalanobis distance^2 = distance_square)."""
+    res = gate_sample(_load(files[0]), parse_template(DOC))
+    p = next(f for f in res.fits if f.kind == "cluster").params
+    d = np.asarray(p["vertices"]) - p["center"]
+    m2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(p["covariance"]), d)
+    assert len(d) == 16 and np.allclose(m2, p["distance_square"], rtol=1e-6)
+    assert p["distance_square"] == pytest.approx(9.2103, abs=1e-3)  # chi-square 99 % quantile, 2 dof

@@ -9,12 +9,13 @@ instruments (OpenCyto's data-driven templates):
 * a ``singlet`` gate (:func:`fit_singlet`, as OpenCyto's ``singletGate``: a band
   of ``k`` robust SDs around the robust linear fit of FSC-H on FSC-A);
 * a ``cluster`` gate (:func:`fit_cluster`, as ``flowClust``: the Gaussian-mixture
-  component nearest a stated target, as an ellipse at a chi-square quantile).
+  component nearest a stated target, as an ellipse at a chi-square quantile, gated as a
+  16-vertex polygon on it, :func:`ellipse_polygon`).
 
 :func:`fit_template` fits them, per sample or with values given for the batch
 (``scope: batch``, pooled by :func:`fit_batch`), and returns an ordinary
 template: fitted logicles are ordinary logicle transforms, fitted gates ordinary
-polygons and ellipses, so the engine's exactness holds and
+polygons, so the engine's exactness holds and
 :func:`~immuneprofile.interop.flowkit.to_gating_strategy` converts them as any
 other gate. Every fitted value is returned as a :class:`Fit` (the ``fits.csv``
 table, :func:`immuneprofile.stats.fits_table`).
@@ -31,9 +32,12 @@ import numpy as np
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS
 from immuneprofile.engine.transforms import is_auto
 from immuneprofile.exceptions import GatingError
-from immuneprofile.template.parse import Dim, EllipseGate, FitGate, PolygonGate, Population, Template
+from immuneprofile.template.parse import Dim, FitGate, PolygonGate, Population, Template
 
-__all__ = ["Fit", "estimate_logicle_width", "fitted_logicle", "fit_singlet", "fit_cluster", "fit_template", "fit_batch",
+#: A mixture is fitted on at most this many of the events it is given (every k-th).
+MAX_MIXTURE_EVENTS = 10_000
+
+__all__ = ["Fit", "ellipse_polygon", "estimate_logicle_width", "fitted_logicle", "fit_singlet", "fit_cluster", "fit_template", "fit_batch",
            "needs_fitting"]
 
 
@@ -172,6 +176,7 @@ def fit_cluster(x: np.ndarray, y: np.ndarray, target: tuple[float, float], *, un
     pts = pts[np.isfinite(pts).all(axis=1)]
     if pts.shape[0] < 20 * components:
         raise ValueError(f"only {pts.shape[0]} events to fit a {components}-component mixture on")
+    pts = pts[:: max(1, -(-pts.shape[0] // MAX_MIXTURE_EVENTS))]  # a systematic sample: deterministic
     scale = np.median(np.abs(pts), axis=0)
     scale[scale == 0] = 1.0
     z = pts / scale
@@ -270,16 +275,26 @@ def _fit_gate_1(pop: Population, x: np.ndarray, y: np.ndarray, scope: str, note:
     else:
         c, cov, d2 = fit_cluster(x, y, o["target"], units=o.get("units", "quantile"),
                                  components=int(o.get("components", 4)), q=float(o.get("q", 0.95)))
-        params = {"center": c, "covariance": cov, "distance_square": d2}
+        params = {"vertices": ellipse_polygon(c, cov, d2), "center": c, "covariance": cov, "distance_square": d2}
     return Fit(g.kind, pop.name, dims, params, int(x.size), scope, note)
 
 
-def gate_of(fit: Fit, g: FitGate) -> PolygonGate | EllipseGate:
-    """The ordinary gate a fitted 2-D gate becomes."""
-    p = fit.params
-    if fit.kind == "singlet":
-        return PolygonGate(g.dims, tuple(tuple(v) for v in p["vertices"]))
-    return EllipseGate(g.dims, tuple(p["center"]), tuple(tuple(r) for r in p["covariance"]), p["distance_square"])
+def gate_of(fit: Fit, g: FitGate) -> PolygonGate:
+    """The ordinary gate a fitted 2-D gate becomes: a polygon (the band; the cluster's ellipse as 16 vertices)."""
+    return PolygonGate(g.dims, tuple(tuple(v) for v in fit.params["vertices"]))
+
+
+def ellipse_polygon(center, covariance, distance_square: float, n: int = 16) -> list[tuple[float, float]]:
+    """``n`` vertices on the ellipse ``(v - c)^T cov^-1 (v - c) = distance_square`` (a convex polygon).
+
+    Gated as a polygon, a cluster costs one compiled pass over the events (an ellipse
+    is tested event by event; 16 vertices is the most the engine's convex-polygon pass
+    takes); the vertices are the gate, recorded with the ellipse they lie on.
+    """
+    a = np.linalg.cholesky(np.asarray(covariance, dtype=float)) * np.sqrt(distance_square)
+    t = 2 * np.pi * np.arange(n) / n
+    pts = np.asarray(center, dtype=float)[:, None] + a @ np.vstack([np.cos(t), np.sin(t)])
+    return [(round(float(u), 6), round(float(v), 6)) for u, v in pts.T]
 
 
 def _set_gate(template: Template, name: str, gate) -> Template:
@@ -300,9 +315,19 @@ def _fit_qc(data, template: Template) -> tuple[Template, Fit]:
                                       params, data.n_events, "sample", f"{res.removed} event(s) removed")
 
 
+def _share_key(template: Template, name: str, thresholds) -> str:
+    """What a data-driven gate's fit depends on: its gate and the (fitted) populations and thresholds above it."""
+    need = _closure(template, template[name].parent)
+    pops = [repr(p) for p in template.populations if p.name in need]
+    used = {str(r) for p in template.populations if p.name in need for bs in getattr(p.gate, "bounds", ())
+            for r in bs if r is not None and not isinstance(r, float)}
+    th = {k: v for k, v in template.thresholds.items() if any(u.startswith(f"{k}.") for u in used)}
+    return repr((template[name].gate, pops, th, sorted((thresholds or {}).items())))
+
+
 def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] | None = None,
                  thresholds: Mapping[tuple[str, str], Any] | None = None, *,
-                 collect: tuple[str, str] | None = None):
+                 collect: tuple[str, str] | None = None, shared: dict | None = None):
     """Fit a template's data-driven transforms and 2-D gates on one sample.
 
     Parameters
@@ -318,6 +343,9 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
         Threshold values given for the batch (as for :func:`immuneprofile.gate_sample`).
     collect
         Internal (:func:`fit_batch`): stop at this item and return the values it is fitted on.
+    shared
+        A dict kept while several templates are fitted on the same sample: a gate defined
+        identically (same fitting options, same ancestry and thresholds) is fitted once.
 
     Returns
     -------
@@ -351,6 +379,9 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
         g = out[pop.name].gate
         fit = given.get(("gate", pop.name))
         if fit is None:
+            key = _share_key(out, pop.name, thresholds) if shared is not None and collect is None else None
+            fit = shared.get(key) if key is not None else None
+        if fit is None:
             x, y = _parent_points(data, out, out[pop.name], thresholds)
             if collect == ("gate", pop.name):
                 return x, y
@@ -359,6 +390,10 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
             except ValueError as exc:
                 raise GatingError(f"{data.path}: template {template.path}: population {pop.name!r}: "
                                   f"{g.kind} gate: {exc}") from None
+            if key is not None:
+                shared[key] = fit
+        elif fit.name != pop.name:
+            fit = replace(fit, name=pop.name)
         out = _set_gate(out, pop.name, gate_of(fit, g))
         fits.append(fit)
     return out, fits

@@ -869,14 +869,14 @@ def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence
     """
     from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
 
-    out_t, out_fx, out_fits = [], [], []
+    out_t, out_fx, out_fits, shared = [], [], [], {}
     for t, fx in zip(templates, fixed):
         fx = dict(fx or {})
         given = {k: v for k, v in fx.items() if isinstance(v, Fit)}
         th = {k: v for k, v in fx.items() if not isinstance(v, Fit)}
         fits: list = []
         if needs_fitting(t):
-            t, fits = fit_template(data, t, given, th)
+            t, fits = fit_template(data, t, given, th, shared=shared)
         out_t.append(t)
         out_fx.append(th or None)
         out_fits.append(fits)
