@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import flowkit_sample
+import immuneprofile.exceptions as ip_errors
 from immuneprofile import TemplateError, gate_files, gate_sample, load_fcs, parse_template, thresholds_table
 from immuneprofile.engine.fit2d import estimate_logicle_width, fit_singlet
 from immuneprofile.interop.flowkit import flowkit_gate_path, to_gating_strategy
@@ -168,3 +169,13 @@ def test_cluster_polygon_lies_on_the_fitted_ellipse(files):
     m2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(p["covariance"]), d)
     assert len(d) == 16 and np.allclose(m2, p["distance_square"], rtol=1e-6)
     assert p["distance_square"] == pytest.approx(9.2103, abs=1e-3)  # chi-square 99 % quantile, 2 dof
+
+
+def test_too_few_events_to_fit_is_a_clear_error(files, tmp_path):
+    """A data-driven gate with (almost) no parent events fails that file, naming it, the population and why."""
+    doc = json.loads(json.dumps(DOC))
+    doc["populations"][0] = {"name": "lymphocytes", "gate": {"type": "range", "marker": "FSC-A", "min": 1e12}}
+    with pytest.raises(ip_errors.GatingError, match=r"ref\.fcs.*'singlets'.*only 0 events"):
+        gate_sample(_load(files[0]), parse_template(doc))
+    batch = gate_files(list(files), [parse_template(doc), parse_template(DOC)])
+    assert set(batch.errors) == {str(files[0]), str(files[1])}  # every file fails the same way, reported

@@ -366,37 +366,41 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
     specs: dict[str, dict[str, Any]] = {}
     for marker, spec in _auto_specs(template).items():
         if collect == ("logicle", marker):
-            ch = data.find_channel(marker, context=f"template {template.path}")
-            col = data.column(ch)
+            col = data.column(data.find_channel(marker, context=f"template {template.path}"))
             return col[np.isfinite(col) & (col < 0)]
         fit = given.get(("logicle", marker)) or _fit_logicle(data, template, marker, spec)
         specs[marker] = {"type": "logicle", **fit.params}
         fits.append(fit)
     out = _with_transforms(template, specs) if specs else template
     for pop in template.populations:
-        if not isinstance(pop.gate, FitGate):
-            continue
-        g = out[pop.name].gate
-        fit = given.get(("gate", pop.name))
-        if fit is None:
-            key = _share_key(out, pop.name, thresholds) if shared is not None and collect is None else None
-            fit = shared.get(key) if key is not None else None
-        if fit is None:
-            x, y = _parent_points(data, out, out[pop.name], thresholds)
-            if collect == ("gate", pop.name):
-                return x, y
-            try:
-                fit = _fit_gate(out[pop.name], x, y)
-            except ValueError as exc:
-                raise GatingError(f"{data.path}: template {template.path}: population {pop.name!r}: "
-                                  f"{g.kind} gate: {exc}") from None
-            if key is not None:
-                shared[key] = fit
-        elif fit.name != pop.name:
-            fit = replace(fit, name=pop.name)
-        out = _set_gate(out, pop.name, gate_of(fit, g))
-        fits.append(fit)
+        if isinstance(pop.gate, FitGate):
+            fit = _gate_fit(data, out, pop.name, given, thresholds, collect, shared)
+            if not isinstance(fit, Fit):  # the values collected for a batch fit
+                return fit
+            out = _set_gate(out, pop.name, gate_of(fit, pop.gate))
+            fits.append(fit)
     return out, fits
+
+
+def _gate_fit(data, out: Template, name: str, given, thresholds, collect, shared) -> Fit | tuple:
+    """The fit of data-driven gate ``name`` of ``out`` (given, shared, or fitted now), or its values (collect)."""
+    fit = given.get(("gate", name))
+    if fit is not None:
+        return fit
+    key = _share_key(out, name, thresholds) if shared is not None and collect is None else None
+    if key is not None and key in shared:
+        return replace(shared[key], name=name)
+    x, y = _parent_points(data, out, out[name], thresholds)
+    if collect == ("gate", name):
+        return x, y
+    try:
+        fit = _fit_gate(out[name], x, y)
+    except ValueError as exc:
+        raise GatingError(f"{data.path}: template {out.path}: population {name!r}: "
+                          f"{out[name].gate.kind} gate: {exc}") from None
+    if key is not None:
+        shared[key] = fit
+    return fit
 
 
 def batch_items(template: Template) -> list[tuple[str, str]]:
