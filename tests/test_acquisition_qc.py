@@ -92,3 +92,11 @@ def test_template_qc_step_counts_removed_events_per_file(faulty, tmp_path):
 def test_bad_qc_options_are_rejected(qc, msg):
     with pytest.raises(TemplateError, match=msg):
         parse_template({"qc": qc, "populations": [{"name": "p", "gate": {"type": "range", "marker": "CD3", "min": 0}}]})
+
+
+def test_small_file_is_not_time_checked(tmp_path):
+    """Under 50 bins the bin statistics say nothing reliable: the time course is left alone, and said so."""
+    path = write_recorded(tmp_path / "small.fcs", inject_faults(simulate_sample("treg", 2000, rng=1), rng=1))
+    res = acquisition_qc(_load(path))
+    assert res.removed_time == 0 and "time course not checked" in res.note
+    assert res.removed_margin >= 20  # margins are still removed (1 % of 2,000 injected)

@@ -312,7 +312,7 @@ def _fit_qc(data, template: Template) -> tuple[Template, Fit]:
               "bin_events": res.bin_events}
     return replace(out, qc=None), Fit("qc", QC_POPULATION, tuple(data.channels[j] for j in range(len(data.channels))
                                                                   if data.channels[j].lower() == "time"),
-                                      params, data.n_events, "sample", f"{res.removed} event(s) removed")
+                                      params, data.n_events, "sample", "; ".join(x for x in (f"{res.removed} event(s) removed", res.note) if x))
 
 
 def _share_key(template: Template, name: str, thresholds) -> str:

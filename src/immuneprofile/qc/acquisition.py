@@ -35,8 +35,10 @@ __all__ = ["QCResult", "QC_OPTIONS", "QC_POPULATION", "QC_POPULATIONS", "QC_REMO
            "check_qc_options", "flag_bins", "qc_populations"]
 
 #: Options of a template's ``qc:`` step and their defaults.
-QC_OPTIONS: dict[str, Any] = {"time": True, "margins": True, "bin_events": None, "k": 6.0, "shift": 0.5,
+QC_OPTIONS: dict[str, Any] = {"time": True, "margins": True, "bin_events": None, "k": 6.0, "shift": 0.04,
                               "min_run": 3, "channels": None}
+#: The time course is checked only when the events make at least this many bins (statistics over the bins).
+MIN_BINS = 50
 #: Names of the populations of the events QC keeps and removes.
 QC_POPULATION, QC_REMOVED = "qc_pass", "qc_removed"
 QC_POPULATIONS = (QC_POPULATION, QC_REMOVED)
@@ -58,6 +60,8 @@ class QCResult:
         Events removed by each rule (an event may be counted by both).
     n_bins, bin_events
         The binning used.
+    note
+        Why a check was not made (no Time channel, too few events), else empty.
     """
 
     keep: np.ndarray
@@ -67,6 +71,7 @@ class QCResult:
     removed_margin: int = 0
     n_bins: int = 0
     bin_events: int = 0
+    note: str = ""
 
     @property
     def removed(self) -> int:
@@ -198,7 +203,7 @@ def _bin_stats(time: np.ndarray, values: np.ndarray, edges: np.ndarray, tick: fl
 
 
 def acquisition_qc(data, *, time: bool = True, margins: bool = True, bin_events: int | None = None,
-                   k: float = 6.0, shift: float = 0.5, min_run: int = 3,
+                   k: float = 6.0, shift: float = 0.04, min_run: int = 3,
                    channels: list[str] | None = None) -> QCResult:
     """Flag the events acquired while the flow was unstable, and the margin events, of one sample.
 
@@ -211,11 +216,12 @@ def acquisition_qc(data, *, time: bool = True, margins: bool = True, bin_events:
     margins
         Remove events at or above ``$PnR - 1`` on any checked channel (raw values).
     bin_events
-        Events per bin (default: ``max(100, n / 200)``).
+        Events per bin (default: ``max(50, n / 200)``); the time course is checked only if
+        the events make at least :data:`MIN_BINS` (50) bins, so from 2,500 events by default.
     k, shift, min_run
-        See :func:`flag_bins`: outlier threshold and smallest level shift (in noise
-        SDs of a bin's statistic), and the longest run of good bins filled between
-        outlier bins.
+        See :func:`flag_bins`: the outlier threshold (noise SDs of a bin's statistic), the
+        smallest level shift removed, in SDs of one event's value (``0.04``: 0.4 noise SDs of
+        a 100-event bin's mean), and the longest run of good bins filled between outlier bins.
     channels
         Channels (``$PnN`` or markers) checked; default every channel but Time.
     """
@@ -235,20 +241,24 @@ def acquisition_qc(data, *, time: bool = True, margins: bool = True, bin_events:
                 res.margins[data.channels[j]] = limit
                 res.keep &= ~hit
         res.removed_margin = int((~res.keep).sum())
-    if time and tcol is not None and n >= 400:
-        bad_ev = _time_segments(data, tcol, chans, res, bin_events, dict(k=k, shift=shift, min_run=min_run))
+    size = int(bin_events or max(50, n // 200))
+    if time and tcol is not None and n // size >= MIN_BINS:
+        rule = dict(k=k, shift=shift * np.sqrt(size), min_run=min_run)  # shift: per event -> per bin mean
+        bad_ev = _time_segments(data, tcol, chans, res, size, rule)
         res.removed_time = int(bad_ev.sum())
         res.keep &= ~bad_ev
+    elif time:
+        res.note = ("no Time channel: time course not checked" if tcol is None else
+                    f"{n} events make fewer than {MIN_BINS} bins of {size}: time course not checked")
     return res
 
 
-def _time_segments(data, tcol: int, chans: list[int], res: QCResult, bin_events, rule: dict) -> np.ndarray:
+def _time_segments(data, tcol: int, chans: list[int], res: QCResult, size: int, rule: dict) -> np.ndarray:
     """Events in the outlier time segments (boolean, file order); fills ``res.segments`` and the binning."""
     n = data.n_events
     t = np.asarray(data.column(tcol), dtype=float)
     order = np.argsort(t, kind="stable")
     ts = t[order]
-    size = int(bin_events or max(100, n // 200))
     nb = max(1, n // size)
     edges = np.linspace(0, n, nb + 1).astype(int)
     vals = np.arcsinh(np.asarray(data.events[:, chans], dtype=float)[order] / 150.0)
