@@ -34,8 +34,9 @@ from immuneprofile.engine.transforms import is_auto
 from immuneprofile.exceptions import GatingError
 from immuneprofile.template.parse import Dim, FitGate, PolygonGate, Population, Template
 
-#: A mixture is fitted on at most this many of the events it is given (every k-th).
-MAX_MIXTURE_EVENTS = 10_000
+#: A mixture (cluster) or a line (singlet) is fitted on at most this many of the events it is given
+#: (every k-th): a handful of parameters, well determined by a few thousand events.
+MAX_MODEL_EVENTS = 5_000
 
 __all__ = ["Fit", "ellipse_polygon", "estimate_logicle_width", "fitted_logicle", "fit_singlet", "fit_cluster", "fit_template", "fit_batch",
            "needs_fitting"]
@@ -120,7 +121,8 @@ def fit_singlet(x: np.ndarray, y: np.ndarray, k: float = 4.0) -> list[tuple[floa
     The line ``y = a + b x`` is fitted by Tukey's biweight (statsmodels RLM,
     started from Huber's fit, so that doublets and debris do not pull it); the band
     keeps the events whose ratio ``y / (a + b x)`` is within ``k`` robust SDs
-    (1.4826 MAD) of its median, over the x range of the events (plus 5 %).
+    (1.4826 MAD) of its median, over the x range of the events (plus 5 %). The line and
+    the band's width are fitted on at most :data:`MAX_MODEL_EVENTS` of the events (every k-th).
 
     Returns
     -------
@@ -132,6 +134,10 @@ def fit_singlet(x: np.ndarray, y: np.ndarray, k: float = 4.0) -> list[tuple[floa
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
+    step = max(1, -(-x.size // MAX_MODEL_EVENTS))  # the line on a systematic sample; the band's range on all
+    span = float(x.max() - x.min()) if x.size else 0.0
+    lo_x, hi_x = (float(x.min()) - 0.05 * span, float(x.max()) + 0.05 * span) if x.size else (0.0, 0.0)
+    x, y = x[::step], y[::step]
     if x.size < 20:
         raise ValueError(f"only {x.size} events to fit a singlet band on")
     X = sm.add_constant(x / x.std())
@@ -143,8 +149,7 @@ def fit_singlet(x: np.ndarray, y: np.ndarray, k: float = 4.0) -> list[tuple[floa
     med = float(np.median(ratio))
     sd = 1.4826 * float(np.median(np.abs(ratio - med)))
     lo, hi = med - k * sd, med + k * sd
-    span = float(x.max() - x.min())
-    x0, x1 = float(x.min()) - 0.05 * span, float(x.max()) + 0.05 * span
+    x0, x1 = lo_x, hi_x
     line = lambda v: a + b * v  # noqa: E731
     verts = [(x0, line(x0) * lo), (x1, line(x1) * lo), (x1, line(x1) * hi), (x0, line(x0) * hi)]
     return [(round(float(u), 6), round(float(v), 6)) for u, v in verts]
@@ -176,13 +181,13 @@ def fit_cluster(x: np.ndarray, y: np.ndarray, target: tuple[float, float], *, un
     pts = pts[np.isfinite(pts).all(axis=1)]
     if pts.shape[0] < 20 * components:
         raise ValueError(f"only {pts.shape[0]} events to fit a {components}-component mixture on")
-    pts = pts[:: max(1, -(-pts.shape[0] // MAX_MIXTURE_EVENTS))]  # a systematic sample: deterministic
+    pts = pts[:: max(1, -(-pts.shape[0] // MAX_MODEL_EVENTS))]  # a systematic sample: deterministic
     scale = np.median(np.abs(pts), axis=0)
     scale[scale == 0] = 1.0
     z = pts / scale
     t = np.array([np.quantile(pts[:, i], target[i]) for i in range(2)]) if units == "quantile" \
         else np.asarray(target, dtype=float)
-    gm = GaussianMixture(components, covariance_type="full", random_state=0, n_init=2).fit(z)
+    gm = GaussianMixture(components, covariance_type="full", random_state=0).fit(z)
     j = int(np.argmin(np.linalg.norm(gm.means_ - t / scale, axis=1)))
     center = gm.means_[j] * scale
     cov = gm.covariances_[j] * np.outer(scale, scale)
