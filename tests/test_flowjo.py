@@ -143,7 +143,7 @@ def test_yaml_wsp_yaml_round_trip_keeps_every_population(tmp_path, template, pan
     # and the shipped YAML itself survives write_template unchanged in meaning
     write_template(tmpl, tmp_path / "same.yaml")
     same = load_template(tmp_path / "same.yaml")
-    assert same.names == tmpl.names and same.thresholds == tmpl.thresholds
+    assert same.names == tmpl.names and same.thresholds == tmpl.thresholds and same.readouts == tmpl.readouts
     for name in tmpl.names:
         np.testing.assert_array_equal(gate_sample(data, same).mask(name), res.mask(name), err_msg=name)
 

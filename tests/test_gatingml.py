@@ -200,8 +200,8 @@ def test_case_series_templates_round_trip(yaml_path, tmp_path):
     fcs = sorted((ROOT / "example_data").glob(f"*_{kind}.fcs")) if kind else []
     if not fcs:
         pytest.skip(f"no example sample for {yaml_path.name}")
-    t = load_template(yaml_path)
     data = load_fcs(fcs[0])
+    t = gate_sample(data, load_template(yaml_path)).template  # data-driven scatter gates: fitted on the sample
     res = gate_sample(data, t)
     fitted = {(f.marker, f.cut): f.value for f in res.thresholds}
     for d in (data, None):
@@ -279,6 +279,7 @@ def test_data_driven_thresholds_need_values(tmp_path):
 
 def test_export_without_data_uses_marker_names(tmp_path):
     t = load_template(GATING / "treg.yaml") if (GATING / "treg.yaml").exists() else parse_template(EDGE)
+    t = gate_sample(load_fcs(ROOT / "example_data" / "P1_W00_treg.fcs"), t).template  # fitted: static gates
     out = tmp_path / "t.xml"
     fixed = {(m, c): r["fallback"] for m, cuts in t.thresholds.items() for c, r in cuts.items() if isinstance(r, dict)}
     write_gatingml(t, out, thresholds=fixed)

@@ -128,8 +128,32 @@ def _batch_values(path: str, sub: Template, template: Template, compensation: An
         return None
 
 
-def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any,
-                          jobs: int) -> tuple[dict[tuple[str, str], ThresholdFit], str | None]:
+def _load_quiet(path: str, compensation: Any):
+    from immuneprofile.io.fcs import load_fcs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_fcs(path, compensation)
+
+
+def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -> tuple[dict, str | None]:
+    """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`)."""
+    from functools import partial
+
+    from immuneprofile.engine.fit2d import batch_items, fit_batch
+    from immuneprofile.exceptions import ImmuneProfileError
+
+    if not batch_items(template):
+        return {}, None
+    try:
+        return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template), None
+    except ImmuneProfileError as exc:
+        return {}, str(exc)
+
+
+def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any, jobs: int,
+                          given: Mapping[tuple[str, str], Any] | None = None,
+                          ) -> tuple[dict[tuple[str, str], Any], str | None]:
     """Fit every ``scope: batch`` threshold once on the pooled values of all files (pass 1).
 
     A batch threshold whose fitted-on population needs another batch threshold is
@@ -140,7 +164,7 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
     from immuneprofile.engine.thresholds import ThresholdError, fit_threshold
 
     rules = _batch_rules(template)
-    fits: dict[tuple[str, str], ThresholdFit] = {}
+    fits: dict[tuple[str, str], Any] = dict(given or {})  # the batch transforms and 2-D gates, then thresholds
     pending = dict(rules)
     while pending:
         ready, subsets = [], {}
@@ -230,7 +254,9 @@ def gate_files(
         jobs = os.cpu_count() or 1
     fixed = []
     for t in templates:
-        batch_fits, batch_error = _fit_batch_thresholds(paths, t, compensation, jobs)
+        batch_fits, batch_error = _fit_batch_shapes(paths, t, compensation)
+        if batch_error is None:
+            batch_fits, batch_error = _fit_batch_thresholds(paths, t, compensation, jobs, batch_fits)
         if batch_error is not None:
             for p in paths:
                 if progress:

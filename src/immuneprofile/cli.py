@@ -98,10 +98,10 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     if flowjo_out:  # gates and populations for FlowJo users
         _write_flowjo(err, templates, batch.results, flowjo_out, compensation)
     if batch.results and anndata and jobs == 1:
-        for t in templates:
+        for k, t in enumerate(templates):
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
-            try:
-                to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
+            try:  # results: files in order, templates in order within a file (each its fitted copy)
+                to_anndata(batch.results[k::len(templates)]).write_h5ad(out / name)
             except ValueError as exc:
                 _say(f"AnnData not written ({name}):", "yellow", str(exc), err)
     n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
@@ -229,11 +229,16 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 @click.option("--events", "n_events", default=None, type=int,
               help="Events per file (default: per panel, as in example_data/).")
 @click.option("--seed", default=0, show_default=True, type=int)
-def simulate(out_dir: str, n_events: int | None, seed: int) -> None:
+@click.option("--other-instrument", is_flag=True,
+              help="Record on another cytometer's scale (scatter gains, 2^20 range, -H detectors, "
+                   "$SPILLOVER over -A only, wider negatives); same cells, same truth.")
+def simulate(out_dir: str, n_events: int | None, seed: int, other_instrument: bool) -> None:
     """Write a simulated case-series study (FCS files, truth, clinical and sample sheets) to OUT_DIR."""
+    from immuneprofile.study.instrument import other_instrument as record
     from immuneprofile.study.simulate import simulate_study
 
-    simulate_study(out_dir, n_events=n_events, seed=seed)
+    simulate_study(out_dir, n_events=n_events, seed=seed,
+                   instrument=(lambda s, rng: record(s, rng=rng)) if other_instrument else None)
     click.echo(f"wrote simulated study to {out_dir}")
 
 

@@ -200,7 +200,18 @@ def _per_ul(table: pd.DataFrame, freq: pd.DataFrame, template, sheet: pd.DataFra
 
 
 def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
-    """Every threshold used per sample (fixed or fitted), for audit."""
+    """Every threshold used per sample (fixed or fitted), for audit.
+
+    Data-driven transforms and 2-D gates (:mod:`immuneprofile.engine.fit2d`) follow
+    as rows of their own: ``marker`` is the marker (logicle) or the population
+    (gate), ``cut`` is ``"W"`` or the gate's kind, ``value`` the fitted ``W`` (NaN
+    for gates), ``method`` ``"logicle-auto"``/``"singlet"``/``"cluster"``, and
+    ``note`` the fitted parameters as JSON (vertices; center, covariance and
+    distance_square), to rebuild the gate. Acquisition QC (a template's ``qc:``
+    step) is a row ``qc_pass``/``qc``/``acquisition-qc`` whose ``value`` is the
+    number of events removed (the time segments and margins in ``note``).
+    """
+    results = list(results)
     rows = [
         {
             "sample_id": r.sample_id,
@@ -216,9 +227,22 @@ def thresholds_table(results: Iterable[GatingResult]) -> pd.DataFrame:
         }
         for r in results
         for f in r.thresholds
-    ]
+    ] + [_fit_row(r, f) for r in results for f in r.fits]
     return pd.DataFrame(rows, columns=["sample_id", "template", "marker", "cut", "value", "method",
                                        "fitted_on", "n_events", "fallback", "note"])
+
+
+def _fit_row(res: GatingResult, fit) -> dict[str, object]:
+    """A fitted transform or 2-D gate as a row of the thresholds table."""
+    row = fit.row()
+    logicle = fit.kind == "logicle"
+    parent = None if logicle else res.template[fit.name].parent
+    value = row["W"] if logicle else fit.params["removed"] if fit.kind == "qc" else float("nan")
+    method = {"logicle": "logicle-auto", "qc": "acquisition-qc"}.get(fit.kind, fit.kind)
+    return {"sample_id": res.sample_id, "template": res.template.name, "marker": fit.name,
+            "cut": "W" if logicle else fit.kind, "value": value, "method": method,
+            "fitted_on": "root" if parent is None else parent, "n_events": fit.n_events,
+            "fallback": False, "note": "; ".join(x for x in (row["params"], fit.note) if x)}
 
 
 #: The tables :func:`write_tables` writes; it removes those an earlier run left in the folder.
@@ -266,6 +290,16 @@ def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
     return files
 
 
+def _column_spec(template, label: str, scatter: bool, col: np.ndarray):
+    """The transform spec of a channel for AnnData; a data-driven logicle the template did not gate on
+    (``W: auto``) is fitted on the column."""
+    from immuneprofile.engine.fit2d import fitted_logicle
+    from immuneprofile.engine.transforms import is_auto
+
+    spec = template.transform_for(label, scatter)
+    return fitted_logicle(col, spec)[0] if is_auto(spec) else spec
+
+
 def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """Events as an :class:`anndata.AnnData` for scanpy users.
 
@@ -292,8 +326,8 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
         cols = []
         for j, ch in enumerate(d.channels):
             scatter = j in d.scatter
-            spec = res.template.transform_for(ch if scatter else d.marker_label(j), scatter)
             col = d.column(j)
+            spec = _column_spec(res.template, ch if scatter else d.marker_label(j), scatter, col)
             if spec is not None:
                 col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
             cols.append(col.astype(np.float32))

@@ -41,7 +41,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, unpack
+from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, pack, unpack
 from immuneprofile.engine._kernels import kernels as _kernels
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
 from immuneprofile.engine.transforms import density_transform
@@ -54,6 +54,7 @@ from immuneprofile.template.parse import (
     EllipseGate,
     PolygonGate,
     Population,
+    QCGate,
     RectGate,
     Template,
     ThresholdRef,
@@ -104,6 +105,10 @@ class GatingResult:
         The loaded sample (for medians and AnnData export).
     counts
         ``{population: number of events}`` (counted from ``bits`` if not given).
+    fits
+        The data-driven transforms and 2-D gates fitted for this sample (or given for
+        its batch), :class:`~immuneprofile.engine.fit2d.Fit`; ``template`` holds
+        their fitted values.
     """
 
     sample_id: str
@@ -114,6 +119,7 @@ class GatingResult:
     thresholds: list[ThresholdFit] = field(default_factory=list)
     data: FCSData | None = field(default=None, repr=False)
     counts: dict[str, int] = field(default_factory=dict, repr=False)
+    fits: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         for name, b in self.bits.items():
@@ -360,6 +366,8 @@ class _Engine:
         if isinstance(g, BooleanGate):
             refs = tuple((self.keys.get(name), c) for name, c in g.refs)
             return None if any(r is None for r, _ in refs) else (pk, "boolean", g.op, refs)
+        if isinstance(g, QCGate):
+            return (pk, "qc", g)
         dims = tuple(self.dim_key(d, pop) for d in g.dims)
         if any(d is None for d in dims):
             return None
@@ -409,6 +417,8 @@ class _Engine:
         parent = self._parent(pop)
         if isinstance(g, BooleanGate):
             b = self.boolean(g, parent)
+        elif isinstance(g, QCGate):
+            b = self.qc(pop, g, parent)
         else:
             comp = gate_compensation(g)
             if isinstance(g, RectGate):
@@ -595,6 +605,17 @@ class _Engine:
             _assign(out, ev[np.asarray(points_in_ellipsoid(cov, c, g.distance_square, pts), dtype=bool)], True)
         return out
 
+    def qc(self, pop: Population, g: QCGate, parent) -> np.ndarray:
+        """Events kept by acquisition QC: outside its Time segments and below its margins (raw values)."""
+        keep = np.ones(self.n, dtype=bool)
+        if g.segments:
+            t = self.cols.base(self.cols.channel(g.time_channel, pop.name), False)
+            for a, b in g.segments:
+                keep &= ~((t >= a) & (t <= b))
+        for ch, limit in g.margins:
+            keep &= ~(self.cols.base(self.cols.channel(ch, pop.name), False) >= limit)
+        return pack(keep) & parent
+
     def boolean(self, g: BooleanGate, parent) -> np.ndarray:
         operands = [~self.bits[name] if complement else self.bits[name] for name, complement in g.refs]
         if g.op == "and":
@@ -724,6 +745,29 @@ def gate_sample(data, template, *, thresholds=None, threads=0):
     return _gate_templates(data, templates, [thresholds] * len(templates), threads)
 
 
+def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None]):
+    """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
+
+    ``fixed`` may carry batch fits (:class:`~immuneprofile.engine.fit2d.Fit`, keyed by
+    ``Fit.key``) besides threshold values; returns the templates, the thresholds alone,
+    and each template's fits.
+    """
+    from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
+
+    out_t, out_fx, out_fits, shared = [], [], [], {}
+    for t, fx in zip(templates, fixed):
+        fx = dict(fx or {})
+        given = {k: v for k, v in fx.items() if isinstance(v, Fit)}
+        th = {k: v for k, v in fx.items() if not isinstance(v, Fit)}
+        fits: list = []
+        if needs_fitting(t):
+            t, fits = fit_template(data, t, given, th, shared=shared)
+        out_t.append(t)
+        out_fx.append(th or None)
+        out_fits.append(fits)
+    return out_t, out_fx, out_fits
+
+
 def _gate_templates(data: FCSData, templates: Sequence[Template],
                     fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0) -> list[GatingResult]:
     import os
@@ -737,14 +781,15 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            templates, fixed, fitted = _fit_templates(data, templates, fixed)
             engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            for eng in engines:
+            for eng, fits in zip(engines, fitted):
                 bits = eng.run()
                 out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.template,
                                         n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
-                                        data=data, counts=dict(eng.counts)))
+                                        data=data, counts=dict(eng.counts), fits=fits))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

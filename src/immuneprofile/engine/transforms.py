@@ -17,7 +17,8 @@ import numpy as np
 
 from immuneprofile.exceptions import TransformError
 
-__all__ = ["DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "inverse_bound", "make_transform",
+__all__ = ["AUTO", "DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "inverse_bound",
+           "is_auto", "make_transform",
            "transform_key"]
 
 DEFAULT_FLUORESCENCE: dict[str, Any] = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
@@ -68,6 +69,8 @@ def normalize_spec(spec: Any) -> dict[str, Any] | None:
         t = float(spec.get("T", 262144.0))
         out.update(T=t, M=math.asinh(t / c) / math.log(10), A=0.0)
         return out
+    if kind == "logicle" and _is_auto_width(spec):
+        return _auto_logicle(spec)
     unknown = set(spec) - {"type", *_PARAMS[kind]}
     if unknown:
         raise TransformError(f"{kind} transform takes {list(_PARAMS[kind])}, not {sorted(unknown)}")
@@ -87,6 +90,40 @@ def _check_params(spec: Mapping[str, Any]) -> None:
                              "W must be at most M/2")
 
 
+#: The value of ``W`` in a data-driven logicle spec before it is fitted (:mod:`immuneprofile.engine.fit2d`).
+AUTO = "auto"
+
+
+def _is_auto_width(spec: Mapping[str, Any]) -> bool:
+    return str(spec.get("W", "")).lower() in ("auto", "estimate") or \
+        str(spec.get("width", "")).lower() in ("auto", "estimate")
+
+
+def _auto_logicle(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``{type: logicle, W: auto}`` (or ``width: estimate``): ``W`` fitted per sample or batch from the data."""
+    unknown = set(spec) - {"type", "T", "W", "M", "A", "width", "scope", "q"}
+    if unknown:
+        raise TransformError(f"data-driven logicle takes T, W: auto, M, A, scope, q, not {sorted(unknown)}")
+    scope = str(spec.get("scope", "sample"))
+    if scope not in ("sample", "batch"):
+        raise TransformError(f"logicle scope must be 'sample' or 'batch', got {scope!r}")
+    q = float(spec.get("q", 0.05))
+    if not 0 < q < 1:
+        raise TransformError(f"logicle q (quantile of the negative values) must be in (0, 1), got {q}")
+    try:
+        t, m, a = (float(spec.get(k, d)) for k, d in (("T", 262144.0), ("M", 4.5), ("A", 0.0)))
+    except (TypeError, ValueError):
+        raise TransformError(f"logicle T, M and A must be numbers, got {dict(spec)!r}") from None
+    if t <= 0 or m <= 0:
+        raise TransformError(f"logicle T and M must be > 0, got T={t}, M={m}")
+    return {"type": "logicle", "T": t, "W": AUTO, "M": m, "A": a, "scope": scope, "q": q}
+
+
+def is_auto(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a normalised spec still has a data-driven parameter to fit."""
+    return spec is not None and spec.get("W") == AUTO
+
+
 def transform_key(spec: Mapping[str, Any] | None) -> str:
     """A stable identifier of a spec, used as the FlowKit transform id and as cache key.
 
@@ -95,6 +132,8 @@ def transform_key(spec: Mapping[str, Any] | None) -> str:
     """
     if spec is None:
         return "none"
+    if is_auto(spec):
+        return f"logicle_auto_T{spec['T']!r}_M{spec['M']!r}_A{spec['A']!r}_{spec['scope']}_q{spec['q']!r}"
     return spec["type"] + "_" + "_".join(f"{k}{float(spec[k])!r}" for k in _PARAMS[spec["type"]])
 
 
@@ -104,6 +143,9 @@ def make_transform(spec: Mapping[str, Any] | None):
 
     if spec is None:
         return None
+    if is_auto(spec):
+        raise TransformError("a data-driven logicle (W: auto) has no transform until it is fitted "
+                             "(immuneprofile.engine.fit2d.fit_template)")
     k = spec["type"]
     if k == "logicle":
         return fkt.LogicleTransform(param_t=spec["T"], param_w=spec["W"], param_m=spec["M"], param_a=spec["A"])

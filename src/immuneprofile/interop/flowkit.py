@@ -106,7 +106,15 @@ def to_gating_strategy(
     thresholds
         Values for thresholds, e.g. the fitted ones of a :class:`~immuneprofile.GatingResult`
         (``{(marker, cut): value}``); required for data-driven thresholds.
+
+    Data-driven transforms and 2-D gates (``W: auto``, ``singlet``, ``cluster``) are fitted
+    on ``data`` first (:func:`~immuneprofile.engine.fit2d.fit_template`), as the engine fits
+    them; or pass the fitted template of a result (``GatingResult.template``).
     """
+    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+
+    if needs_fitting(template):
+        template = fit_template(data, template, thresholds=thresholds)[0]
     return _StrategyBuilder(template, data, thresholds).build()
 
 

@@ -759,7 +759,7 @@ def write_gatingml(template: Template, path: str | os.PathLike, data: Any = None
     Parameters
     ----------
     template
-        Any template.
+        Any template; data-driven transforms and 2-D gates are fitted on ``data`` first.
     path
         Output file.
     data
@@ -779,6 +779,14 @@ def write_gatingml(template: Template, path: str | os.PathLike, data: Any = None
     import flowkit as fk
     from lxml import etree
 
+    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+
+    if needs_fitting(template):
+        if data is None:
+            raise GatingMLError(f"template {template.path}: data-driven transforms or gates (W: auto, singlet, "
+                                f"cluster, qc) are fitted per sample; pass `data`, or write a result's fitted "
+                                f"template (GatingResult.template)")
+        template = fit_template(data, template, thresholds=thresholds)[0]
     values = _threshold_values(template, data, thresholds)
     tree = _Writer(template, data, values).build()
     try:  # FlowKit's public reader validates against the Gating-ML 2.0 schema

@@ -42,6 +42,7 @@ from immuneprofile.template.parse import (
     EllipseGate,
     PolygonGate,
     Population,
+    QCGate,
     RectGate,
     Template,
     ThresholdRef,
@@ -62,12 +63,12 @@ GATE_COLOR = "#d62728"
 
 
 def gate_panels(template: Template) -> list[list[Population]]:
-    """Populations to draw, one list per plot: quadrants share one plot; boolean gates are not drawn."""
+    """Populations to draw, one list per plot: quadrants share one plot; boolean and QC gates are not drawn."""
     panels: list[list[Population]] = []
     groups: dict[str, list[Population]] = {}
     for pop in template.populations:
         g = pop.gate
-        if isinstance(g, BooleanGate):
+        if isinstance(g, (BooleanGate, QCGate)):  # QC: a line of the report's warnings
             continue
         if isinstance(g, RectGate) and g.kind == "quadrant" and g.quadrant:
             key = g.quadrant[0]
@@ -353,11 +354,20 @@ def _sample_warnings(res: GatingResult, min_sample_events: int, min_population_e
     if small:
         out.append(f"{res.sample_id}: {len(small)} population(s) under {min_population_events} events: "
                    + ", ".join(f"{n} ({c})" for n, c in small))
+    out += _qc_warnings(res)
     for f in res.thresholds:
         if f.fallback:
             out.append(f"{res.sample_id}: threshold {f.marker}.{f.cut} fell back to {f.value:.3g}"
                        + (f" ({f.note})" if f.note else ""))
     return out
+
+
+def _qc_warnings(res: GatingResult) -> list[str]:
+    """What acquisition QC removed from a sample (one line, or none)."""
+    return [f"{res.sample_id}: acquisition QC removed {f.params['removed']:,} event(s) "
+            f"({_fmt_pct(f.params['removed'], res.n_events)}: {f.params['removed_time']:,} in "
+            f"{len(f.params['segments'])} time segment(s), {f.params['removed_margin']:,} margin)"
+            for f in res.fits if f.kind == "qc" and f.params["removed"]]
 
 
 # --------------------------------------------------------------------------- HTML

@@ -1043,6 +1043,15 @@ def _truth_rows(sim: SimulatedSample, smp: Mapping[str, object], sid: str) -> li
              "true_effect": "yes" if has_true_effect(row["readout"]) else "no"} for row in truth_table(sim)]
 
 
+def _write_sample(path: Path, sim: SimulatedSample, meta: Mapping[str, str], instrument, rng) -> Path:
+    """Write one simulated sample: as this simulator's cytometer records it, or through ``instrument``."""
+    if instrument is None:
+        return write_fcs(path, sim, meta)
+    from immuneprofile.study.instrument import write_recorded
+
+    return write_recorded(path, instrument(sim, rng), meta)
+
+
 def simulate_study(
     out_dir: str | os.PathLike,
     *,
@@ -1051,6 +1060,7 @@ def simulate_study(
     weeks: Sequence[int] | None = None,
     panels: Sequence[str] = ("tcell", "treg", "monocyte"),
     seed: int = 0,
+    instrument=None,
 ) -> dict[str, object]:
     """Simulate the UC-MSC psoriasis case series and write it to ``out_dir``.
 
@@ -1079,6 +1089,10 @@ def simulate_study(
         Panels to stain each sample with (keys of :data:`PANELS`).
     seed
         Random seed; the output is byte-identical for the same arguments.
+    instrument
+        Optional ``f(sample, rng) -> Recorded`` recording each sample on another
+        instrument (e.g. :func:`immuneprofile.study.instrument.other_instrument`);
+        the cells, hence ``truth.csv``, are the same.
 
     Returns
     -------
@@ -1103,11 +1117,11 @@ def simulate_study(
         date = (_dt.date(2026, 1, 12) + _dt.timedelta(days=batches.index(smp["batch"]))).strftime("%d-%b-%Y").upper()
         for panel in panels:
             sid = f"{smp['sample_id']}_{panel}"
-            sim = simulate_sample(panel, int(events[panel]), frequencies=smp["freqs"],
-                                  rng=np.random.default_rng([seed, 2, si, list(PANELS).index(panel)]))
-            fcs[sid] = write_fcs(out / f"{sid}.fcs", sim, {
-                "$DATE": date, "PATIENT": smp["patient"], "WEEK": str(smp["week"]), "PANEL": panel,
-                "BATCH": smp["batch"], "$SRC": "PBMC", "$SMNO": sid})
+            rng = np.random.default_rng([seed, 2, si, list(PANELS).index(panel)])
+            sim = simulate_sample(panel, int(events[panel]), frequencies=smp["freqs"], rng=rng)
+            meta = {"$DATE": date, "PATIENT": smp["patient"], "WEEK": str(smp["week"]), "PANEL": panel,
+                    "BATCH": smp["batch"], "$SRC": "PBMC", "$SMNO": sid}
+            fcs[sid] = _write_sample(out / f"{sid}.fcs", sim, meta, instrument, rng)
             sheet.append({**smp, "file": f"{sid}.fcs", "sample_id": sid, "panel": panel})
             truth.extend(_truth_rows(sim, smp, sid))
     return {

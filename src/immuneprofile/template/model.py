@@ -20,9 +20,11 @@ __all__ = [
     "BooleanGate",
     "Dim",
     "EllipseGate",
+    "FitGate",
     "Gate",
     "PolygonGate",
     "Population",
+    "QCGate",
     "Readout",
     "RectGate",
     "Template",
@@ -122,7 +124,41 @@ class BooleanGate:
     refs: tuple[tuple[str, bool], ...]
 
 
-Gate = RectGate | PolygonGate | EllipseGate | BooleanGate
+@dataclass(frozen=True)
+class FitGate:
+    """A data-driven 2-D gate, fitted on its parent's events before gating (:mod:`immuneprofile.engine.fit2d`).
+
+    ``kind`` is ``"singlet"`` (a band around the robust FSC-H/FSC-A line; becomes a
+    :class:`PolygonGate`) or ``"cluster"`` (the Gaussian-mixture component nearest
+    ``target``; becomes an :class:`EllipseGate`). ``options`` holds the fitting
+    options as ``(key, value)`` pairs; ``scope`` is ``"sample"`` or ``"batch"``.
+    """
+
+    kind: str
+    dims: tuple[Dim, Dim]
+    options: tuple[tuple[str, Any], ...]
+    scope: str = "sample"
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class QCGate:
+    """Acquisition QC's verdict on one sample (:mod:`immuneprofile.qc.acquisition`): the events kept.
+
+    An event is kept unless its ``time_channel`` value lies in one of ``segments``
+    (inclusive Time intervals) or its raw (uncompensated) value on a channel of
+    ``margins`` is at or above that channel's limit.
+    """
+
+    time_channel: str | None
+    segments: tuple[tuple[float, float], ...]
+    margins: tuple[tuple[str, float], ...]
+
+
+Gate = RectGate | PolygonGate | EllipseGate | BooleanGate | FitGate | QCGate
 
 
 @dataclass(frozen=True)
@@ -188,6 +224,7 @@ class Template:
     compensation: dict[str, Any] = field(default_factory=dict)
     gate_ids: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     readouts: dict[str, Readout] = field(default_factory=dict)
+    qc: dict[str, Any] | None = None  # the `qc:` step's options (immuneprofile.qc.acquisition), None: no QC
     absolute: AbsoluteBasis | None = None
 
     def __post_init__(self) -> None:

@@ -27,9 +27,11 @@ from immuneprofile.template.model import (
     Bound,
     Dim,
     EllipseGate,
+    FitGate,
     Gate,
     PolygonGate,
     Population,
+    QCGate,
     Readout,
     RectGate,
     Template,
@@ -45,6 +47,8 @@ __all__ = [
     "RectGate",
     "PolygonGate",
     "EllipseGate",
+    "FitGate",
+    "QCGate",
     "BooleanGate",
     "Population",
     "Template",
@@ -61,7 +65,10 @@ _QUALIFIERS = {"+": ("pos", True), "-": ("pos", False), "pos": ("pos", True), "n
                "hi": ("hi", True), "++": ("hi", True), "bright": ("hi", True),
                "lo": ("hi", False), "dim": ("hi", False)}
 _POPULATION_KEYS = {"name", "parent", "gate", "description"}
-_TOP_KEYS = {"name", "description", "transforms", "thresholds", "compensation", "populations", "readouts", "absolute"}
+_TOP_KEYS = {"name", "description", "transforms", "thresholds", "compensation", "populations", "readouts", "absolute",
+             "qc"}
+#: Options of the data-driven 2-D gates (besides x, y and scope).
+FIT_GATE_OPTIONS = {"singlet": {"k"}, "cluster": {"target", "units", "components", "q"}}
 #: the keys each gate type takes (besides ``type``)
 _GATE_KEYS: dict[str, set[str]] = {
     "range": {"marker", "min", "max", "complement"},
@@ -72,6 +79,37 @@ _GATE_KEYS: dict[str, set[str]] = {
     "boolean": {"op", "of"},
     "quadrant": {"x", "y", "x_cut", "y_cut", "names"},
 }
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_target(opts: Mapping[str, Any]) -> str | None:
+    """What is wrong with a cluster gate's ``target`` and ``units`` (``None``: nothing)."""
+    t = opts.get("target")
+    if not isinstance(t, Sequence) or isinstance(t, str) or len(t) != 2 or not all(map(_num, t)):
+        return f"needs `target: [x, y]` (two numbers), got {t!r}"
+    units = opts.get("units", "quantile")
+    if units not in ("quantile", "data"):
+        return f"units must be 'quantile' (target as quantiles of the parent's events) or 'data', got {units!r}"
+    if units == "quantile" and not all(0 <= v <= 1 for v in t):
+        return f"a target in quantile units needs two numbers in [0, 1], got {t!r}"
+    return None
+
+
+def _check_fit_options(kind: str, opts: Mapping[str, Any]) -> str | None:
+    """What is wrong with a data-driven gate's options (``None``: nothing)."""
+    if kind == "cluster" and _check_target(opts):
+        return _check_target(opts)
+    if "k" in opts and not (_num(opts["k"]) and opts["k"] > 0):
+        return f"k (the band's half-width in robust SDs) must be a number > 0, got {opts['k']!r}"
+    if "q" in opts and not (_num(opts["q"]) and 0 < opts["q"] < 1):
+        return f"q (the ellipse's chi-square quantile) must be in (0, 1), got {opts['q']!r}"
+    c = opts.get("components", 1)
+    if not (isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 20):
+        return f"components must be an integer from 1 to 20, got {c!r}"
+    return None
 
 
 def _err(src: str, pop: str | None, problem: str, fix: str) -> TemplateError:
@@ -271,12 +309,34 @@ class _Parser:
             raise _err(self.src, pop, "gate must be a mapping with a 'type'",
                        "write e.g. `gate: {type: range, marker: CD3, min: 0.4}`")
         kind = str(g["type"]).lower()
+        if kind in FIT_GATE_OPTIONS:
+            return self.fit_gate(pop, kind, g)
         parse = _GATE_PARSERS.get(kind)
         if parse is None:
             raise _err(self.src, pop, f"unknown gate type {kind!r}",
-                       "use range, rectangle, polygon, ellipse, quadrant, threshold or boolean")
+                       "use range, rectangle, polygon, ellipse, quadrant, threshold, boolean, singlet or cluster")
         self._check_gate_keys(pop, kind, g)
         return parse(self, pop, g)
+
+    def fit_gate(self, pop: str, kind: str, g: Mapping[str, Any]) -> FitGate:
+        """``{type: singlet, x: FSC-A, y: FSC-H, k: 4}`` or ``{type: cluster, x:, y:, target: [x, y], ...}``."""
+        allowed = FIT_GATE_OPTIONS[kind]
+        unknown = set(g) - {"type", "x", "y", "scope", *allowed}
+        if unknown:
+            raise _err(self.src, pop, f"{kind} gate has unknown key(s) {sorted(map(str, unknown))}",
+                       f"use x, y, scope, {', '.join(sorted(allowed))}")
+        default_x, default_y = ("FSC-A", "FSC-H") if kind == "singlet" else (None, None)
+        dx, dy = self.dim(g.get("x", default_x), pop), self.dim(g.get("y", default_y), pop)
+        scope = str(g.get("scope", "sample"))
+        if scope not in ("sample", "batch"):
+            raise _err(self.src, pop, f"scope must be 'sample' or 'batch', got {scope!r}", "write `scope: batch`")
+        opts = {k: g[k] for k in allowed if k in g}
+        problem = _check_fit_options(kind, opts)
+        if problem:
+            raise _err(self.src, pop, f"{kind} gate: {problem}", "see the data-driven gates in gating/README.md")
+        if "target" in opts:
+            opts["target"] = tuple(float(v) for v in opts["target"])
+        return FitGate(kind, (dx, dy), tuple(sorted(opts.items())), scope)
 
     def _check_gate_keys(self, pop: str, kind: str, g: Mapping[str, Any]) -> None:
         allowed = _GATE_KEYS[kind]
@@ -472,9 +532,23 @@ def parse_template(doc: Mapping[str, Any], source: str = "<template>") -> Templa
     pops = p.populations()
     name = str(doc.get("name") or Path(source).stem)
     tmpl = Template(name=name, populations=pops, thresholds=p.thresholds, transforms=p.transforms,
-                    description=str(doc.get("description", "")), path=source, compensation=p.compensation)
+                    description=str(doc.get("description", "")), path=source, compensation=p.compensation,
+                    qc=_parse_qc(doc, pops, source))
     tmpl.readouts, tmpl.absolute = parse_readouts(doc, tmpl)
     return tmpl
+
+
+def _parse_qc(doc: Mapping[str, Any], pops: Sequence[Population], source: str) -> dict[str, Any] | None:
+    """The validated options of a template's ``qc:`` step (``None`` without one)."""
+    if doc.get("qc") in (None, False):
+        return None
+    from immuneprofile.qc.acquisition import QC_POPULATIONS, check_qc_options
+
+    taken = sorted(set(QC_POPULATIONS) & {p.name for p in pops})
+    if taken:
+        raise _err(source, taken[0], "this name is reserved for the `qc:` step's populations",
+                   "rename the population")
+    return check_qc_options(doc["qc"], source)
 
 
 def parse_readouts(doc: Mapping[str, Any], tmpl: Template) -> tuple[dict[str, Readout], AbsoluteBasis | None]:

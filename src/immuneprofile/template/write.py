@@ -16,6 +16,7 @@ from immuneprofile.template.model import (
     BooleanGate,
     Dim,
     EllipseGate,
+    FitGate,
     PolygonGate,
     Population,
     RectGate,
@@ -100,6 +101,10 @@ class _Doc:
                     "distance_square": float(g.distance_square)}
         if isinstance(g, BooleanGate):
             return {"type": "boolean", "op": g.op, "of": [("!" if c else "") + r for r, c in g.refs]}
+        if isinstance(g, FitGate):  # data-driven: written as the rule, refitted on each sample
+            opts = {k: list(v) if isinstance(v, tuple) else v for k, v in g.options}
+            out = {"type": g.kind, "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]), **opts}
+            return {**out, "scope": g.scope} if g.scope != "sample" else out
         raise TemplateError(f"template {self.t.path}: population {p.name!r}: unsupported gate {g!r}")
 
     def populations(self) -> list[dict[str, Any]]:
@@ -129,7 +134,13 @@ def template_to_dict(template: Template) -> dict[str, Any]:
                                      "fluorochromes": [str(i) for i in f.index],
                                      "matrix": f.to_numpy(dtype=float).tolist()}
                                for mid, f in template.compensation.items()}
+    if template.qc is not None:
+        doc["qc"] = dict(template.qc)
     doc["populations"] = _Doc(template).populations()
+    if template.readouts:
+        doc["readouts"] = {r.name: {"population": r.population, "of": r.of} for r in template.readouts.values()}
+    if template.absolute is not None:
+        doc["absolute"] = {"population": template.absolute.population, "column": template.absolute.column}
     return doc
 
 
