@@ -184,7 +184,8 @@ def marker_names(adata: AnnData, markers: Iterable[str] | None = None) -> list[s
 
 
 def _marker_matrix(adata: AnnData, markers: Iterable[str] | None) -> tuple[np.ndarray, list[str]]:
-    names = marker_names(adata, markers)
+    """Transformed intensities of ``markers``; by default those of the last embedding/clustering, else all stained."""
+    names = marker_names(adata, markers) if markers is not None else _uns(adata).get("markers") or marker_names(adata)
     X = adata[:, names].X
     X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float32)
     if not np.isfinite(X).all():
@@ -331,7 +332,8 @@ def cluster(adata: AnnData, method: str = "leiden", *, markers: Iterable[str] | 
         its nodes consensus-metaclustered into ``n_clusters`` clusters (the node of each
         event goes to ``.obs["som_node"]``).
     markers
-        Markers to cluster on (see :func:`marker_names`; default all stained channels).
+        Markers to cluster on (see :func:`marker_names`; default: those :func:`embed` used,
+        else all stained channels).
     resolution
         Leiden resolution (higher: more clusters).
     n_clusters, grid
@@ -466,8 +468,7 @@ def cluster_table(adata: AnnData, *, key: str = "cluster", min_share: float = 0.
     if key not in adata.obs:
         raise DiscoveryError(f"AnnData has no .obs[{key!r}]; run immuneprofile.tl.cluster first")
     labels = adata.obs[key]
-    markers = _uns(adata).get("markers") or marker_names(adata)
-    X, _ = _marker_matrix(adata, markers)
+    X, markers = _marker_matrix(adata, None)
     pops = _population_columns(adata)
     gated = adata.obs[pops].to_numpy(dtype=bool) if pops else np.zeros((adata.n_obs, 0), bool)
     pop_sizes = gated.sum(axis=0)
@@ -528,6 +529,7 @@ def abundance(adata: AnnData, by: Sequence[str] = ("patient", "week"), *, key: s
     obs = adata.obs[[sample_key, *by, key]].copy()
     obs[sample_key] = obs[sample_key].astype(str)
     meta = obs.drop_duplicates(sample_key).set_index(sample_key)[by]
+    meta = meta.astype({c: str for c in by if isinstance(meta[c].dtype, pd.CategoricalDtype)})  # plain data out
     inconsistent = [b for b in by if obs.groupby(sample_key, observed=True)[b].nunique().max() > 1]
     if inconsistent:
         raise DiscoveryError(f".obs column(s) {inconsistent} vary within a sample; 'by' must describe samples")
