@@ -35,38 +35,39 @@ PathLike = Union[str, Path]
 OUTSIDE = "#d0d0d0"
 
 
-def _values(adata: AnnData, color: str) -> tuple[np.ndarray, str]:
-    """The values to colour by and their kind: ``"gate"``, ``"category"`` or ``"continuous"``."""
+def _values(adata: AnnData, color: str) -> tuple[np.ndarray, str, list]:
+    """The values to colour by, their kind (``"gate"``, ``"category"``, ``"continuous"``) and categories."""
     from immuneprofile.tl import marker_names
 
     if color in adata.obs:
         col = adata.obs[color]
         if col.dtype == bool:
-            return col.to_numpy(), "gate"
-        if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object or col.nunique() <= 12:
-            return col.to_numpy(), "category"
-        return col.to_numpy(dtype=float), "continuous"
+            return col.to_numpy(), "gate", []
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            return col.to_numpy(), "category", [c for c in col.cat.categories if (col == c).any()]
+        if col.dtype == object or col.nunique() <= 12:  # e.g. week: a few visits
+            return col.to_numpy(), "category", sorted(col.dropna().unique())
+        return col.to_numpy(dtype=float), "continuous", []
     try:
         name = marker_names(adata, [color])[0]
     except Exception as exc:
         raise DiscoveryError(f"cannot colour by {color!r}: neither an .obs column ({list(adata.obs.columns)}) "
                              f"nor a marker ({exc})") from None
     X = adata[:, name].X
-    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=float).reshape(-1), "continuous"
+    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=float).reshape(-1), "continuous", []
 
 
 def _category_label(v: object) -> str:
     return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
-def _draw(ax, xy: np.ndarray, values: np.ndarray, kind: str, color: str, size: float) -> None:
+def _draw(ax, xy: np.ndarray, values: np.ndarray, kind: str, cats: list, color: str, size: float) -> None:
     if kind == "gate":
         ax.scatter(*xy[~values].T, s=size, c=OUTSIDE, linewidths=0, rasterized=True, label="outside")
         ax.scatter(*xy[values].T, s=size, c="#c0392b", linewidths=0, rasterized=True,
                    label=f"{color} ({values.mean():.1%})")
         ax.legend(loc="best", fontsize="small", markerscale=3, frameon=False)
     elif kind == "category":
-        cats = sorted(pd.unique(values), key=lambda v: (str(type(v)), int(v) if str(v).isdigit() else v))
         pal = sns.color_palette("tab20" if len(cats) > 10 else "tab10", len(cats))
         for c, rgb in zip(cats, pal):
             m = values == c
@@ -113,8 +114,8 @@ def umap(adata: AnnData, color: str | Sequence[str] = "cluster", *, size: float 
     nrows = -(-len(colors) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.2 * nrows), squeeze=False)
     for ax, c in zip(axes.flat, colors):
-        values, kind = _values(adata, c)
-        _draw(ax, xy, values, kind, c, size)
+        values, kind, cats = _values(adata, c)
+        _draw(ax, xy, values, kind, cats, c, size)
         ax.set(title=c, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
     for ax in list(axes.flat)[len(colors):]:
         ax.set_visible(False)

@@ -142,8 +142,9 @@ def subsample(adata: AnnData, n_per_sample: int, *, population: str | None = Non
     if idx.size == 0:
         raise DiscoveryError(f"no events to subsample{f' in population {population!r}' if population else ''}")
     out = adata[idx].copy()
-    out.uns[UNS_KEY] = {**dict(adata.uns.get(UNS_KEY, {})), "on": population or "all events",
-                        "n_per_sample": int(n_per_sample), "seed": int(seed)}
+    for key in ("neighbors", "umap", UNS_KEY):  # a graph or embedding of other events does not apply
+        out.uns.pop(key, None)
+    out.uns[UNS_KEY] = {"on": population or "all events", "n_per_sample": int(n_per_sample), "seed": int(seed)}
     return out
 
 
