@@ -300,7 +300,12 @@ def _leiden(adata: AnnData, markers, resolution: float, n_neighbors: int, seed: 
 
 def _flowsom(adata: AnnData, markers, n_clusters: int, grid: int, seed: int) -> np.ndarray:
     import anndata as ad
-    import flowsom
+
+    try:
+        import flowsom
+    except ImportError:
+        raise DiscoveryError("method='flowsom' needs the flowsom package (GPL-3.0, an optional extra): "
+                             "pip install 'immuneprofile[flowsom]'") from None
     from loguru import logger
 
     X, names = _marker_matrix(adata, markers)
