@@ -62,6 +62,7 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                 ev = np.asfortranarray(ev, dtype=np.float64)
             idx = np.fromiter(chans.values(), dtype=np.int64, count=len(chans))
             buf, hist, med = np.empty(res.n_events), np.zeros(1 << 16, dtype=np.int64), np.empty(len(chans))
+            members = np.empty(res.n_events, dtype=np.int64)
         for pop in t.populations:
             n = res.count(pop.name)
             pc = res.parent_count(pop.name)
@@ -76,7 +77,7 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                 "pct_total": _pct(n, res.n_events),
             }
             if chans:  # every marker's median in one compiled pass over the population's events
-                K.medians(ev, idx, res.bits[pop.name], buf, hist, med)
+                K.medians(ev, idx, res.bits[pop.name], members, buf, hist, med)
                 row.update((f"median_{m}", float(v)) for m, v in zip(chans, med))
             rows.append(row)
     df = pd.DataFrame(rows)

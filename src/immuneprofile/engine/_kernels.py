@@ -267,37 +267,48 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
         counts[i] += 1
 
 
-def _medians(ev, chans, bits, buf, hist, out):  # pragma: no cover - compiled
+#: Populations of at least this many events get :func:`_medians`' radix pass; smaller ones a selection.
+_RADIX_FROM = 1 << 15
+
+
+def _medians(ev, chans, bits, idx, buf, hist, out):  # pragma: no cover - compiled
     """``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if none, or any NaN).
 
-    The members' values are gathered into ``buf``; the two middle order
-    statistics are found by one radix pass (``hist``: 65,536 bins of the top 16
-    bits of an order-preserving integer key, i.e. 1/16 of an octave) and a sort
-    of the values in their bins only. The result is ``np.median``'s: the middle
-    value, or the mean of the two middle values.
+    The members' indices are listed once into ``idx`` (int64 scratch, one per
+    event), then for each channel their values are gathered into ``buf``; for
+    populations under :data:`_RADIX_FROM` events the median is a selection
+    (``np.median``), else the two middle order statistics are found by one
+    radix pass (``hist``: 65,536 bins of the top 16 bits of an order-preserving
+    integer key, i.e. 1/16 of an octave) and a sort of the values in their bins
+    only. The result is ``np.median``'s: the middle value, or the mean of the
+    two middle values.
     """
     n = ev.shape[0]
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
     sh = np.uint64(48)
+    m = 0
+    for w in range(bits.shape[0]):
+        word = bits[w]
+        if word == 0:
+            continue
+        base = w << 6
+        for j in range(min(64, n - base)):
+            idx[m] = base + j
+            m += np.int64((word >> np.uint64(j)) & np.uint64(1))
     for c in range(chans.shape[0]):
-        ch = chans[c]
-        m = 0
-        nan = 0
-        for w in range(bits.shape[0]):
-            word = bits[w]
-            if word == 0:
-                continue
-            base = w << 6
-            for j in range(min(64, n - base)):
-                x = ev[base + j, ch]
-                buf[m] = x
-                hit = (word >> np.uint64(j)) & np.uint64(1)
-                m += hit
-                nan += hit & np.uint64(x != x)
+        col = ev[:, chans[c]]
+        nan = False
+        for i in range(m):
+            x = col[idx[i]]
+            buf[i] = x
+            nan |= x != x
         if m == 0 or nan:
             out[c] = np.nan
+            continue
+        if m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
+            out[c] = np.median(buf[:m])
             continue
         hist[:] = 0
         for i in range(m):
@@ -421,7 +432,7 @@ def _bin_counts_np(v, edges, counts):
     counts += np.histogram(v, bins=edges.shape[0] - 1, range=(edges[0], edges[-1]))[0]
 
 
-def _medians_np(ev, chans, bits, buf, hist, out):
+def _medians_np(ev, chans, bits, idx, buf, hist, out):
     members = unpack(bits, ev.shape[0])
     for c, ch in enumerate(chans):
         v = ev[members, ch]
