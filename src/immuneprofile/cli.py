@@ -27,11 +27,16 @@ def main() -> None:
 @click.option("--compensation", default="auto", show_default=True,
               help="'auto' (file's $SPILLOVER if any), 'fcs', 'none', or a CSV matrix path.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=int,
-              help="Worker processes (0 = all cores). With more than 1, no AnnData is written.")
+              help="Worker processes of a local Dask cluster (0 = all cores). With more than 1, no AnnData "
+                   "is written.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing Dask cluster (e.g. tcp://host:8786) instead; see docs/scale-out.md.")
+@click.option("--resume", is_flag=True,
+              help="Take over the files an interrupted run into the same -o folder already gated (OUT/parts).")
 @click.option("--anndata/--no-anndata", default=True, show_default=True,
               help="Write the gated events as events.h5ad.")
 def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, compensation: str, jobs: int,
-         anndata: bool) -> None:
+         scheduler: str | None, resume: bool, anndata: bool) -> None:
     """Gate FILES with a template; write populations.csv/.parquet, thresholds.csv and events.h5ad.
 
     With several templates (-t repeated) the tables have a row per template and
@@ -42,6 +47,7 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     from rich.progress import Progress
 
     from immuneprofile.batch import gate_files
+    from immuneprofile.exceptions import ResumeError
     from immuneprofile.stats import to_anndata, write_tables
     from immuneprofile.template.parse import TemplateError, load_template
 
@@ -61,16 +67,24 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
             if error:
                 bar.console.print(f"[red]failed:[/red] {error}", markup=True, highlight=False)
 
-        batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
+        try:
+            batch = gate_files(files, templates, compensation=compensation, jobs=jobs, scheduler=scheduler,
+                               parts=out / "parts", resume=resume, progress=tick)
+        except ResumeError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            sys.exit(2)
     write_tables(out, batch.table, batch.thresholds, batch.errors)
-    if batch.results and anndata and jobs == 1:
+    if anndata and len(batch.results) < len(batch.gated) * len(templates):
+        err.print("[yellow]AnnData not written:[/yellow] events are kept only when every file is gated in this "
+                  "process in this run (-j 1, no --scheduler, nothing resumed)", markup=True, highlight=False)
+    elif batch.results and anndata and jobs == 1 and scheduler is None:
         for t in templates:
             name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
             try:
                 to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
             except ValueError as exc:
                 err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
-    n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
+    n_ok, n_bad = len(batch.gated), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)
 
@@ -86,10 +100,15 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
 @click.option("--gating-dir", default=None, type=click.Path(file_okay=False),
               help="Folder where template names given with -t are looked up first.")
 @click.option("--compensation", default="auto", show_default=True)
-@click.option("-j", "--jobs", default=1, show_default=True, type=int)
+@click.option("-j", "--jobs", default=1, show_default=True, type=int,
+              help="Worker processes of a local Dask cluster (0 = all cores).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing Dask cluster (e.g. tcp://host:8786); see docs/scale-out.md.")
+@click.option("--resume", is_flag=True,
+              help="Take over the files an interrupted run into the same -o folder already gated.")
 @click.option("--anndata/--no-anndata", default=False, show_default=True)
 def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tuple[str, ...], gating_dir: str | None,
-          compensation: str, jobs: int, anndata: bool) -> None:
+          compensation: str, jobs: int, scheduler: str | None, resume: bool, anndata: bool) -> None:
     """Gate every file of SAMPLE_SHEET (file, sample_id, patient, week, panel) with its panel's template.
 
     Writes one population table for the study and, with --clinical, the PASI
@@ -97,6 +116,7 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
     """
     from rich.console import Console
 
+    from immuneprofile.exceptions import ResumeError
     from immuneprofile.study.clinical import ClinicalDataError
     from immuneprofile.study.run import DEFAULT_TEMPLATES, run_study
     from immuneprofile.template.parse import TemplateError
@@ -115,8 +135,9 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
 
     try:
         res = run_study(sample_sheet, out_dir, templates=mapping, gating_dir=gating_dir, clinical=clinical,
-                        compensation=compensation, jobs=jobs, anndata=anndata, progress=tick)
-    except (TemplateError, ClinicalDataError) as exc:
+                        compensation=compensation, jobs=jobs, scheduler=scheduler, resume=resume, anndata=anndata,
+                        progress=tick)
+    except (TemplateError, ClinicalDataError, ResumeError) as exc:
         raise click.ClickException(str(exc))
     n_samples = res["table"]["sample_id"].nunique() if not res["table"].empty else 0
     err.print(f"{n_samples} sample(s) gated, {len(res['errors'])} failed -> {out_dir}", highlight=False)

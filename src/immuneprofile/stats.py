@@ -113,22 +113,26 @@ def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
     """Write a run's tables into ``out_dir``: what ``gate`` and ``study`` both produce.
 
     ``populations.csv`` and ``.parquet`` and ``thresholds.csv`` (if any sample gated),
-    ``errors.csv`` (if any file failed). Returns ``{name: path}`` of the files written.
+    ``errors.csv`` (if any file failed; an older one is removed otherwise, so the
+    folder describes this run). Each file is written atomically (a temporary file,
+    then a rename). Returns ``{name: path}`` of the files written.
     """
     from pathlib import Path
+
+    from immuneprofile._atomic import atomic_write
 
     out = Path(out_dir)
     files: dict[str, object] = {}
     if not table.empty:
-        table.to_csv(out / "populations.csv", index=False)
-        table.to_parquet(out / "populations.parquet", index=False)
-        files["populations"] = out / "populations.csv"
+        files["populations"] = atomic_write(out / "populations.csv", lambda p: table.to_csv(p, index=False))
+        atomic_write(out / "populations.parquet", lambda p: table.to_parquet(p, index=False))
         if thresholds is not None:
-            thresholds.to_csv(out / "thresholds.csv", index=False)
-            files["thresholds"] = out / "thresholds.csv"
+            files["thresholds"] = atomic_write(out / "thresholds.csv", lambda p: thresholds.to_csv(p, index=False))
     if errors:
-        pd.DataFrame({"file": list(errors), "error": list(errors.values())}).to_csv(out / "errors.csv", index=False)
-        files["errors"] = out / "errors.csv"
+        frame = pd.DataFrame({"file": list(errors), "error": list(errors.values())})
+        files["errors"] = atomic_write(out / "errors.csv", lambda p: frame.to_csv(p, index=False))
+    elif (out / "errors.csv").exists():
+        (out / "errors.csv").unlink()
     return files
 
 

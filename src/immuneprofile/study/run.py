@@ -49,6 +49,8 @@ def run_study(
     clinical: str | os.PathLike | None = None,
     compensation: Any = "auto",
     jobs: int = 1,
+    scheduler: Any = None,
+    resume: bool = False,
     anndata: bool = False,
     progress: Callable[[str, str | None], None] | None = None,
 ) -> dict[str, Any]:
@@ -69,8 +71,11 @@ def run_study(
     clinical
         Clinical CSV (``patient, week, pasi[, treatment]``); if given, run
         :func:`immuneprofile.association.correlate` on the gated table.
-    compensation, jobs
-        As for :func:`immuneprofile.gate_files`.
+    compensation, jobs, scheduler
+        As for :func:`immuneprofile.gate_files` (``scheduler``: a Dask scheduler address or client).
+    resume
+        Take over the files an interrupted run into the same ``out_dir`` already gated
+        (each panel's per-file tables are kept in ``out_dir/parts/<panel>``).
     anndata
         Also write ``events_<panel>.h5ad`` per panel (in-process gating only).
 
@@ -96,12 +101,13 @@ def run_study(
     tables, ths, errors, files = [], [], {}, {}
     for panel, rows in sheet.groupby("panel", sort=False):
         paths = [str((sheet_path.parent / f) if not Path(f).is_absolute() else Path(f)) for f in rows["file"]]
-        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, progress=progress)
+        batch = gate_files(paths, tmpl[panel], compensation=compensation, jobs=jobs, scheduler=scheduler,
+                           parts=out / "parts" / str(panel), resume=resume, progress=progress)
         errors.update(batch.errors)
-        if batch.results:
+        if batch.gated:
             tables.append(batch.table)
             ths.append(batch.thresholds)
-            if anndata and jobs == 1:
+            if anndata and jobs == 1 and scheduler is None and len(batch.results) == len(batch.gated):
                 f = out / f"events_{panel}.h5ad"
                 to_anndata(batch.results).write_h5ad(f)
                 files[f"events_{panel}"] = f
