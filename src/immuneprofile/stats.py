@@ -43,11 +43,11 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
         top-level populations; percentages are in percent (0–100).
     """
-    from immuneprofile.engine._kernels import kernels
+    from immuneprofile.engine._kernels import kernels_for
 
-    K = kernels()
     rows = []
     for res in results:
+        K = kernels_for(res.n_events)
         t = res.template
         chans: dict[str, int] = {}
         if medians and res.data is not None:
@@ -148,7 +148,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from immuneprofile.engine.transforms import make_transform
+    from immuneprofile.engine.transforms import exact_transform
 
     if isinstance(results, GatingResult):
         results = [results]
@@ -165,7 +165,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
             spec = res.template.transform_for(ch if scatter else d.marker_label(j), scatter)
             col = d.column(j)
             if spec is not None:
-                col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
+                col = np.asarray(exact_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
             cols.append(col.astype(np.float32))
         X = np.column_stack(cols)
         obs = pd.DataFrame({"sample_id": pd.Categorical([res.sample_id] * res.n_events)})

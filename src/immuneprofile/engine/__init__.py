@@ -13,6 +13,7 @@ from immuneprofile.engine.transforms import (
     MONOTONE,
     TransformError,
     density_transform,
+    exact_transform,
     make_transform,
     transform_key,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "TransformError",
     "density_peaks",
     "density_transform",
+    "exact_transform",
     "fit_threshold",
     "gate_sample",
     "make_transform",

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TUPLE_VERTICES", "convex_edges", "full_bits", "kernels", "nwords", "pack", "unpack"]
+__all__ = ["COMPILE_FROM", "TUPLE_VERTICES", "convex_edges", "full_bits", "kernels", "kernels_for", "nwords", "pack",
+           "unpack"]
 
 #: Polygons with at most this many vertices get kernels compiled for their vertex count.
 TUPLE_VERTICES = 16
@@ -467,6 +468,19 @@ def kernels(compiled: bool = True):
                            strided_values=_strided_values_np, octave_lookup=_octave_lookup_np,
                            moments=_moments_np, bin_counts=_bin_counts_np, medians=_medians_np,
                            compiled=False)
+
+
+#: Events from which a sample is worth loading the compiled kernels for (about 0.5-1 s once per process,
+#: from numba's cache); smaller samples use the NumPy twins (same results) unless they are loaded already.
+COMPILE_FROM = 20_000
+
+
+def kernels_for(n_events: int):
+    """The kernels for a sample of ``n_events``: compiled if already loaded or worth loading, else the NumPy twins.
+
+    A command that gates one small file thus never imports numba (see :data:`COMPILE_FROM`).
+    """
+    return kernels(compiled=bool(_COMPILED) or n_events >= COMPILE_FROM)
 
 
 @lru_cache(maxsize=256)

@@ -41,7 +41,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from immuneprofile.engine._kernels import kernels as _kernels
+from immuneprofile.engine._kernels import kernels_for as _kernels_for
 from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, unpack
 from immuneprofile.io.fcs import FCSData, MarkerError
 from immuneprofile.template.parse import (
@@ -55,7 +55,7 @@ from immuneprofile.template.parse import (
     ThresholdRef,
 )
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
-from immuneprofile.engine.transforms import MONOTONE, density_transform, make_transform, transform_key
+from immuneprofile.engine.transforms import MONOTONE, density_transform, exact_transform, transform_key
 from immuneprofile.exceptions import GatingError
 
 __all__ = ["GatingResult", "gate_sample", "GatingError", "ThresholdFit"]
@@ -216,7 +216,7 @@ class _Columns:
         key = self.tkey(spec)
         obj = self._xform_obj.get(key)
         if obj is None:
-            obj = self._xform_obj[key] = make_transform(spec)
+            obj = self._xform_obj[key] = exact_transform(spec)
         return obj
 
     def raw(self, dim: Dim, idx: np.ndarray | None, compensated: bool, pop: str) -> np.ndarray:
@@ -233,7 +233,7 @@ class _Columns:
         return col if idx is None else col[idx]
 
     def exact(self, dim: Dim, raw_vals: np.ndarray) -> np.ndarray:
-        """Transform values with FlowKit's transform object, as FlowKit does (column arrays)."""
+        """Transform values exactly as FlowKit's transform object does (column arrays)."""
         xf = self.xform(dim.transform)
         if xf is None or raw_vals.size == 0:
             return np.asarray(raw_vals, dtype=float)
@@ -373,7 +373,7 @@ class _Engine:
         self.fits: dict[tuple[str, str], ThresholdFit] = {}
         self.fixed = dict(fixed or {})
         self.shared = shared
-        self.K = _kernels()
+        self.K = _kernels_for(data.n_events)
         self._full: np.ndarray | None = None
 
     # -- thresholds
@@ -768,7 +768,7 @@ def points_in_polygon(vertices: np.ndarray, px: np.ndarray, py: np.ndarray) -> n
     px = np.ascontiguousarray(px, dtype=np.float64)
     py = np.ascontiguousarray(py, dtype=np.float64)
     out = full_bits(px.shape[0])
-    _kernels().winding_bits(*_vertices(vertices), px, py, out)
+    _kernels_for(px.shape[0]).winding_bits(*_vertices(vertices), px, py, out)
     return unpack(out, px.shape[0])
 
 

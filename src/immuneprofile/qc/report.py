@@ -99,7 +99,7 @@ class _Values:
         return self._raw[:, j]
 
     def get(self, dim: Dim, idx: np.ndarray, comp: bool) -> np.ndarray:
-        from immuneprofile.engine.transforms import make_transform, transform_key
+        from immuneprofile.engine.transforms import exact_transform, transform_key
 
         if dim.ratio is not None:
             num, den, a, b, c = dim.ratio
@@ -112,7 +112,7 @@ class _Values:
             key = transform_key(dim.transform)
             xf = self._xf.get(key)
             if xf is None:
-                xf = self._xf[key] = make_transform(dim.transform)
+                xf = self._xf[key] = exact_transform(dim.transform)
             with np.errstate(all="ignore"):
                 v = np.asarray(xf.apply(v.reshape(-1, 1)), dtype=float).reshape(-1)
         return v
