@@ -192,3 +192,20 @@ def test_write_tables_is_atomic_and_describes_this_run(tmp_path):
     assert not (tmp_path / "errors.csv").exists()  # an earlier run's errors are not this run's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["populations.csv", "populations.parquet", "thresholds.csv"]
     assert set(files) == {"populations", "thresholds"}
+
+
+def test_workers_can_unpickle_templates_first_and_small_files_skip_numba(files):
+    """A Dask worker may unpickle a template before anything else is imported (a fresh interpreter);
+    gating a small file does not load numba's compiled kernels (the NumPy twins serve)."""
+    import pickle
+
+    import immuneprofile as ip
+
+    code = ("import pickle, sys; t = pickle.loads(sys.stdin.buffer.read()); import immuneprofile as ip; "
+            "[getattr(ip, n) for n in ip.__all__]; "
+            f"r = ip.gate_sample(ip.load_fcs({files[0]!r}), t); "
+            "print(t.name, r.count('Treg') > 0, 'numba' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(ip.load_template("treg")),
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().split() == ["treg", "True", "False"]

@@ -13,8 +13,8 @@ The package's layout and data flow are described in ``docs/architecture.md``.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from immuneprofile.batch import Batch, gate_files
-from immuneprofile.engine.gating import GatingResult, gate_sample
+from immuneprofile._lazy import lazy_attributes
+
 from immuneprofile.exceptions import (
     ClinicalDataError,
     FCSError,
@@ -24,15 +24,34 @@ from immuneprofile.exceptions import (
     ImmuneProfileWarning,
     MarkerError,
     ReferenceDBError,
+    ResumeError,
     TemplateError,
     ThresholdError,
     ThresholdWarning,
     TransformError,
 )
-from immuneprofile.interop.gatingml import read_gatingml, write_gatingml
-from immuneprofile.io.fcs import FCSData, load_fcs
-from immuneprofile.stats import population_table, thresholds_table, to_anndata
-from immuneprofile.template.parse import Template, load_template, parse_template
+
+#: Public name -> the module that defines it, imported on first use (``import immuneprofile``
+#: stays cheap: the command line pays only for what a command uses).
+_LAZY = {
+    "Batch": "immuneprofile.batch",
+    "gate_files": "immuneprofile.batch",
+    "GatingResult": "immuneprofile.engine.gating",
+    "gate_sample": "immuneprofile.engine.gating",
+    "read_gatingml": "immuneprofile.interop.gatingml",
+    "write_gatingml": "immuneprofile.interop.gatingml",
+    "FCSData": "immuneprofile.io.fcs",
+    "load_fcs": "immuneprofile.io.fcs",
+    "population_table": "immuneprofile.stats",
+    "thresholds_table": "immuneprofile.stats",
+    "to_anndata": "immuneprofile.stats",
+    "Template": "immuneprofile.template.parse",
+    "load_template": "immuneprofile.template.parse",
+    "parse_template": "immuneprofile.template.parse",
+}
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 try:
     __version__ = version("immuneprofile")
@@ -51,6 +70,7 @@ __all__ = [
     "ImmuneProfileWarning",
     "MarkerError",
     "ReferenceDBError",
+    "ResumeError",
     "Template",
     "TemplateError",
     "ThresholdError",
