@@ -24,6 +24,33 @@ def _pct(num: int, den: int) -> float:
     return 100.0 * num / den if den else float("nan")
 
 
+class _Medians:
+    """Medians of one sample's populations; a (population, channel) that several templates share is computed once.
+
+    Each call is one compiled pass over the population's events for all the
+    channels not yet known (:func:`immuneprofile.engine._kernels.kernels_for`).
+    """
+
+    def __init__(self, data) -> None:
+        from immuneprofile.engine._kernels import kernels_for
+
+        ev = data.events
+        if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
+            ev = np.asfortranarray(ev, dtype=np.float64)
+        self.data, self.ev, self.K = data, ev, kernels_for(data.n_events)
+        self.buf, self.members = np.empty(data.n_events), np.empty(data.n_events, dtype=np.int64)
+        self.hist = np.zeros(1 << 16, dtype=np.int64)
+        self.known: dict[tuple[int, int], float] = {}
+
+    def __call__(self, bits: np.ndarray, chans: list[int]) -> list[float]:
+        todo = [c for c in dict.fromkeys(chans) if (id(bits), c) not in self.known]
+        if todo:
+            out = np.empty(len(todo))
+            self.K.medians(self.ev, np.asarray(todo, dtype=np.int64), bits, self.members, self.buf, self.hist, out)
+            self.known.update(((id(bits), c), float(v)) for c, v in zip(todo, out))
+        return [self.known[id(bits), c] for c in chans]
+
+
 def population_table(results: Iterable[GatingResult], *, medians: bool = True) -> pd.DataFrame:
     """Tidy statistics for every population of every sample.
 
@@ -43,11 +70,9 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
         top-level populations; percentages are in percent (0–100).
     """
-    from immuneprofile.engine._kernels import kernels_for
-
     rows = []
+    cache = None
     for res in results:
-        K = kernels_for(res.n_events)
         t = res.template
         chans: dict[str, int] = {}
         if medians and res.data is not None:
@@ -56,13 +81,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                     chans[m] = res.data.find_channel(m)
                 except MarkerError:
                     continue
-        if chans:
-            ev = res.data.events
-            if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
-                ev = np.asfortranarray(ev, dtype=np.float64)
-            idx = np.fromiter(chans.values(), dtype=np.int64, count=len(chans))
-            buf, hist, med = np.empty(res.n_events), np.zeros(1 << 16, dtype=np.int64), np.empty(len(chans))
-            members = np.empty(res.n_events, dtype=np.int64)
+        if chans and (cache is None or cache.data is not res.data):
+            cache = _Medians(res.data)
         for pop in t.populations:
             n = res.count(pop.name)
             pc = res.parent_count(pop.name)
@@ -76,9 +96,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                 "pct_parent": _pct(n, pc),
                 "pct_total": _pct(n, res.n_events),
             }
-            if chans:  # every marker's median in one compiled pass over the population's events
-                K.medians(ev, idx, res.bits[pop.name], members, buf, hist, med)
-                row.update((f"median_{m}", float(v)) for m, v in zip(chans, med))
+            if chans:
+                row.update(zip((f"median_{m}" for m in chans), cache(res.bits[pop.name], list(chans.values()))))
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:

@@ -269,7 +269,7 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
 
 
 #: Populations of at least this many events get :func:`_medians`' radix pass; smaller ones a selection.
-_RADIX_FROM = 1 << 15
+_RADIX_FROM = 1 << 13
 
 
 def _medians(ev, chans, bits, idx, buf, hist, out):  # pragma: no cover - compiled
