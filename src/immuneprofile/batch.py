@@ -339,8 +339,6 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
     """
     from dataclasses import replace
 
-    from immuneprofile.engine.thresholds import fit_threshold
-
     fits: dict[tuple[str, str], ThresholdFit] = {}
     pending = dict(_batch_rules(template))
     while pending:
@@ -355,14 +353,20 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
                 failed[todo[i]] = error
         used = [v for v in per_file if v is not None]  # pooled in file order, whatever order they finished in
         for key in ready:
-            rule, on, pop, dim = pending.pop(key)
-            pooled = np.concatenate([v[key] for v in used]) if used else np.empty(0)
-            label = f"batch of {len(used)} file(s): {key[0]}.{key[1]}"
-            value, fallback, note = fit_threshold(pooled, rule, label=label)
-            note = "; ".join(x for x in (f"scope: batch, pooled over {len(used)} file(s)", note) if x)
-            fits[key] = ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root",
-                                     int(pooled.size), fallback, note)
+            rule, on, _, _ = pending.pop(key)
+            fits[key] = _fit_pooled(key, rule, on, [v[key] for v in used])
     return fits
+
+
+def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: list[np.ndarray]) -> ThresholdFit:
+    """One batch threshold fitted on the values of every file, pooled in file order."""
+    from immuneprofile.engine.thresholds import fit_threshold
+
+    pooled = np.concatenate(values) if values else np.empty(0)
+    label = f"batch of {len(values)} file(s): {key[0]}.{key[1]}"
+    value, fallback, note = fit_threshold(pooled, rule, label=label)
+    note = "; ".join(x for x in (f"scope: batch, pooled over {len(values)} file(s)", note) if x)
+    return ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root", int(pooled.size), fallback, note)
 
 
 def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any, ex: Any,

@@ -48,7 +48,7 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
 
     from immuneprofile.batch import gate_files
     from immuneprofile.exceptions import ResumeError
-    from immuneprofile.stats import to_anndata, write_tables
+    from immuneprofile.stats import write_tables
     from immuneprofile.template.parse import TemplateError, load_template
 
     err = Console(stderr=True, soft_wrap=True)
@@ -78,15 +78,22 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
         err.print("[yellow]AnnData not written:[/yellow] events are kept only when every file is gated in this "
                   "process in this run (-j 1, no --scheduler, nothing resumed)", markup=True, highlight=False)
     elif batch.results and anndata and jobs == 1 and scheduler is None:
-        for t in templates:
-            name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
-            try:
-                to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
-            except ValueError as exc:
-                err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
+        _write_events(out, batch, templates, err)
     n_ok, n_bad = len(batch.gated), len(batch.errors)
     err.print(f"{n_ok} file(s) gated, {n_bad} failed -> {out}", highlight=False)
     sys.exit(1 if n_bad else 0)
+
+
+def _write_events(out: Path, batch, templates: list, err) -> None:
+    """``events.h5ad`` (``events_<template>.h5ad`` with several templates) of a batch gated in-process."""
+    from immuneprofile.stats import to_anndata
+
+    for t in templates:
+        name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
+        try:
+            to_anndata([r for r in batch.results if r.template is t]).write_h5ad(out / name)
+        except ValueError as exc:
+            err.print(f"[yellow]AnnData not written ({name}):[/yellow] {exc}", markup=True, highlight=False)
 
 
 @main.command()
