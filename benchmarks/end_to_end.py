@@ -20,7 +20,7 @@ compensated on load, into a temporary folder removed at the end):
   with ``python -c "import flowkit"`` (what the loader in ``io/`` still imports);
   and numba's cache from the CLI on a 100k-event file in a fresh install
   (``pip install --no-deps --target``): first run (compiles) against the next runs.
-* ``batch``: ``gate_files(paths, templates)`` (one process) per file against
+* ``batch``: ``gate_files(paths, templates, keep_data=False)`` (one process) per file against
   ``load_fcs`` + ``gate_sample`` per file, and against load + gate + table, on
   the same 100k-event files, interleaved; peak memory (tracemalloc, separate
   process) of ``gate_files`` on one 5M-event file against the event matrix.
@@ -115,10 +115,20 @@ def part_e2e(tmp: Path, reps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
+_CPU: list[float] = []  # CPU seconds (user + system) of each command _wall ran, in order
+
+
 def _wall(cmd: list[str], env: dict | None = None) -> float:
+    """Wall seconds of a command; its CPU seconds are appended to ``_CPU`` (on a loaded machine
+    the wall time is mostly waiting for a core, the CPU time is what the command costs)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if r.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{r.stderr}")
     return dt
@@ -131,16 +141,20 @@ def part_cli(tmp: Path, reps: int) -> dict:
     traced = [sys.executable, "-X", "importtime", "-m", "immuneprofile.cli", *gate[1:]]
     bare = [sys.executable, "-c", "pass"]
     _wall(gate)  # warm the OS file cache
-    runs: dict[str, list[float]] = {"gate": [], "python": [], "flowkit_import_in_gate": []}
+    runs: dict[str, list[float]] = {"gate": [], "gate_cpu": [], "python": [], "flowkit_import_in_gate": []}
     for _ in range(reps):
         runs["gate"].append(_wall(gate))
+        runs["gate_cpu"].append(_CPU[-1])
         runs["python"].append(_wall(bare))
         runs["flowkit_import_in_gate"].append(_flowkit_import_share(traced))
     out = {k: median(v) for k, v in runs.items()}
     out["gate_without_flowkit_import"] = median([g - f for g, f in zip(runs["gate"], runs["flowkit_import_in_gate"])])
-    print(f"cli gate, 3,000 events x 18 channels: {out['gate']:.2f} s wall (python start {out['python']:.2f} s; "
-          f"FlowKit's import inside it, by io/: {out['flowkit_import_in_gate']:.2f} s -> "
-          f"{out['gate_without_flowkit_import']:.2f} s without it)", flush=True)
+    out["gate_cpu_without_flowkit_import"] = median([g - f for g, f in zip(runs["gate_cpu"],
+                                                                            runs["flowkit_import_in_gate"])])
+    print(f"cli gate, 3,000 events x 18 channels: {out['gate']:.2f} s wall, {out['gate_cpu']:.2f} s CPU "
+          f"(python start {out['python']:.2f} s; FlowKit's import inside it, by io/: "
+          f"{out['flowkit_import_in_gate']:.2f} s -> {out['gate_without_flowkit_import']:.2f} s wall, "
+          f"{out['gate_cpu_without_flowkit_import']:.2f} s CPU without it)", flush=True)
     out.update(_numba_cache(tmp, reps))
     return out
 
@@ -163,11 +177,17 @@ def _numba_cache(tmp: Path, reps: int) -> dict:
     cmd = [sys.executable, "-m", "immuneprofile.cli", "gate", "-t", "treg", f, "-o", str(tmp / "cli_out2"),
            "--no-anndata"]
     first = _wall(cmd, env)
+    first_cpu = _CPU[-1]
     cached = sorted(p.name for p in (target / "immuneprofile" / "engine" / "__pycache__").glob("*.nbi"))
-    again = [_wall(cmd, env) for _ in range(max(3, reps // 2))]
-    out = dict(fresh_install_first_s=first, fresh_install_next_s=median(again), numba_index_files=len(cached))
-    print(f"cli gate, 100,000 events, fresh install: first run {first:.2f} s (compiles, writes {len(cached)} "
-          f"cache indexes next to the installed module), next runs {median(again):.2f} s (cache hits)", flush=True)
+    again, again_cpu = [], []
+    for _ in range(max(3, reps // 2)):
+        again.append(_wall(cmd, env))
+        again_cpu.append(_CPU[-1])
+    out = dict(fresh_install_first_s=first, fresh_install_first_cpu_s=first_cpu, fresh_install_next_s=median(again),
+               fresh_install_next_cpu_s=median(again_cpu), numba_index_files=len(cached))
+    print(f"cli gate, 100,000 events, fresh install: first run {first:.2f} s wall, {first_cpu:.2f} s CPU (compiles, "
+          f"writes {len(cached)} cache indexes next to the installed module), next runs {median(again):.2f} s wall, "
+          f"{median(again_cpu):.2f} s CPU (cache hits)", flush=True)
     return out
 
 
@@ -180,7 +200,7 @@ def part_batch(tmp: Path, n_files: int, reps: int, big: int) -> dict:
     gate_files(paths[:2], templates)
     batch, lg, lgt = [], [], []
     for _ in range(reps):
-        batch.append(timed(gate_files, paths, templates)[0] / n_files)
+        batch.append(timed(gate_files, paths, templates, keep_data=False)[0] / n_files)
         lg.append(timed(lambda: [gate_sample(load_fcs(p), templates) for p in paths])[0] / n_files)
         lgt.append(timed(lambda: [population_table(gate_sample(load_fcs(p), templates)) for p in paths])[0] / n_files)
     out = dict(n_files=n_files, n_events=100_000, batch_ms=1e3 * median(batch), load_gate_ms=1e3 * median(lg),
@@ -210,7 +230,7 @@ def peak_worker(path: str) -> None:
     del d
     gate_files(make_files(Path(path).parent.parent / "warm", 100_000, 1), templates)  # imports, kernels
     tracemalloc.start()
-    b = gate_files([path], templates)
+    b = gate_files([path], templates, keep_data=False)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert not b.errors
@@ -238,7 +258,7 @@ def part_scale(tmp: Path, n_files: int, fk_files: int, rounds: int) -> dict:
             t, b = timed(gate_files, paths, templates, scheduler=clients[w])
             times[f"{w} worker{'s' * (w > 1)}"].append(t)
             tables[w] = b.table
-        t, b = timed(gate_files, paths, templates)
+        t, b = timed(gate_files, paths, templates, keep_data=False)
         times["in-process"].append(t)
         tables[0] = b.table
     for c in clients.values():

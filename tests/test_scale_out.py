@@ -209,3 +209,9 @@ def test_workers_can_unpickle_templates_first_and_small_files_skip_numba(files):
                        capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().split() == ["treg", "True", "False"]
+
+
+def test_keep_data_false_frees_events_with_the_same_tables(files, templates, serial):
+    batch = gate_files(files, templates, keep_data=False)
+    _same(batch, serial)
+    assert all(r.data is None for r in batch.results) and all(r.data is not None for r in serial.results)

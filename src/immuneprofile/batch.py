@@ -370,13 +370,13 @@ def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: lis
 
 
 def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any, ex: Any,
-              fixed: list, parts: _Parts | None, progress: Callable | None) -> list[FileResult]:
+              fixed: list, parts: _Parts | None, progress: Callable | None, keep_data: bool) -> list[FileResult]:
     """Pass 2: gate every file not already done (``parts``), saving each one's tables as it finishes."""
     outs: list[FileResult | None] = [parts.load(p) if parts is not None else None for p in paths]
     todo = [i for i, o in enumerate(outs) if o is None]
     in_process = isinstance(ex, _InProcess)
     for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, compensation,
-                             in_process, fixed, 0 if in_process else 1):
+                             in_process and keep_data, fixed, 0 if in_process else 1):
         i = todo[k]
         outs[i] = fr if error is None else FileResult(paths[i], error=error)
         if parts is not None and error is None:
@@ -395,6 +395,7 @@ def gate_files(
     scheduler: Any = None,
     parts: str | os.PathLike | None = None,
     resume: bool = False,
+    keep_data: bool = True,
     progress: Callable[[str, str | None], None] | None = None,
 ) -> Batch:
     """Gate a batch of FCS files with a template (or several); bad files are reported, not fatal.
@@ -426,6 +427,10 @@ def gate_files(
         With ``parts``: take over the files an earlier, interrupted run with the
         same templates and options already gated instead of gating them again
         (without it, the folder's old parts are removed first).
+    keep_data
+        In-process (``jobs=1``): keep each result's event data (for
+        :func:`immuneprofile.to_anndata`); ``False`` frees each file's events once
+        its tables are made.
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
 
@@ -458,7 +463,8 @@ def gate_files(
         store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
                                                                     resume)
         todo = [p for p in paths if p not in failed]
-        outs = _gate_all(todo, templates, compensation, ex, fixed, store, progress) if fixed is not None else []
+        outs = (_gate_all(todo, templates, compensation, ex, fixed, store, progress, keep_data)
+                if fixed is not None else [])
     for p, msg in failed.items():
         if progress:
             progress(p, msg)

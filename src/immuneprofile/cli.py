@@ -69,7 +69,7 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
 
         try:
             batch = gate_files(files, templates, compensation=compensation, jobs=jobs, scheduler=scheduler,
-                               parts=out / "parts", resume=resume, progress=tick)
+                               parts=out / "parts", resume=resume, keep_data=anndata, progress=tick)
         except ResumeError as exc:
             err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
             sys.exit(2)
