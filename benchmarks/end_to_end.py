@@ -88,10 +88,18 @@ def part_e2e(tmp: Path, reps: int) -> dict:
     strategies = strategies_for(path, templates)  # the user's gating definition: untimed
     for gs in strategies_for(warm, templates):
         gs.gate_sample(fk.Sample(warm))
+    parts: dict[str, list[float]] = {"load": [], "gate": [], "table": []}
+
     def ours_once():
+        t0 = time.perf_counter()
         data = load_fcs(path)
+        t1 = time.perf_counter()
         res = gate_sample(data, templates)
-        return data, res, population_table(res)
+        t2 = time.perf_counter()
+        table = population_table(res)
+        for k, dt in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            parts[k].append(dt)
+        return data, res, table
 
     def flowkit_once():
         sample = fk.Sample(path)
@@ -106,11 +114,13 @@ def part_e2e(tmp: Path, reps: int) -> dict:
     same = memberships(templates, res, lambda t, r, n: r.mask(n)) == memberships(
         templates, fk_res, lambda t, r, n: r.get_gate_membership(n, gate_path=flowkit_gate_path(t, n)))
     out = dict(n_events=data.n_events, n_channels=len(data.channels), populations=len(table),
-               flowkit_s=median(theirs), immuneprofile_s=median(ours), identical=same)
+               flowkit_s=median(theirs), immuneprofile_s=median(ours), identical=same,
+               **{f"{k}_s": median(v) for k, v in parts.items()})
     out["ratio"] = out["flowkit_s"] / out["immuneprofile_s"]
     print(f"e2e {out['n_events']:,} events x {out['n_channels']} channels, {len(table)} populations: FlowKit "
           f"{out['flowkit_s']:.2f} s, immuneprofile load+gate+table {out['immuneprofile_s']:.3f} s -> "
-          f"{out['ratio']:.1f}x; memberships identical: {same}", flush=True)
+          f"{out['ratio']:.1f}x (load {out['load_s']:.3f} s, gate {out['gate_s']:.3f} s, table {out['table_s']:.3f} s); "
+          f"memberships identical: {same}", flush=True)
     return out
 
 
@@ -252,10 +262,13 @@ def part_scale(tmp: Path, n_files: int, fk_files: int, rounds: int) -> dict:
                                          dashboard_address=None, memory_limit="4GiB"))
         gate_files(paths[:2 * w], templates, scheduler=clients[w])  # workers import and load kernels
     times: dict[str, list[float]] = {"1 worker": [], "2 workers": [], "in-process": []}
+    cpu: dict[int, list[float]] = {1: [], 2: []}
     tables = {}
     for _ in range(rounds):
         for w in (1, 2):
+            before = _workers_cpu(clients[w])
             t, b = timed(gate_files, paths, templates, scheduler=clients[w])
+            cpu[w].append(_workers_cpu(clients[w]) - before)
             times[f"{w} worker{'s' * (w > 1)}"].append(t)
             tables[w] = b.table
         t, b = timed(gate_files, paths, templates, keep_data=False)
@@ -271,6 +284,7 @@ def part_scale(tmp: Path, n_files: int, fk_files: int, rounds: int) -> dict:
     out.update(n_files=n_files, n_events=100_000, speedup_2_workers=out["1 worker"] / out["2 workers"],
                flowkit_per_file_s=fk_per_file, flowkit_files=fk_files, identical=same)
     out["flowkit_extrapolated_s"] = fk_per_file * n_files
+    out["workers_cpu_s"] = {w: median(v) for w, v in cpu.items()}
     for k in ("1 worker", "2 workers", "in-process"):
         print(f"scale {n_files} files x 100,000 events x 18 channels, {k}: {out[k]:.1f} s "
               f"({1e3 * out[k] / n_files:.0f} ms/file, {n_files / out[k]:.1f} files/s)", flush=True)
@@ -278,7 +292,21 @@ def part_scale(tmp: Path, n_files: int, fk_files: int, rounds: int) -> dict:
           f"(measured on {fk_files} files, extrapolated: {out['flowkit_extrapolated_s']:.0f} s for {n_files}) -> "
           f"{out['flowkit_extrapolated_s'] / out['2 workers']:.1f}x with 2 workers; tables identical: {same}",
           flush=True)
+    print(f"  CPU seconds of the workers (all of them): {out['workers_cpu_s'][1]:.1f} with 1 worker, "
+          f"{out['workers_cpu_s'][2]:.1f} with 2 ({1e3 * out['workers_cpu_s'][1] / n_files:.0f} ms CPU per file)",
+          flush=True)
     return out
+
+
+def _workers_cpu(client) -> float:
+    """CPU seconds (user + system) the cluster's worker processes have used so far."""
+    def used() -> float:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    return float(sum(client.run(used).values()))
 
 
 def _flowkit_serial(paths: list[str], templates) -> float:
