@@ -50,7 +50,9 @@ def test_rerun_into_the_same_folder_leaves_no_stale_outputs(tmp_path):
     assert not (out / "errors.csv").exists()
     r = _gate(bad, "-o", out)  # every file fails: no populations or events of the earlier run
     assert r.exit_code == 1, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["errors.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "parts"]
+    # the per-file parts (--resume) are this run's too: none of the earlier runs' files
+    assert [p.name for p in (out / "parts").iterdir()] == ["manifest.json"]
 
 
 def test_zero_event_file_fails_with_its_reason(tmp_path):

@@ -279,3 +279,38 @@ def test_convex_edges_rejects_what_is_not_strictly_convex():
     assert _kernels.convex_edges(((0.0, 0.0), (2.0, 2.0), (2.0, 0.0), (0.0, 2.0))) is None  # bow tie
     star = [(np.cos(a), np.sin(a)) for a in np.arange(5) * 4 * np.pi / 5]  # pentagram: turns one way, twice
     assert _kernels.convex_edges(tuple(star)) is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 700, _kernels._RADIX_FROM - 1, _kernels._RADIX_FROM * 3])
+def test_medians_kernel_is_numpy_median(n):
+    """Both paths (selection below _RADIX_FROM members, radix pass above) and the twin give np.median."""
+    rng = np.random.default_rng(n)
+    ev = np.asfortranarray(rng.lognormal(5, 2, (n + 50, 4)) * rng.choice([-1.0, 1.0], (n + 50, 4)))
+    ev[rng.integers(0, n + 50, 5), 3] = np.nan
+    mask = np.zeros(n + 50, dtype=bool)
+    mask[rng.choice(n + 50, n, replace=False)] = True
+    chans = np.array([0, 2, 3], dtype=np.int64)
+    want = [np.median(ev[mask, c]) if mask.any() else np.nan for c in chans]
+    for K in (COMPILED, TWINS):
+        out = np.empty(3)
+        K.medians(ev, chans, _kernels.pack(mask), np.empty(n + 50, np.int64), np.empty(n + 50),
+                  np.zeros(1 << 16, np.int64), out)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_population_table_medians_with_populations_shared_by_templates(tmp_path):
+    """Templates share populations (one bit set); each median is still np.median of that population."""
+    from conftest import GATING
+    from immuneprofile import load_template, population_table
+    from immuneprofile.study import simulate
+
+    path = simulate.write_fcs(tmp_path / "full.fcs", simulate.simulate_sample("full", 30000, rng=8))
+    data = load_fcs(path)
+    results = gate_sample(data, [load_template(GATING / f"{n}.yaml") for n in ("tcell_skin_homing", "treg")])
+    assert results[0].bits["CD3+"] is results[1].bits["CD3+"]
+    table = population_table(results)
+    for row, (res, pop) in zip(table.itertuples(), [(r, p) for r in results for p in r.template.populations]):
+        m = res.mask(pop.name)
+        for marker in res.template.markers:
+            want = np.median(data.events[m, data.find_channel(marker)]) if m.any() else np.nan
+            np.testing.assert_array_equal(table.loc[row.Index, f"median_{marker}"], want)

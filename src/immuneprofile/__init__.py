@@ -10,15 +10,15 @@ The public API::
     adata = ip.to_anndata([res])                   # events for scanpy; then discovery:
     ip.tl.embed(adata); ip.tl.cluster(adata); ip.pl.umap(adata, color="cluster")
 
-``ip.tl`` and ``ip.pl`` are imported on first use (they bring scanpy and matplotlib).
+Every public name is imported on first use (``import immuneprofile`` stays cheap: the command
+line pays only for what a command uses; ``ip.tl`` and ``ip.pl`` bring scanpy and matplotlib).
 
 The package's layout and data flow are described in ``docs/architecture.md``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from immuneprofile.batch import Batch, gate_files
-from immuneprofile.engine.gating import GatingResult, gate_sample
+from immuneprofile._lazy import lazy_attributes
 from immuneprofile.exceptions import (
     ClinicalDataError,
     FCSError,
@@ -29,31 +29,42 @@ from immuneprofile.exceptions import (
     ImmuneProfileWarning,
     MarkerError,
     ReferenceDBError,
+    ResumeError,
     TemplateError,
     ThresholdError,
     ThresholdWarning,
     TransformError,
 )
-from immuneprofile.interop.flowjo import read_flowjo, write_flowjo
-from immuneprofile.interop.gatingml import read_gatingml, write_gatingml
-from immuneprofile.io.fcs import FCSData, load_fcs
-from immuneprofile.stats import population_table, thresholds_table, to_anndata
-from immuneprofile.template.parse import Template, load_template, parse_template
-from immuneprofile.template.write import write_template
+
+#: Public name -> the module that defines it, imported on first use.
+_LAZY = {
+    "Batch": "immuneprofile.batch",
+    "gate_files": "immuneprofile.batch",
+    "GatingResult": "immuneprofile.engine.gating",
+    "gate_sample": "immuneprofile.engine.gating",
+    "read_flowjo": "immuneprofile.interop.flowjo",
+    "write_flowjo": "immuneprofile.interop.flowjo",
+    "read_gatingml": "immuneprofile.interop.gatingml",
+    "write_gatingml": "immuneprofile.interop.gatingml",
+    "FCSData": "immuneprofile.io.fcs",
+    "load_fcs": "immuneprofile.io.fcs",
+    "population_table": "immuneprofile.stats",
+    "thresholds_table": "immuneprofile.stats",
+    "to_anndata": "immuneprofile.stats",
+    "Template": "immuneprofile.template.parse",
+    "load_template": "immuneprofile.template.parse",
+    "parse_template": "immuneprofile.template.parse",
+    "write_template": "immuneprofile.template.write",
+    "tl": "immuneprofile.tl",
+    "pl": "immuneprofile.pl",
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 try:
     __version__ = version("immuneprofile")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
     __version__ = "0+unknown"
-
-def __getattr__(name: str):
-    """``ip.tl`` and ``ip.pl`` on first use: scanpy/umap/flowsom stay out of ``import immuneprofile``."""
-    if name in ("tl", "pl"):
-        import importlib
-
-        return importlib.import_module(f"immuneprofile.{name}")
-    raise AttributeError(f"module 'immuneprofile' has no attribute {name!r}")
-
 
 __all__ = [
     "Batch",
@@ -68,6 +79,7 @@ __all__ = [
     "ImmuneProfileWarning",
     "MarkerError",
     "ReferenceDBError",
+    "ResumeError",
     "Template",
     "TemplateError",
     "ThresholdError",

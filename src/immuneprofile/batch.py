@@ -1,75 +1,253 @@
-"""Gating many files: one task per file, bad files reported and skipped.
+"""Gating many files: one task per file, bad files reported and skipped, on one core or a Dask cluster.
 
 :func:`gate_files` reads each file once and gates it with every template
 (:func:`immuneprofile.gate_sample`); ``scope: batch`` thresholds are fitted
-first on values pooled over every file.
+first on values pooled over every file. Files are gated in this process
+(``jobs=1``), on a local Dask cluster (``jobs=N``) or on an existing Dask
+deployment (``scheduler=``: an address or a :class:`distributed.Client`), one
+task per file. With ``parts=`` each file's tables are written (atomically) as
+it finishes, so that an interrupted run can be resumed without regating the
+files already done (``resume=True``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from immuneprofile.engine.gating import (
-    GatingError,
     GatingResult,
     ThresholdFit,
     _gate_templates,
     gate_sample,
 )
+from immuneprofile._atomic import atomic_write
 from immuneprofile.engine.transforms import density_transform
 from immuneprofile.engine.values import EventValues
-from immuneprofile.io.fcs import MarkerError
+from immuneprofile.exceptions import ImmuneProfileError, ResumeError, TemplateError
 from immuneprofile.template.parse import Dim, Population, RectGate, Template, ThresholdRef
 
-__all__ = ["Batch", "gate_files"]
+__all__ = ["Batch", "FileResult", "gate_files"]
 
 
 @dataclass
 class Batch:
-    """Results of gating many files with one template.
+    """Results of gating many files with one template (or several).
 
     Attributes
     ----------
     results
-        One :class:`GatingResult` per file that gated (with event data when gated in-process).
+        One :class:`GatingResult` per file and template gated in this run (with
+        event data when gated in-process); files taken over from an earlier,
+        interrupted run (``resume=True``) have table rows but no results.
     table
         The population table of all those samples (:func:`immuneprofile.population_table`).
     thresholds
         Every threshold used, per sample (:func:`immuneprofile.thresholds_table`).
     errors
         ``{path: message}`` for every file that could not be read or gated.
+    gated
+        The files gated, in input order (including those taken over by ``resume``).
     """
 
     results: list[GatingResult]
     table: Any
     thresholds: Any
     errors: dict[str, str]
+    gated: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FileResult:
+    """One file's outcome: its gating results and tables, or the error that stopped it.
+
+    Attributes
+    ----------
+    path
+        The FCS file.
+    results
+        One :class:`GatingResult` per template (empty if the file failed or was resumed).
+    table, thresholds
+        The file's population and thresholds tables (``None`` if it failed).
+    error
+        ``None``, or the message naming the file and the problem.
+    resumed
+        The tables were read back from the parts of an earlier run.
+    """
+
+    path: str
+    results: list[GatingResult] = field(default_factory=list)
+    table: Any = None
+    thresholds: Any = None
+    error: str | None = None
+    resumed: bool = False
+
+
+def _message(path: str, exc: BaseException) -> str:
+    """An error message that names the file."""
+    msg = str(exc)
+    if isinstance(exc, ImmuneProfileError):
+        return msg if path in msg or os.path.basename(path) in msg else f"{path}: {msg}"
+    return f"{path}: unexpected {type(exc).__name__}: {msg}"
 
 
 def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep_data: bool,
-               fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int):
-    """Load one file and gate it with every template: ``(path, results, table, thresholds, error)``."""
-    from immuneprofile.engine.thresholds import ThresholdError
-    from immuneprofile.io.fcs import FCSError, load_fcs
+               fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int) -> FileResult:
+    """Load one file, gate it with every template and tabulate it (raises on failure)."""
+    from immuneprofile.io.fcs import load_fcs
     from immuneprofile.stats import population_table, thresholds_table
 
-    try:
-        results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)
-    except (FCSError, MarkerError, GatingError, ThresholdError) as exc:
-        return path, None, None, None, str(exc)
-    except Exception as exc:  # a file must never take the batch down
-        return path, None, None, None, f"{path}: {type(exc).__name__}: {exc}"
-    table = population_table(results)
-    th = thresholds_table(results)
+    results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)
+    table, th = population_table(results), thresholds_table(results)
     if not keep_data:
         for res in results:
             res.data = None
-    return path, results, table, th, None
+    return FileResult(path, results, table, th)
+
+
+# ----------------------------------------------------------------------------- where tasks run
+class _Now:
+    """A finished-on-demand stand-in for a future: runs its task when its result is asked for."""
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def result(self) -> Any:
+        return self.fn(*self.args)
+
+
+class _InProcess:
+    """Runs each task in this process when it is collected (files one after the other)."""
+
+    def submit(self, fn: Callable, *args: Any) -> _Now:
+        return _Now(fn, args)
+
+    @staticmethod
+    def as_completed(futures: list) -> Iterator:
+        return iter(futures)
+
+
+class _OnDask:
+    """Runs each task on a Dask distributed cluster, one task per file."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False)
+
+    @staticmethod
+    def as_completed(futures: list) -> Iterator:
+        from distributed import as_completed
+
+        return iter(as_completed(futures))
+
+
+@contextmanager
+def _executor(jobs: int, scheduler: Any):
+    """Where the files are gated: in-process, a local Dask cluster of ``jobs`` workers, or ``scheduler``."""
+    if scheduler is None and jobs == 1:
+        yield _InProcess()
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None and not isinstance(scheduler, (str, os.PathLike)):
+        yield _OnDask(scheduler)  # the caller's Client: theirs to close
+        return
+    if scheduler is not None:
+        client = Client(os.fspath(scheduler))
+    else:
+        client = Client(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                     dashboard_address=None))
+    try:
+        yield _OnDask(client)
+    finally:
+        cluster = client.cluster if scheduler is None else None
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _run(ex: Any, fn: Callable, paths: Sequence[str], *args: Any) -> Iterator[tuple[int, Any, str | None]]:
+    """``fn(path, *args)`` for every path, as each finishes: ``(index, result or None, error or None)``.
+
+    The package's errors (bad file, missing marker, failed fit...) become the
+    file's error message; so does anything unexpected (labelled so), for one
+    file must never take the batch down.
+    """
+    futures = {ex.submit(fn, p, *args): i for i, p in enumerate(paths)}
+    for fut in ex.as_completed(list(futures)):
+        i = futures.pop(fut)
+        try:
+            yield i, fut.result(), None
+        except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
+            yield i, None, _message(paths[i], exc)
+
+
+# ----------------------------------------------------------------------------- per-file parts
+def _fingerprint(templates: Sequence[Template], compensation: Any, fixed: Sequence[Mapping | None]) -> str:
+    """What a file's tables depend on besides the file: templates, compensation, batch-fitted thresholds."""
+    def tmpl(t: Template) -> tuple:
+        comp = {k: (list(v.index), list(v.columns), np.asarray(v, dtype=float).tolist()) for k, v in t.compensation.items()}
+        return t.name, repr(t.populations), repr(t.thresholds), repr(t.transforms), repr(comp)
+
+    fits = [sorted((k, repr(v)) for k, v in (f or {}).items()) for f in fixed]
+    text = repr(([tmpl(t) for t in templates], repr(compensation), fits))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Parts:
+    """A folder of per-file tables (``<name>-<hash>.populations.parquet``, ``.thresholds.parquet``).
+
+    ``manifest.json`` records what the tables depend on (:func:`_fingerprint`);
+    a resumed run must match it. A file's part is complete once its populations
+    table exists (written last, atomically).
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str, resume: bool) -> None:
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / self.MANIFEST
+        if resume and manifest.exists():
+            found = json.loads(manifest.read_text()).get("fingerprint")
+            if found != fingerprint:
+                raise ResumeError(f"{self.dir}: these parts were written with other templates, compensation or "
+                                  "batch thresholds (or other files, for batch-scope thresholds); "
+                                  "run without --resume to start afresh")
+        else:
+            for old in self.dir.glob("*.parquet"):
+                old.unlink()
+        atomic_write(manifest, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
+
+    def _base(self, path: str) -> Path:
+        digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+        return self.dir / f"{Path(path).stem}-{digest}"
+
+    def load(self, path: str) -> FileResult | None:
+        """The file's tables from an earlier run, or ``None``."""
+        import pandas as pd
+
+        base = self._base(path)
+        pops, ths = Path(f"{base}.populations.parquet"), Path(f"{base}.thresholds.parquet")
+        if not (pops.exists() and ths.exists()):
+            return None
+        return FileResult(path, table=pd.read_parquet(pops), thresholds=pd.read_parquet(ths), resumed=True)
+
+    def save(self, fr: FileResult) -> None:
+        base = self._base(fr.path)
+        atomic_write(f"{base}.thresholds.parquet", lambda p: fr.thresholds.to_parquet(p, index=False))
+        atomic_write(f"{base}.populations.parquet", lambda p: fr.table.to_parquet(p, index=False))
 
 
 def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[dict, str | None, Population, Dim]]:
@@ -106,26 +284,41 @@ def _closure(template: Template, names: Iterable[str | None]) -> set[str]:
 
 
 def _batch_values(path: str, sub: Template, template: Template, compensation: Any,
-                  known: Mapping[tuple[str, str], Any], targets: list) -> dict | None:
-    """Pass 1 for one file: the transformed values each batch threshold is fitted on (``None``: file failed)."""
+                  known: Mapping[tuple[str, str], Any], targets: list) -> dict:
+    """Pass 1 for one file: the transformed values each batch threshold is fitted on (raises if the file fails)."""
     from immuneprofile.io.fcs import load_fcs
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = load_fcs(path, compensation)
-            res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
-            cols = EventValues(data, template)
-            out = {}
-            for key, on, pop_name, dim, method in targets:
-                sel = None if on is None else res.indices[on]
-                if method == "quantile":  # read off the values: FlowKit's exact ones
-                    out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
-                else:  # a density: the fast transform serves (as for per-sample fits)
-                    out[key] = density_transform(dim.transform)(cols.raw(dim, sel, True, pop_name))
-            return out
-    except Exception:  # reported by pass 2, which gates (and fails on) the same file
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_fcs(path, compensation)
+        res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
+    cols = EventValues(data, template)
+    out = {}
+    for key, on, pop_name, dim, method in targets:
+        sel = None if on is None else res.indices[on]
+        if method == "quantile":  # read off the values: FlowKit's exact ones
+            out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
+        else:  # a density: the fast transform serves (as for per-sample fits)
+            out[key] = density_transform(dim.transform)(cols.raw(dim, sel, True, pop_name))
+    return out
+
+
+def _ready_rounds(template: Template, pending: Mapping) -> tuple[list, set[str]]:
+    """The batch thresholds fittable now (their fitted-on population needs no pending one) and what to gate."""
+    ready, need_all = [], set()
+    for key, (rule, on, pop, dim) in pending.items():
+        need = _closure(template, [on])
+        uses = {(b.marker, b.cut) for n in need for bs in getattr(template[n].gate, "bounds", ())
+                for b in bs if isinstance(b, ThresholdRef)}
+        if key in uses:
+            raise TemplateError(f"template {template.path}: batch threshold {key[0]}.{key[1]} is fitted on "
+                                f"{on!r}, which is gated with that same threshold")
+        if not (uses & set(pending)):
+            ready.append(key)
+            need_all |= need
+    if not ready:  # pragma: no cover - a cycle through several thresholds
+        raise TemplateError(f"template {template.path}: batch thresholds {sorted(pending)} depend on each other")
+    return ready, need_all
 
 
 def _load_quiet(path: str, compensation: Any):
@@ -136,84 +329,101 @@ def _load_quiet(path: str, compensation: Any):
         return load_fcs(path, compensation)
 
 
-def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -> tuple[dict, str | None]:
+def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -> dict:
     """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`)."""
     from functools import partial
 
     from immuneprofile.engine.fit2d import batch_items, fit_batch
-    from immuneprofile.exceptions import ImmuneProfileError
 
     if not batch_items(template):
-        return {}, None
-    try:
-        return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template), None
-    except ImmuneProfileError as exc:
-        return {}, str(exc)
+        return {}
+    return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template)
 
 
-def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any, jobs: int,
-                          given: Mapping[tuple[str, str], Any] | None = None,
-                          ) -> tuple[dict[tuple[str, str], Any], str | None]:
+def _fit_batch(paths: list[str], template: Template, compensation: Any, ex: Any,
+               failed: dict[str, str]) -> dict[tuple[str, str], Any]:
+    """Every ``scope: batch`` fit of a template: its transforms and 2-D gates, then its thresholds."""
+    return _fit_batch_thresholds(paths, template, compensation, ex, failed,
+                                 _fit_batch_shapes(paths, template, compensation))
+
+
+def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any, ex: Any,
+                          failed: dict[str, str], given: Mapping[tuple[str, str], Any] | None = None,
+                          ) -> dict[tuple[str, str], Any]:
     """Fit every ``scope: batch`` threshold once on the pooled values of all files (pass 1).
 
     A batch threshold whose fitted-on population needs another batch threshold is
-    fitted in a later round, after that one; each round reads every file once.
+    fitted in a later round, after that one; each round reads every file once
+    (``ex`` runs the reads). Files that fail are added to ``failed`` (``{path:
+    message}``) and left out of the pool.
+
+    Raises
+    ------
+    ThresholdError
+        A fit failed and its rule has no ``fallback``.
+    TemplateError
+        A batch threshold is fitted on a population gated with itself.
     """
     from dataclasses import replace
 
-    from immuneprofile.engine.thresholds import ThresholdError, fit_threshold
-
-    rules = _batch_rules(template)
     fits: dict[tuple[str, str], Any] = dict(given or {})  # the batch transforms and 2-D gates, then thresholds
-    pending = dict(rules)
+    pending = dict(_batch_rules(template))
     while pending:
-        ready, subsets = [], {}
-        for key, (rule, on, pop, dim) in pending.items():
-            need = _closure(template, [on])
-            uses = {(b.marker, b.cut) for n in need for bs in getattr(template[n].gate, "bounds", ())
-                    for b in bs if isinstance(b, ThresholdRef)}
-            if key in uses:
-                return fits, (f"template {template.path}: batch threshold {key[0]}.{key[1]} is fitted on "
-                              f"{on!r}, which is gated with that same threshold")
-            if not (uses & set(pending)):
-                ready.append(key)
-                subsets[key] = need
-        if not ready:  # pragma: no cover - a cycle through several thresholds
-            return fits, f"template {template.path}: batch thresholds {sorted(pending)} depend on each other"
-        need_all = set().union(*subsets.values())
+        ready, need_all = _ready_rounds(template, pending)
         sub = replace(template, populations=[p for p in template.populations if p.name in need_all])
         targets = [(k, pending[k][1], pending[k][2].name, pending[k][3], pending[k][0]["method"]) for k in ready]
-        if jobs > 1 and len(paths) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
-                per_file = list(pool.map(_batch_values, paths, [sub] * len(paths), [template] * len(paths),
-                                         [compensation] * len(paths), [fits] * len(paths),
-                                         [targets] * len(paths)))
-        else:
-            per_file = [_batch_values(p, sub, template, compensation, fits, targets) for p in paths]
-        used = [v for v in per_file if v is not None]
+        todo = [p for p in paths if p not in failed]
+        per_file: list[dict | None] = [None] * len(todo)
+        for i, values, error in _run(ex, _batch_values, todo, sub, template, compensation, fits, targets):
+            per_file[i] = values
+            if error is not None:
+                failed[todo[i]] = error
+        used = [v for v in per_file if v is not None]  # pooled in file order, whatever order they finished in
         for key in ready:
-            rule, on, pop, dim = pending.pop(key)
-            pooled = np.concatenate([v[key] for v in used]) if used else np.empty(0)
-            label = f"batch of {len(used)} file(s): {key[0]}.{key[1]}"
-            try:
-                value, fallback, note = fit_threshold(pooled, rule, label=label)
-            except ThresholdError as exc:
-                return fits, str(exc)
-            note = "; ".join(x for x in (f"scope: batch, pooled over {len(used)} file(s)", note) if x)
-            fits[key] = ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root",
-                                     int(pooled.size), fallback, note)
-    return fits, None
+            rule, on, _, _ = pending.pop(key)
+            fits[key] = _fit_pooled(key, rule, on, [v[key] for v in used])
+    return fits
+
+
+def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: list[np.ndarray]) -> ThresholdFit:
+    """One batch threshold fitted on the values of every file, pooled in file order."""
+    from immuneprofile.engine.thresholds import fit_threshold
+
+    pooled = np.concatenate(values) if values else np.empty(0)
+    label = f"batch of {len(values)} file(s): {key[0]}.{key[1]}"
+    value, fallback, note = fit_threshold(pooled, rule, label=label)
+    note = "; ".join(x for x in (f"scope: batch, pooled over {len(values)} file(s)", note) if x)
+    return ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root", int(pooled.size), fallback, note)
+
+
+def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any, ex: Any,
+              fixed: list, parts: _Parts | None, progress: Callable | None, keep_data: bool) -> list[FileResult]:
+    """Pass 2: gate every file not already done (``parts``), saving each one's tables as it finishes."""
+    outs: list[FileResult | None] = [parts.load(p) if parts is not None else None for p in paths]
+    todo = [i for i, o in enumerate(outs) if o is None]
+    in_process = isinstance(ex, _InProcess)
+    for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, compensation,
+                             in_process and keep_data, fixed, 0 if in_process else 1):
+        i = todo[k]
+        outs[i] = fr if error is None else FileResult(paths[i], error=error)
+        if parts is not None and error is None:
+            parts.save(fr)
+        if progress:
+            progress(paths[i], error)
+    return outs
 
 
 def gate_files(
-    paths: Iterable[str],
+    paths: Iterable[str | os.PathLike],
     template: Template | Sequence[Template],
     *,
     compensation: Any = "auto",
     jobs: int = 1,
-    progress: Any = None,
+    scheduler: Any = None,
+    parts: str | os.PathLike | None = None,
+    resume: bool = False,
+    keep_data: bool = True,
+    progress: Callable[[str, str | None], None] | None = None,
 ) -> Batch:
     """Gate a batch of FCS files with a template (or several); bad files are reported, not fatal.
 
@@ -228,9 +438,26 @@ def gate_files(
     compensation
         As for :func:`immuneprofile.load_fcs` (``"auto"``: each file's own spillover).
     jobs
-        Worker processes (``1``: in-process, results keep their event data for
-        AnnData export, and the engine uses every core; ``0`` or negative: all
-        cores, one file per process).
+        ``1``: in this process (results keep their event data for AnnData export,
+        and the engine uses every core); ``N > 1``: a local Dask cluster of ``N``
+        single-threaded worker processes, one task per file; ``0`` or negative:
+        as many workers as cores.
+    scheduler
+        An existing Dask deployment instead: a scheduler address
+        (``"tcp://host:8786"``) or a :class:`distributed.Client` (``jobs`` is then
+        ignored). Workers need immuneprofile installed and must be able to read
+        the files at the paths given.
+    parts
+        A folder for per-file tables: each file's population and thresholds
+        tables are written there (atomically) as soon as it is gated.
+    resume
+        With ``parts``: take over the files an earlier, interrupted run with the
+        same templates and options already gated instead of gating them again
+        (without it, the folder's old parts are removed first).
+    keep_data
+        In-process (``jobs=1``): keep each result's event data (for
+        :func:`immuneprofile.to_anndata`); ``False`` frees each file's events once
+        its tables are made.
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
 
@@ -242,47 +469,42 @@ def gate_files(
     -------
     Batch
         ``results`` holds one result per file and template (files in order,
-        templates in order within a file); the tables have a ``template`` column.
+        templates in order within a file); the tables have a ``template`` column
+        and follow the order of ``paths`` whatever the order files finished in.
+
+    Raises
+    ------
+    ResumeError
+        ``resume`` with parts written with other templates or options.
     """
-    import os
-
-    import pandas as pd
-
     templates = [template] if isinstance(template, Template) else list(template)
     paths = [os.fspath(p) for p in paths]
-    if jobs <= 0:
-        jobs = os.cpu_count() or 1
-    fixed = []
-    for t in templates:
-        batch_fits, batch_error = _fit_batch_shapes(paths, t, compensation)
-        if batch_error is None:
-            batch_fits, batch_error = _fit_batch_thresholds(paths, t, compensation, jobs, batch_fits)
-        if batch_error is not None:
-            for p in paths:
-                if progress:
-                    progress(p, batch_error)
-            return Batch(results=[], table=pd.DataFrame(), thresholds=pd.DataFrame(),
-                         errors={p: batch_error for p in paths})
-        fixed.append(batch_fits)
-    outs = []
-    if jobs == 1 or len(paths) <= 1:
-        for p in paths:
-            out = _gate_path(p, templates, compensation, True, fixed, 0)
-            outs.append(out)
-            if progress:
-                progress(p, out[4])
-    else:
-        from concurrent.futures import ProcessPoolExecutor
+    jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
+    failed: dict[str, str] = {}
+    with _executor(jobs if len(paths) > 1 else 1, scheduler) as ex:
+        try:
+            fixed = [_fit_batch(paths, t, compensation, ex, failed) for t in templates]
+        except ImmuneProfileError as exc:  # a fit that failed fails every file
+            failed = dict.fromkeys(paths, str(exc))
+            fixed = None
+        store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
+                                                                    resume)
+        todo = [p for p in paths if p not in failed]
+        outs = (_gate_all(todo, templates, compensation, ex, fixed, store, progress, keep_data)
+                if fixed is not None else [])
+    for p, msg in failed.items():
+        if progress:
+            progress(p, msg)
+    return _combine(paths, outs, failed)
 
-        with ProcessPoolExecutor(max_workers=min(jobs, len(paths))) as pool:
-            futs = [pool.submit(_gate_path, p, templates, compensation, False, fixed, 1) for p in paths]
-            for fut in futs:
-                out = fut.result()
-                outs.append(out)
-                if progress:
-                    progress(out[0], out[4])
-    ok = [o for o in outs if o[4] is None]
-    table = pd.concat([o[2] for o in ok], ignore_index=True) if ok else pd.DataFrame()
-    th = pd.concat([o[3] for o in ok], ignore_index=True) if ok else pd.DataFrame()
-    return Batch(results=[r for o in ok for r in o[1]], table=table, thresholds=th,
-                 errors={o[0]: o[4] for o in outs if o[4] is not None})
+
+def _combine(paths: list[str], outs: list[FileResult], failed: dict[str, str]) -> Batch:
+    """The batch's tables, in the order of ``paths``."""
+    import pandas as pd
+
+    ok = [o for o in outs if o.error is None]
+    errors = {**failed, **{o.path: o.error for o in outs if o.error is not None}}
+    return Batch(results=[r for o in ok for r in o.results],
+                 table=pd.concat([o.table for o in ok], ignore_index=True) if ok else pd.DataFrame(),
+                 thresholds=pd.concat([o.thresholds for o in ok], ignore_index=True) if ok else pd.DataFrame(),
+                 errors={p: errors[p] for p in paths if p in errors}, gated=[o.path for o in ok])

@@ -57,7 +57,12 @@ def main() -> None:
 @click.option("--compensation", default="auto", show_default=True,
               help="'auto' (file's $SPILLOVER if any), 'fcs', 'none', or a CSV matrix path.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=int,
-              help="Worker processes (0 = all cores). With more than 1, no AnnData is written.")
+              help="Worker processes of a local Dask cluster (0 = all cores). With more than 1, no AnnData "
+                   "is written.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing Dask cluster (e.g. tcp://host:8786) instead; see docs/scale-out.md.")
+@click.option("--resume", is_flag=True,
+              help="Take over the files an interrupted run into the same -o folder already gated (OUT/parts).")
 @click.option("--anndata/--no-anndata", default=True, show_default=True,
               help="Write the gated events as events.h5ad.")
 @click.option("--workspace", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -67,7 +72,8 @@ def main() -> None:
 @click.option("--flowjo", "flowjo_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the gates and populations as a FlowJo workspace (.wsp) at this path.")
 def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, compensation: str, jobs: int,
-         anndata: bool, workspace: str | None, group: str, flowjo_out: str | None) -> None:
+         scheduler: str | None, resume: bool, anndata: bool, workspace: str | None, group: str,
+         flowjo_out: str | None) -> None:
     """Gate FILES with a template; write populations.csv/.parquet, thresholds.csv and events.h5ad.
 
     With several templates (-t repeated) the tables have a row per template and
@@ -78,7 +84,7 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
     from rich.progress import Progress
 
     from immuneprofile.batch import gate_files
-    from immuneprofile.stats import clear_outputs, to_anndata, write_tables
+    from immuneprofile.stats import clear_outputs, write_tables
 
     err = _console()
     templates, flowjo_counts = _gate_templates(template_paths, workspace, group)
@@ -93,20 +99,31 @@ def gate(template_paths: tuple[str, ...], files: tuple[str, ...], out_dir: str, 
             if error:
                 _say("failed:", "red", error, bar.console)
 
-        batch = gate_files(files, templates, compensation=compensation, jobs=jobs, progress=tick)
+        batch = gate_files(files, templates, compensation=compensation, jobs=jobs, scheduler=scheduler,
+                           parts=out / "parts", resume=resume, keep_data=anndata or bool(flowjo_out), progress=tick)
     write_tables(out, _with_flowjo_counts(batch.table, flowjo_counts), batch.thresholds, batch.errors)
     if flowjo_out:  # gates and populations for FlowJo users
         _write_flowjo(err, templates, batch.results, flowjo_out, compensation)
-    if batch.results and anndata and jobs == 1:
-        for k, t in enumerate(templates):
-            name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
-            try:  # results: files in order, templates in order within a file (each its fitted copy)
-                to_anndata(batch.results[k::len(templates)]).write_h5ad(out / name)
-            except ValueError as exc:
-                _say(f"AnnData not written ({name}):", "yellow", str(exc), err)
-    n_ok, n_bad = len(batch.results) // len(templates), len(batch.errors)
+    if anndata and len(batch.results) < len(batch.gated) * len(templates):
+        _say("AnnData not written:", "yellow", "events are kept only when every file is gated in this process in "
+             "this run (-j 1, no --scheduler, nothing resumed)", err)
+    elif batch.results and anndata and jobs == 1 and scheduler is None:
+        _write_events(out, batch, templates, err)
+    n_ok, n_bad = len(batch.gated), len(batch.errors)
     _say("", "", f"{n_ok} file(s) gated, {n_bad} failed -> {out}", err)
     sys.exit(1 if n_bad else 0)
+
+
+def _write_events(out: Path, batch, templates: list, err) -> None:
+    """``events.h5ad`` (``events_<template>.h5ad`` with several templates) of a batch gated in-process."""
+    from immuneprofile.stats import to_anndata
+
+    for k, t in enumerate(templates):
+        name = "events.h5ad" if len(templates) == 1 else f"events_{t.name}.h5ad"
+        try:  # results: files in order, templates in order within a file (each its fitted copy)
+            to_anndata(batch.results[k::len(templates)]).write_h5ad(out / name)
+        except ValueError as exc:
+            _say(f"AnnData not written ({name}):", "yellow", str(exc), err)
 
 
 def _gate_templates(template_paths: tuple[str, ...], workspace: str | None, group: str):
@@ -192,10 +209,15 @@ def inspect_cmd(files: tuple[str, ...], template_paths: tuple[str, ...], dataset
 @click.option("--gating-dir", default=None, type=click.Path(file_okay=False),
               help="Folder where template names given with -t are looked up first.")
 @click.option("--compensation", default="auto", show_default=True)
-@click.option("-j", "--jobs", default=1, show_default=True, type=int)
+@click.option("-j", "--jobs", default=1, show_default=True, type=int,
+              help="Worker processes of a local Dask cluster (0 = all cores).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing Dask cluster (e.g. tcp://host:8786); see docs/scale-out.md.")
+@click.option("--resume", is_flag=True,
+              help="Take over the files an interrupted run into the same -o folder already gated.")
 @click.option("--anndata/--no-anndata", default=False, show_default=True)
 def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tuple[str, ...], gating_dir: str | None,
-          compensation: str, jobs: int, anndata: bool) -> None:
+          compensation: str, jobs: int, scheduler: str | None, resume: bool, anndata: bool) -> None:
     """Gate every file of SAMPLE_SHEET (file, sample_id, patient, week, panel) with its panel's template.
 
     Writes one population table for the study and, with --clinical, the PASI
@@ -216,7 +238,8 @@ def study(sample_sheet: str, out_dir: str, clinical: str | None, templates: tupl
             _say("failed:", "red", error, err)
 
     res = run_study(sample_sheet, out_dir, templates=mapping, gating_dir=gating_dir, clinical=clinical,
-                    compensation=compensation, jobs=jobs, anndata=anndata, progress=tick)
+                    compensation=compensation, jobs=jobs, scheduler=scheduler, resume=resume, anndata=anndata,
+                    progress=tick)
     n_samples = res["table"]["sample_id"].nunique() if not res["table"].empty else 0
     _say("", "", f"{n_samples} sample(s) gated, {len(res['errors'])} failed -> {out_dir}", err)
     for path in res["files"].values():

@@ -22,6 +22,7 @@ __all__ = [
     "ImmuneProfileWarning",
     "MarkerError",
     "ReferenceDBError",
+    "ResumeError",
     "TemplateError",
     "ThresholdError",
     "ThresholdWarning",
@@ -86,6 +87,10 @@ class ReferenceDBError(ImmuneProfileError):
 
 class DuplicateBatchError(ReferenceDBError):
     """A batch id is already stored in the reference database."""
+
+
+class ResumeError(ImmuneProfileError):
+    """A run cannot be resumed: its per-file parts were written with other templates or options."""
 
 
 class ThresholdWarning(ImmuneProfileWarning):

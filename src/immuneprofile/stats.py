@@ -25,6 +25,33 @@ def _pct(num: int, den: int) -> float:
     return 100.0 * num / den if den else float("nan")
 
 
+class _Medians:
+    """Medians of one sample's populations; a (population, channel) that several templates share is computed once.
+
+    Each call is one compiled pass over the population's events for all the
+    channels not yet known (:func:`immuneprofile.engine._kernels.kernels_for`).
+    """
+
+    def __init__(self, data) -> None:
+        from immuneprofile.engine._kernels import kernels_for
+
+        ev = data.events
+        if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
+            ev = np.asfortranarray(ev, dtype=np.float64)
+        self.data, self.ev, self.K = data, ev, kernels_for(data.n_events)
+        self.buf, self.members = np.empty(data.n_events), np.empty(data.n_events, dtype=np.int64)
+        self.hist = np.zeros(1 << 16, dtype=np.int64)
+        self.known: dict[tuple[int, int], float] = {}
+
+    def __call__(self, bits: np.ndarray, chans: list[int]) -> list[float]:
+        todo = [c for c in dict.fromkeys(chans) if (id(bits), c) not in self.known]
+        if todo:
+            out = np.empty(len(todo))
+            self.K.medians(self.ev, np.asarray(todo, dtype=np.int64), bits, self.members, self.buf, self.hist, out)
+            self.known.update(((id(bits), c), float(v)) for c, v in zip(todo, out))
+        return [self.known[id(bits), c] for c in chans]
+
+
 def population_table(results: Iterable[GatingResult], *, medians: bool = True) -> pd.DataFrame:
     """Tidy statistics for every population of every sample.
 
@@ -44,10 +71,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
         top-level populations; percentages are in percent (0–100).
     """
-    from immuneprofile.engine._kernels import kernels
-
-    K = kernels()
     rows = []
+    cache = None
     for res in results:
         t = res.template
         chans: dict[str, int] = {}
@@ -57,12 +82,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                     chans[m] = res.data.find_channel(m)
                 except MarkerError:
                     continue
-        if chans:
-            ev = res.data.events
-            if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
-                ev = np.asfortranarray(ev, dtype=np.float64)
-            idx = np.fromiter(chans.values(), dtype=np.int64, count=len(chans))
-            buf, hist, med = np.empty(res.n_events), np.zeros(1 << 16, dtype=np.int64), np.empty(len(chans))
+        if chans and (cache is None or cache.data is not res.data):
+            cache = _Medians(res.data)
         for pop in t.populations:
             n = res.count(pop.name)
             pc = res.parent_count(pop.name)
@@ -76,9 +97,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                 "pct_parent": _pct(n, pc),
                 "pct_total": _pct(n, res.n_events),
             }
-            if chans:  # every marker's median in one compiled pass over the population's events
-                K.medians(ev, idx, res.bits[pop.name], buf, hist, med)
-                row.update((f"median_{m}", float(v)) for m, v in zip(chans, med))
+            if chans:
+                row.update(zip((f"median_{m}" for m in chans), cache(res.bits[pop.name], list(chans.values()))))
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -269,24 +289,28 @@ def write_tables(out_dir, table: pd.DataFrame, thresholds: pd.DataFrame | None,
     """Write a run's tables into ``out_dir``: what ``gate`` and ``study`` both produce.
 
     ``populations.csv`` and ``.parquet`` and ``thresholds.csv`` (if any sample gated),
-    ``errors.csv`` (if any file failed). Returns ``{name: path}`` of the files written.
+    ``errors.csv`` (if any file failed; an older one is removed otherwise, so the
+    folder describes this run). Each file is written atomically (a temporary file,
+    then a rename). Returns ``{name: path}`` of the files written.
     """
     from pathlib import Path
+
+    from immuneprofile._atomic import atomic_write
 
     out = Path(out_dir)
     files: dict[str, object] = {}
     for name in RUN_TABLES:  # a run's outputs are that run's: no table left from an earlier run
         (out / name).unlink(missing_ok=True)
     if not table.empty:
-        table.to_csv(out / "populations.csv", index=False)
-        table.to_parquet(out / "populations.parquet", index=False)
-        files["populations"] = out / "populations.csv"
+        files["populations"] = atomic_write(out / "populations.csv", lambda p: table.to_csv(p, index=False))
+        atomic_write(out / "populations.parquet", lambda p: table.to_parquet(p, index=False))
         if thresholds is not None:
-            thresholds.to_csv(out / "thresholds.csv", index=False)
-            files["thresholds"] = out / "thresholds.csv"
+            files["thresholds"] = atomic_write(out / "thresholds.csv", lambda p: thresholds.to_csv(p, index=False))
     if errors:
-        pd.DataFrame({"file": list(errors), "error": list(errors.values())}).to_csv(out / "errors.csv", index=False)
-        files["errors"] = out / "errors.csv"
+        frame = pd.DataFrame({"file": list(errors), "error": list(errors.values())})
+        files["errors"] = atomic_write(out / "errors.csv", lambda p: frame.to_csv(p, index=False))
+    elif (out / "errors.csv").exists():
+        (out / "errors.csv").unlink()
     return files
 
 
@@ -312,7 +336,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from immuneprofile.engine.transforms import make_transform
+    from immuneprofile.engine.transforms import exact_transform
 
     if isinstance(results, GatingResult):
         results = [results]
@@ -329,7 +353,7 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
             col = d.column(j)
             spec = _column_spec(res.template, ch if scatter else d.marker_label(j), scatter, col)
             if spec is not None:
-                col = np.asarray(make_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
+                col = np.asarray(exact_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
             cols.append(col.astype(np.float32))
         X = np.column_stack(cols)
         obs = pd.DataFrame({"sample_id": pd.Categorical([res.sample_id] * res.n_events)})

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TUPLE_VERTICES", "convex_edges", "full_bits", "kernels", "nwords", "pack", "unpack"]
+__all__ = ["COMPILE_FROM", "TUPLE_VERTICES", "convex_edges", "full_bits", "kernels", "kernels_for", "nwords", "pack",
+           "unpack"]
 
 #: Polygons with at most this many vertices get kernels compiled for their vertex count.
 TUPLE_VERTICES = 16
@@ -267,48 +268,58 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
         counts[i] += 1
 
 
-def _medians_with(gather, select):
-    """The ``medians`` kernel from its two compiled halves (a loop over the few channels, in Python).
+#: Populations of at least this many events get :func:`_median_of`'s radix pass; smaller ones a selection.
+_RADIX_FROM = 1 << 13
 
-    ``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set
-    (NaN if none, or any NaN): :func:`_gather` copies the members' values into
-    ``buf``, :func:`_median_select` finds their median.
+
+def _medians_with(members, median_of):
+    """The ``medians`` kernel from its compiled halves (a loop over the few channels, in Python).
+
+    ``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if
+    none, or any NaN): :func:`_members` lists the members' indices once into ``idx``
+    (int64 scratch, one per event), :func:`_median_of` finds one channel's median.
     """
-    def medians(ev, chans, bits, buf, hist, out):
+
+    def medians(ev, chans, bits, idx, buf, hist, out):
+        m = members(bits, ev.shape[0], idx)
         for c in range(chans.shape[0]):
-            m, nan = gather(ev, chans[c], bits, buf)
-            out[c] = np.nan if m == 0 or nan else select(buf, m, hist)
+            out[c] = median_of(ev[:, chans[c]], idx, m, buf, hist)
 
     return medians
 
 
-def _gather(ev, ch, bits, buf):  # pragma: no cover - compiled
-    """Copy column ``ch`` of the events in the bit set into ``buf``: ``(count, number of NaN)``."""
-    n = ev.shape[0]
+def _members(bits, n, idx):  # pragma: no cover - compiled
+    """List the indices of the events in the bit set into ``idx``; return how many."""
     m = 0
-    nan = 0
     for w in range(bits.shape[0]):
         word = bits[w]
         if word == 0:
             continue
         base = w << 6
         for j in range(min(64, n - base)):
-            x = ev[base + j, ch]
-            buf[m] = x
-            hit = (word >> np.uint64(j)) & np.uint64(1)
-            m += hit
-            nan += hit & np.uint64(x != x)
-    return m, nan
+            idx[m] = base + j
+            m += np.int64((word >> np.uint64(j)) & np.uint64(1))
+    return m
 
 
-def _median_select(buf, m, hist):  # pragma: no cover - compiled
-    """``np.median(buf[:m])`` (no NaN), reordering ``buf``.
+def _median_of(col, idx, m, buf, hist):  # pragma: no cover - compiled
+    """``np.median(col[idx[:m]])`` (NaN if ``m == 0`` or any NaN), using ``buf`` as scratch.
 
-    The two middle order statistics are found by one radix pass (``hist``:
+    Under :data:`_RADIX_FROM` members the median is a selection (``np.median``),
+    else the two middle order statistics are found by one radix pass (``hist``:
     65,536 bins of the top 16 bits of an order-preserving integer key, i.e. 1/16
-    of an octave) and a sort of the values in their bins only. The result is
-    ``np.median``'s: the middle value, or the mean of the two middle values.
+    of an octave) and a sort of the values in their bins only: ``np.median``'s
+    result, the middle value or the mean of the two middle values.
     """
+    nan = False
+    for i in range(m):
+        x = col[idx[i]]
+        buf[i] = x
+        nan |= x != x
+    if m == 0 or nan:
+        return np.nan
+    if m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
+        return np.median(buf[:m])
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
@@ -435,15 +446,13 @@ def _bin_counts_np(v, edges, counts):
     counts += np.histogram(v, bins=edges.shape[0] - 1, range=(edges[0], edges[-1]))[0]
 
 
-def _medians_np(ev, chans, bits, buf, hist, out):
+def _medians_np(ev, chans, bits, idx, buf, hist, out):
     members = unpack(bits, ev.shape[0])
     for c, ch in enumerate(chans):
         v = ev[members, ch]
         out[c] = np.median(v) if v.size else np.nan
 
 
-#: The compiled kernels, compiled once per process on first use (numba also caches them on disk);
-#: ``False`` when numba cannot be imported.
 _COMPILED: Any = None
 
 
@@ -462,7 +471,7 @@ def kernels(compiled: bool = True):
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
                                         convex_bits=jit(_convex_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
-                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_gather), jit(_median_select)),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_members), jit(_median_of)),
                                         compiled=True)
     if compiled and _COMPILED:
         return _COMPILED
@@ -474,7 +483,20 @@ def kernels(compiled: bool = True):
                            compiled=False)
 
 
-@lru_cache(maxsize=256)  # pure function of the vertices: a bounded per-process memo
+#: Events from which a sample is worth loading the compiled kernels for (about 0.5-1 s once per process,
+#: from numba's cache); smaller samples use the NumPy twins (same results) unless they are loaded already.
+COMPILE_FROM = 20_000
+
+
+def kernels_for(n_events: int):
+    """The kernels for a sample of ``n_events``: compiled if already loaded or worth loading, else the NumPy twins.
+
+    A command that gates one small file thus never imports numba (see :data:`COMPILE_FROM`).
+    """
+    return kernels(compiled=bool(_COMPILED) or n_events >= COMPILE_FROM)
+
+
+@lru_cache(maxsize=256)
 def convex_edges(vertices: tuple[tuple[float, float], ...]):
     """Edges of a strictly convex polygon for :func:`_convex_bits`, or ``None`` if it is not one.
 

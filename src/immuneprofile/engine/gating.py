@@ -42,7 +42,7 @@ from typing import Any, overload
 import numpy as np
 
 from immuneprofile.engine._kernels import TUPLE_VERTICES, convex_edges, full_bits, pack, unpack
-from immuneprofile.engine._kernels import kernels as _kernels
+from immuneprofile.engine._kernels import kernels_for as _kernels_for
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS, ThresholdError
 from immuneprofile.engine.transforms import density_transform
 from immuneprofile.engine.values import Compensation, EventValues, gate_compensation
@@ -268,7 +268,7 @@ class _Engine:
         self.fits: dict[tuple[str, str], ThresholdFit] = {}
         self.fixed = dict(fixed or {})
         self.shared = shared
-        self.kernels = _kernels()
+        self.kernels = _kernels_for(data.n_events)
         self._full: np.ndarray | None = None
 
     # -- thresholds
@@ -691,7 +691,7 @@ def points_in_polygon(vertices: np.ndarray | Sequence[Sequence[float]], px: np.n
     px = np.ascontiguousarray(px, dtype=np.float64)
     py = np.ascontiguousarray(py, dtype=np.float64)
     out = full_bits(px.shape[0])
-    _kernels().winding_bits(*_vertices(vertices), px, py, out)
+    _kernels_for(px.shape[0]).winding_bits(*_vertices(vertices), px, py, out)
     return unpack(out, px.shape[0])
 
 

@@ -43,10 +43,10 @@ def _kde(v: np.ndarray, bw: Any = None) -> tuple[np.ndarray, np.ndarray]:
     at 1024 bins the density is indistinguishable from the exact one at the
     scale thresholds are read.
     """
-    from immuneprofile.engine._kernels import kernels
+    from immuneprofile.engine._kernels import kernels_for
 
-    K = kernels()
     v = np.ascontiguousarray(v, dtype=float)
+    K = kernels_for(v.size)
     n, vmin, vmax, sd = K.moments(v)
     factor = n ** (-1 / 5) if bw in (None, "scott") else (
         (n * 3 / 4) ** (-1 / 5) if bw == "silverman" else float(bw))

@@ -1,9 +1,11 @@
-"""Transform specifications -> FlowKit transform objects.
+"""Transform specifications -> FlowKit's transform arithmetic.
 
-Templates give transforms as small dicts (``{type: logicle, T: 262144, ...}``);
-this module turns them into FlowKit's own transform classes so that the engine
-and a FlowKit ``GatingStrategy`` built from the same template compute
-identical values.
+Templates give transforms as small dicts (``{type: logicle, T: 262144, ...}``).
+:func:`make_transform` turns them into FlowKit's own transform classes (for a
+FlowKit ``GatingStrategy`` built from a template); :func:`exact_transform` gives
+an object that makes the very same calls into FlowUtils as those classes do
+(identical values) without importing FlowKit, whose import (its plotting stack)
+costs seconds: the engine uses that one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import numpy as np
 
 from immuneprofile.exceptions import TransformError
 
-__all__ = ["AUTO", "DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "inverse_bound",
-           "is_auto", "make_transform",
-           "transform_key"]
+__all__ = ["AUTO", "DEFAULT_FLUORESCENCE", "MONOTONE", "TransformError", "density_transform", "exact_transform",
+           "inverse_bound", "is_auto", "make_transform", "transform_key"]
 
 DEFAULT_FLUORESCENCE: dict[str, Any] = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
 
@@ -192,6 +193,53 @@ def inverse_bound(spec: Mapping[str, Any], xform: Any, t: float) -> float | None
     return v if np.isfinite(v) else None
 
 
+class ExactTransform:
+    """A transform computed exactly as FlowKit's transform class of the same spec computes it.
+
+    FlowKit's ``LogicleTransform``, ``HyperlogTransform``, ``AsinhTransform`` and
+    ``LogTransform`` call ``flowutils.transforms.<type>(events, None, t=..., ...)``
+    (and ``<type>_inverse``); ``LinearTransform`` computes ``(x + A) / (T + A)``.
+    This class makes the same calls with the same arguments, so its values are
+    FlowKit's bit for bit (tests/test_kernels.py), and imports only FlowUtils.
+    """
+
+    __slots__ = ("kind", "params")
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.kind = spec["type"]
+        if self.kind not in _PARAMS:
+            raise TransformError(f"unknown transform type {self.kind!r}")
+        self.params = {k.lower(): spec[k] for k in _PARAMS[self.kind]}
+
+    def _call(self, events: np.ndarray, inverse: bool) -> np.ndarray:
+        if self.kind == "linear":
+            t, a = self.params["t"], self.params["a"]
+            return (events * (t + a)) - a if inverse else (events + a) / (t + a)
+        from flowutils import transforms as fut
+
+        fn = getattr(fut, self.kind + ("_inverse" if inverse else ""))
+        return fn(events, None, **self.params)
+
+    def apply(self, events: np.ndarray) -> np.ndarray:
+        """Transformed values (as FlowKit's ``apply``: a 2-D array of events x channels)."""
+        return self._call(events, False)
+
+    def inverse(self, events: np.ndarray) -> np.ndarray:
+        """Values on the raw scale (as FlowKit's ``inverse``)."""
+        return self._call(events, True)
+
+
+def exact_transform(spec: Mapping[str, Any] | None) -> Any:
+    """:class:`ExactTransform` of a normalised spec (``None`` -> ``None``): FlowKit's values without FlowKit."""
+    if spec is None:
+        return None
+    if spec["type"] in _FLOWJO:  # FlowJo's clamped, tabulated transforms: FlowKit's own objects
+        return make_transform(spec)
+    return ExactTransform(spec)
+
+
+#: FlowJo's transforms (FlowKit's WSPBiexTransform, WSPLogTransform): evaluated by FlowKit's objects.
+_FLOWJO = {"biex", "flowjo_log"}
 #: Transforms FlowKit evaluates by root finding per value (slow); the others are closed-form.
 _ITERATIVE = {"logicle", "hyperlog"}
 #: Table of :func:`density_transform`: knots per octave, and the octaves (powers of two) covered.
@@ -218,7 +266,7 @@ def density_transform(spec: Mapping[str, Any] | None):
     if spec is None:
         return _into(lambda x: np.asarray(x, dtype=float))
     if spec["type"] not in _ITERATIVE:
-        xf = make_transform(spec)
+        xf = exact_transform(spec)
         return _into(lambda x: np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1))
     return _table_transform(tuple(sorted(spec.items())))
 
@@ -236,9 +284,9 @@ def _into(f):
 
 @lru_cache(maxsize=32)  # pure function of the spec: a bounded per-process memo of lookup tables
 def _table_transform(items: tuple):
-    from immuneprofile.engine._kernels import kernels
+    from immuneprofile.engine._kernels import kernels_for
 
-    xf = make_transform(dict(items))
+    xf = exact_transform(dict(items))
 
     def exact(x: np.ndarray) -> np.ndarray:
         return np.asarray(xf.apply(np.asarray(x, dtype=float).reshape(-1, 1)), dtype=float).reshape(-1)
@@ -251,7 +299,7 @@ def _table_transform(items: tuple):
     def apply(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=float)
         out = np.empty(x.shape[0]) if out is None else out
-        if kernels().octave_lookup(x, e0, _PER_OCTAVE, pos_tab, neg_tab, out):
+        if kernels_for(x.shape[0]).octave_lookup(x, e0, _PER_OCTAVE, pos_tab, neg_tab, out):
             far = np.isnan(out)
             out[far] = exact(x[far])
         return out

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from immuneprofile.engine.transforms import MONOTONE, inverse_bound, make_transform, transform_key
+from immuneprofile.engine.transforms import MONOTONE, exact_transform, inverse_bound, transform_key
 from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData
 from immuneprofile.template.parse import Dim, Template
@@ -112,7 +112,7 @@ class EventValues:
         key = self.tkey(spec)
         obj = self._xform_obj.get(key)
         if obj is None:
-            obj = self._xform_obj[key] = make_transform(spec)
+            obj = self._xform_obj[key] = exact_transform(spec)
         return obj
 
     def raw(self, dim: Dim, idx: np.ndarray | None, compensated: Compensation, pop: str) -> np.ndarray:

@@ -51,6 +51,8 @@ def run_study(
     clinical: str | os.PathLike | None = None,
     compensation: Any = "auto",
     jobs: int = 1,
+    scheduler: Any = None,
+    resume: bool = False,
     anndata: bool = False,
     batch_by: str | None = "patient",
     progress: Callable[[str, str | None], None] | None = None,
@@ -72,8 +74,11 @@ def run_study(
     clinical
         Clinical CSV (``patient, week, pasi[, treatment]``); if given, run
         :func:`immuneprofile.association.correlate` on the gated table.
-    compensation, jobs
-        As for :func:`immuneprofile.gate_files`.
+    compensation, jobs, scheduler
+        As for :func:`immuneprofile.gate_files` (``scheduler``: a Dask scheduler address or client).
+    resume
+        Take over the files an interrupted run into the same ``out_dir`` already gated
+        (each panel's per-file tables are kept in ``out_dir/parts/<panel>``).
     anndata
         Also write ``events_<panel>.h5ad`` per panel (in-process gating only).
     batch_by
@@ -99,7 +104,8 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables, ths, errors, files = _gate_panels(sheet, sheet_path, tmpl, out, batch_by=batch_by, anndata=anndata,
-                                              compensation=compensation, jobs=jobs, progress=progress)
+                                              compensation=compensation, jobs=jobs, scheduler=scheduler,
+                                              resume=resume, progress=progress)
     table = _with_meta(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), sheet)
     files.update(write_tables(out, table, pd.concat(ths, ignore_index=True) if ths else None, errors))
     readouts = _readouts(table, tmpl, sheet)
@@ -144,20 +150,26 @@ def _batches(rows: pd.DataFrame, batch_by: str | None):
 
 
 def _gate_panels(sheet: pd.DataFrame, sheet_path: Path, tmpl: Mapping[str, Template], out: Path, *,
-                 batch_by: str | None, anndata: bool, compensation: Any, jobs: int, progress) -> tuple:
-    """Gate every panel's files, batch by batch: ``(tables, thresholds, errors, files)``."""
+                 batch_by: str | None, anndata: bool, compensation: Any, jobs: int, scheduler: Any, resume: bool,
+                 progress) -> tuple:
+    """Gate every panel's files, batch by batch: ``(tables, thresholds, errors, files)``.
+
+    Each batch's per-file tables are kept in ``out/parts/<panel>[/<batch>]`` (``resume``).
+    """
     tables, ths, errors, files = [], [], {}, {}
     for panel, rows in sheet.groupby("panel", sort=False):
-        results = []
-        for _, group in _batches(rows, batch_by):
+        results, complete = [], True
+        for key, group in _batches(rows, batch_by):
+            parts = out / "parts" / str(panel) / (str(key) if key is not None else "")
             batch = gate_files(_paths(group, sheet_path), tmpl[panel], compensation=compensation, jobs=jobs,
-                               progress=progress)
+                               scheduler=scheduler, parts=parts, resume=resume, progress=progress)
             errors.update(batch.errors)
-            if batch.results:
+            if batch.gated:
                 tables.append(batch.table)
                 ths.append(batch.thresholds)
                 results.extend(batch.results)
-        if anndata and jobs == 1 and results:
+                complete &= len(batch.results) == len(batch.gated)  # resumed files come back without events
+        if anndata and jobs == 1 and scheduler is None and results and complete:
             f = out / f"events_{panel}.h5ad"
             to_anndata(results).write_h5ad(f)
             files[f"events_{panel}"] = f
@@ -193,13 +205,7 @@ def _readouts(table: pd.DataFrame, tmpl: Mapping[str, Template], sheet: pd.DataF
 
 
 def _correlate(table: pd.DataFrame, readouts: pd.DataFrame, clinical, sheet: pd.DataFrame, out: Path):
-    """The association step: on the declared readouts when ``correlate`` takes them, else on patients' populations."""
-    import inspect
-
+    """The association step, on the templates' declared readouts."""
     from immuneprofile.study.association import correlate
 
-    if "readouts" in inspect.signature(correlate).parameters:
-        return correlate(table, clinical, sheet, out, readouts=readouts)
-    if "role" in sheet.columns:  # reference samples have no clinical course
-        table = table[~table["sample_id"].isin(sheet.loc[sheet["role"] == "reference", "sample_id"])]
-    return correlate(table, clinical, sheet, out)
+    return correlate(table, clinical, sheet, out, readouts=readouts if not readouts.empty else None)
