@@ -33,7 +33,6 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -59,7 +58,7 @@ __all__ = [
     "subset_changes",
 ]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 #: Maximum possible PASI score.
 PASI_MAX: float = 72.0

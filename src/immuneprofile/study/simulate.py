@@ -34,12 +34,16 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from immuneprofile.template.shipped import PANEL_TEMPLATES
+
+if TYPE_CHECKING:  # pandas is imported lazily where it is used
+    import pandas as pd
 
 __all__ = [
     "MARKERS",
