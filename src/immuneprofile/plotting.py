@@ -28,6 +28,7 @@ import matplotlib.patches  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
@@ -597,7 +598,7 @@ def plot_fold_changes(
     ax.axvline(0, color="0.3", lw=0.8)
     ax.set_yticks(range(len(readouts)), readouts, fontsize=8)
     ax.set_xlabel("log2 fold change from baseline")
-    handles = [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colors.items()]
+    handles: list[Artist] = [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colors.items()]
     handles += [Line2D([], [], ls="", marker="o", mfc="none", mec="0.3", label="later period"),
                 Line2D([], [], ls="", marker="x", color="0.3", label="below minimum events"),
                 matplotlib.patches.Patch(color="0.85", label="±2 × assay CV")]

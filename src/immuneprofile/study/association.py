@@ -601,8 +601,8 @@ def correlate(
     if readouts is None:
         from immuneprofile.study.readouts import declared_readouts
 
-        readouts = declared_readouts(pops)
-        readouts = None if readouts.empty else readouts
+        declared_tbl = declared_readouts(pops)
+        readouts = None if declared_tbl.empty else declared_tbl
     if readouts is not None and populations_subset is None:
         declared = read_readouts(readouts)
         populations_subset = sorted(set(declared.get("population", declared["readout"])) & set(pops["population"]))

@@ -36,7 +36,7 @@ import datetime as _dt
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -712,7 +712,7 @@ def simulate_sample(
     return SimulatedSample(_quantize(raw, chans), labels, unmixed, spill, list(chans), panel)
 
 
-def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None) -> list[dict[str, object]]:
+def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """True value of every readout declared by the panel's templates, counted from the event labels.
 
     Parameters
@@ -740,10 +740,11 @@ def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None)
         t = load_template(name)
         for r in t.readouts.values():
             parent = t[r.population].parent
-            k, d, pk = (int(sample.labels[x].sum()) for x in (r.population, r.of, parent))
+            k, d = (int(sample.labels[x].sum()) for x in (r.population, r.of))
+            pk = len(sample.events) if parent is None else int(sample.labels[parent].sum())  # as the population table
             rows.append({"template": name, "readout": r.name, "population": r.population, "of": r.of,
                          "count": k, "of_count": d, "pct": pct(k, d),
-                         "parent": parent, "parent_count": pk, "pct_parent": pct(k, pk)})
+                         "parent": parent or "root", "parent_count": pk, "pct_parent": pct(k, pk)})
     return rows
 
 
@@ -821,7 +822,7 @@ def write_fcs(
 #: and P3 resume their last failed biologic at W9 on relapse, P2 switches to a new biologic at
 #: W24; P1 and P2 then hold PASI 0-2. Ages, doses per patient, PASI values and drug names are
 #: invented within those facts. ``change`` = (week, event kind, drug).
-COURSE: dict[str, dict[str, object]] = {
+COURSE: dict[str, dict[str, Any]] = {
     "P1": {"sex": "F", "age": 46, "dose1": 2.46, "dose2": 2.31, "cotherapy": "",
            "prior": "adalimumab; secukinumab", "change": (9, "resumed", "secukinumab"),
            "pasi": {0: 18.6, 1: 14.9, 4: 2.4, 9: 9.6, 24: 1.4, 52: 0.8, 104: 1.2}},
@@ -878,7 +879,7 @@ def has_true_effect(readout: str) -> bool:
     return any(src in EFFECTS for src in READOUT_SOURCES[readout])
 
 
-def _course(pi: int, rng: np.random.Generator) -> dict[str, object]:
+def _course(pi: int, rng: np.random.Generator) -> dict[str, Any]:
     """Course of patient ``pi``: the case series' for 0-2, a rescaled copy beyond."""
     names = list(COURSE)
     c = dict(COURSE[names[pi % len(names)]])
@@ -907,7 +908,7 @@ def _improvement(pasi: Mapping[int, float], week: float) -> float:
     return float(1.0 - np.interp(max(week, 0.0), xs, ys) / ys[0])
 
 
-def _periods(course: Mapping[str, object]) -> dict[int, tuple[str, str, str]]:
+def _periods(course: Mapping[str, Any]) -> dict[int, tuple[str, str, str]]:
     """Week -> (treatment period, cotherapy, event) of every visit of a course."""
     cweek, kind, drug = course["change"]
     out = {}
@@ -920,7 +921,7 @@ def _periods(course: Mapping[str, object]) -> dict[int, tuple[str, str, str]]:
     return out
 
 
-def _design(course: Mapping[str, object], base: Mapping[str, float], mult: float,
+def _design(course: Mapping[str, Any], base: Mapping[str, float], mult: float,
             week: int, period: str) -> dict[str, float]:
     """True subset frequencies of one visit (before visit and assay noise)."""
     f = dict(base)
@@ -1040,7 +1041,7 @@ TRUTH_COLUMNS = ["sample_id", "patient", "week", "panel", "role", "template", "r
                  "count", "of_count", "pct", "design_pct", "true_effect"]
 
 
-def _truth_rows(sim: SimulatedSample, smp: Mapping[str, object], sid: str) -> list[dict[str, object]]:
+def _truth_rows(sim: SimulatedSample, smp: Mapping[str, Any], sid: str) -> list[dict[str, object]]:
     """Rows of truth.csv for one written file."""
     return [{**smp, **row, "sample_id": sid, "panel": sim.panel, "pct": f"{row['pct']:.4f}",
              "design_pct": f"{design_pct(smp['design'], row['readout']):.4f}",
