@@ -555,6 +555,39 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     return sig, sc, lab
 
 
+def _true_labels(kind: np.ndarray, sub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Population name -> true membership, from the event kinds and the lymphocyte subset labels."""
+    live = kind < 100
+    labels: dict[str, np.ndarray] = {
+        "debris": kind == _DEBRIS,
+        "doublets": kind == _DOUBLET,
+        "dead": kind >= 100,
+    }
+    for code, name in _TYPE_LABELS.items():
+        labels[name] = kind == code
+    labels["live lymphocytes"] = np.isin(kind, [_T, _B, _NK])
+    labels["live cells"] = np.isin(kind, [_T, _B, _NK, _MONO, _DC, _GRAN])
+    labels["CD3+"] = kind == _T
+    labels["HLA-DR+"] = np.isin(kind, [_MONO, _DC])
+    for key, arr in sub.items():
+        labels[key] = arr & live
+    return labels
+
+
+def _panel_columns(chans: Sequence[tuple[str, str]], scatter: np.ndarray, time: np.ndarray,
+                   fluorescence: np.ndarray, dets: list[str]) -> np.ndarray:
+    """The (unmixed) events in the panel's channel order: scatter, Time and fluorescence columns."""
+    cols = []
+    for pnn, _ in chans:
+        if pnn in SCATTER_CHANNELS:
+            cols.append(scatter[:, SCATTER_CHANNELS.index(pnn)])
+        elif pnn == "Time":
+            cols.append(time)
+        else:
+            cols.append(fluorescence[:, dets.index(pnn)])
+    return np.column_stack(cols)
+
+
 def simulate_sample(
     panel: str,
     n_events: int,
@@ -678,33 +711,9 @@ def simulate_sample(
         sub[key] = full[order]
     time = np.sort(rng.uniform(0, n / 2500.0 / 0.01, n))  # $TIMESTEP 0.01 s
 
-    # labels
-    live = kind < 100
-    labels: dict[str, np.ndarray] = {
-        "debris": kind == _DEBRIS,
-        "doublets": kind == _DOUBLET,
-        "dead": kind >= 100,
-    }
-    for code, name in _TYPE_LABELS.items():
-        labels[name] = kind == code
-    labels["live lymphocytes"] = np.isin(kind, [_T, _B, _NK])
-    labels["live cells"] = np.isin(kind, [_T, _B, _NK, _MONO, _DC, _GRAN])
-    labels["CD3+"] = kind == _T
-    labels["HLA-DR+"] = np.isin(kind, [_MONO, _DC])
-    for key, arr in sub.items():
-        labels[key] = arr & live
-
-    # assemble the panel
+    labels = _true_labels(kind, sub)
     chans = PANELS[panel]
-    cols = []
-    for pnn, _ in chans:
-        if pnn in SCATTER_CHANNELS:
-            cols.append(sc_all[:, SCATTER_CHANNELS.index(pnn)])
-        elif pnn == "Time":
-            cols.append(time)
-        else:
-            cols.append(true[:, dets.index(pnn)])
-    unmixed = np.column_stack(cols)
+    unmixed = _panel_columns(chans, sc_all, time, true, dets)
     fl = [i for i, (pnn, _) in enumerate(chans) if pnn not in SCATTER_CHANNELS and pnn != "Time"]
     spill = spillover_matrix([chans[i][0] for i in fl])
     raw = unmixed.copy()
