@@ -749,11 +749,11 @@ def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None)
         t = load_template(name)
         for r in t.readouts.values():
             parent = t[r.population].parent
-            k, d = (int(sample.labels[x].sum()) for x in (r.population, r.of))
-            pk = len(sample.events) if parent is None else int(sample.labels[parent].sum())  # as the population table
+            assert parent is not None  # a readout's `of` is an ancestor (parse_readouts): never a root population
+            k, d, pk = (int(sample.labels[x].sum()) for x in (r.population, r.of, parent))
             rows.append({"template": name, "readout": r.name, "population": r.population, "of": r.of,
                          "count": k, "of_count": d, "pct": pct(k, d),
-                         "parent": parent or "root", "parent_count": pk, "pct_parent": pct(k, pk)})
+                         "parent": parent, "parent_count": pk, "pct_parent": pct(k, pk)})
     return rows
 
 
