@@ -7,6 +7,10 @@ The public API::
     tmpl = ip.load_template("treg")                # a shipped template by name, or a YAML path
     res = ip.gate_sample(data, tmpl)               # vectorised engine, FlowKit-identical
     table = ip.population_table([res])             # tidy pandas table
+    adata = ip.to_anndata([res])                   # events for scanpy; then discovery:
+    ip.tl.embed(adata); ip.tl.cluster(adata); ip.pl.umap(adata, color="cluster")
+
+``ip.tl`` and ``ip.pl`` are imported on first use (they bring scanpy and matplotlib).
 
 The package's layout and data flow are described in ``docs/architecture.md``.
 """
@@ -41,6 +45,15 @@ try:
     __version__ = version("immuneprofile")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
     __version__ = "0+unknown"
+
+def __getattr__(name: str):
+    """``ip.tl`` and ``ip.pl`` on first use: scanpy/umap/flowsom stay out of ``import immuneprofile``."""
+    if name in ("tl", "pl"):
+        import importlib
+
+        return importlib.import_module(f"immuneprofile.{name}")
+    raise AttributeError(f"module 'immuneprofile' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",

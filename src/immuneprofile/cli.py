@@ -384,6 +384,45 @@ def convert_cmd(workspace: str, out_dir: str, group: str | None) -> None:
     files = convert_workspace(workspace, out_dir, group=group)
     for f in files:
         click.echo(str(f))
+@main.command("discover")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-t", "--template", "template_path", required=True,
+              help="Gating template: a YAML file or a shipped template's name.")
+@click.option("--on", "population", default=None, help="Gated population to analyse, e.g. 'CD3+' (default: all events).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output directory: clusters.csv, concordance.csv, abundance.csv, discovery.h5ad, PNG plots.")
+@click.option("--method", type=click.Choice(["leiden", "flowsom"]), default="leiden", show_default=True)
+@click.option("--n-per-sample", default=2000, show_default=True, type=int, help="Events drawn per sample.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw, embedding and clustering.")
+@click.option("--markers", default=None, help="Comma-separated markers to use (default: every stained channel).")
+@click.option("--samples", "sample_sheet", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Sample sheet CSV (sample_id, patient, week): visit colours and abundance per patient/week.")
+@click.option("--resolution", default=0.5, show_default=True, type=float, help="Leiden resolution.")
+@click.option("--n-clusters", default=10, show_default=True, type=int, help="FlowSOM metaclusters.")
+@click.option("--compensation", default="auto", show_default=True,
+              help="'auto', 'fcs', 'none', or a CSV matrix path.")
+def discover_cmd(files: tuple[str, ...], template_path: str, population: str | None, out_dir: str, method: str,
+                 n_per_sample: int, seed: int, markers: str | None, sample_sheet: str | None, resolution: float,
+                 n_clusters: int, compensation: str) -> None:
+    """Gate FILES, subsample a population, embed (UMAP), cluster, and check the clusters against the gates."""
+    from immuneprofile.discovery import run_discovery
+
+    err = _console()
+
+    def tick(path: str, error: str | None) -> None:
+        if error:
+            _say("failed:", "red", error, err)
+
+    res = run_discovery(files, template_path, out_dir, on=population, method=method, n_per_sample=n_per_sample,
+                        seed=seed, markers=[m.strip() for m in markers.split(",")] if markers else None,
+                        samples=sample_sheet, resolution=resolution, n_clusters=n_clusters,
+                        compensation=compensation, progress=tick)
+    conc = res["concordance"]
+    click.echo(conc[["population", "n_gated", "clusters", "f1", "precision", "recall"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}"))
+    err.print(f"{res['adata'].n_obs} events, {res['adata'].obs['cluster'].nunique()} {method} clusters; "
+              f"{len(res['errors'])} file(s) failed -> {out_dir}", highlight=False)
+    sys.exit(1 if res["errors"] else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

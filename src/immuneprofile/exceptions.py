@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClinicalDataError",
+    "DiscoveryError",
     "DuplicateBatchError",
     "FCSError",
     "FlowJoError",
@@ -73,6 +74,10 @@ class ClinicalDataError(ImmuneProfileError):
 
     Messages name the offending file (or ``<DataFrame>``), the row(s) or column(s), and the fix.
     """
+
+
+class DiscoveryError(ImmuneProfileError):
+    """Embedding, clustering or concordance cannot run on the data given (``immuneprofile.tl``)."""
 
 
 class ReferenceDBError(ImmuneProfileError):
