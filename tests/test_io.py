@@ -341,3 +341,15 @@ def test_malformed_numeric_keywords_are_named(tmp_path, bd_events):
         _patch(bad, old, new)
         with pytest.raises(FCSError, match=r"bad\.fcs: TEXT keyword " + what):
             load_fcs(bad)
+
+
+def test_text_only_read_has_no_events_to_require():
+    from immuneprofile.io.reader import read_fcs
+
+    head = read_fcs(COMP_FCS, only_text=True)
+    assert head.events is None
+    with pytest.raises(FCSError, match="test_comp_example.fcs: events not read"):
+        head.require_events()
+    full = read_fcs(COMP_FCS)
+    assert full.require_events().shape == (int(full.text["tot"]), len(full.channels))
+    assert full.require_events().shape[0] == flowkit_sample(COMP_FCS).event_count

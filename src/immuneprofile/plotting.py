@@ -28,6 +28,7 @@ import matplotlib.patches  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
@@ -211,6 +212,47 @@ def _facet_label(key: tuple, feats: list[str]) -> str:
     return f"{pop} [{panel}]" if panel else pop
 
 
+def _trajectory_facets(joined: pd.DataFrame, populations: Sequence[str] | None
+                       ) -> tuple[pd.DataFrame, list[str], list[tuple]]:
+    """The table to draw, its facet columns and the facet keys (in ``populations`` order, else sorted)."""
+    df = joined.copy()
+    feats = ["population", "panel"] if "panel" in df.columns else ["population"]
+    if "panel" in df.columns:
+        df["panel"] = df["panel"].fillna("").astype(str)
+    if populations is not None:
+        from immuneprofile.study.clinical import select_populations
+
+        populations = list(populations)
+        df = select_populations(df, populations)
+        order = {p: i for i, p in enumerate(populations)}
+        keys = sorted(df[feats].drop_duplicates().itertuples(index=False, name=None),
+                      key=lambda k: (order[k[0]], k[1:]))
+    else:
+        keys = sorted(df[feats].drop_duplicates().itertuples(index=False, name=None))
+    if not keys:
+        raise ValueError("no populations to plot")
+    return df, feats, keys
+
+
+def _draw_patient_lines(ax, g: pd.DataFrame, value: str, colors: dict[str, tuple]) -> None:
+    """One line (gid ``patient:<id>``) per patient of ``g``: ``value`` over weeks."""
+    for pat, gp in g.groupby("patient", sort=True):
+        gp = gp.sort_values("week")
+        (line,) = ax.plot(gp["week"], gp[value], marker="o", ms=3.5, lw=1.5,
+                          color=colors[str(pat)], label=str(pat))
+        line.set_gid(f"patient:{pat}")
+
+
+def _trajectory_handles(colors: dict[str, tuple], infusions: bool, restarts: bool) -> list[Artist]:
+    """Legend entries: one per patient, then the treatment marks drawn."""
+    handles: list[Artist] = [Line2D([], [], color=c, marker="o", label=p) for p, c in colors.items()]
+    if infusions:
+        handles.append(Line2D([], [], color="0.45", ls="--", label="UC-MSC infusion"))
+    if restarts:
+        handles.append(Line2D([], [], color="k", ls="-.", label="biologic restart"))
+    return handles
+
+
 def plot_subset_trajectories(
     joined: pd.DataFrame,
     populations: Sequence[str] | None = None,
@@ -255,23 +297,7 @@ def plot_subset_trajectories(
     """
     if value not in joined.columns:
         raise ValueError(f"column {value!r} not in table")
-    df = joined.copy()
-    feats = ["population", "panel"] if "panel" in df.columns else ["population"]
-    if "panel" in df.columns:
-        df["panel"] = df["panel"].fillna("").astype(str)
-    if populations is not None:
-        from immuneprofile.study.clinical import select_populations
-
-        populations = list(populations)
-        df = select_populations(df, populations)
-        order = {p: i for i, p in enumerate(populations)}
-        keys = sorted(df[feats].drop_duplicates().itertuples(index=False, name=None),
-                      key=lambda k: (order[k[0]], k[1:]))
-    else:
-        keys = sorted(df[feats].drop_duplicates().itertuples(index=False, name=None))
-    if not keys:
-        raise ValueError("no populations to plot")
-
+    df, feats, keys = _trajectory_facets(joined, populations)
     colors = patient_palette(df["patient"])
     marks_src = clinical if clinical is not None else (df if "treatment" in df.columns else None)
     if marks_src is not None and clinical is not None:
@@ -287,25 +313,16 @@ def plot_subset_trajectories(
     grouped = {k if isinstance(k, tuple) else (k,): g for k, g in df.groupby(feats, sort=False)}
     weeks = sorted(df["week"].unique())
     for ax, key in zip(flat, keys):
-        g = grouped[key]
         _draw_infusions(ax, infusions, label=False)
         _draw_restarts(ax, restarts, colors, label=False)
-        for pat, gp in g.groupby("patient", sort=True):
-            gp = gp.sort_values("week")
-            (line,) = ax.plot(gp["week"], gp[value], marker="o", ms=3.5, lw=1.5,
-                              color=colors[str(pat)], label=str(pat))
-            line.set_gid(f"patient:{pat}")
+        _draw_patient_lines(ax, grouped[key], value, colors)
         ax.set_title(_facet_label(key, feats), fontsize=9)
         ax.set_ylabel(value.replace("_", " "))
         _set_week_ticks(ax, weeks)
     for ax in flat[n:]:
         fig.delaxes(ax)
 
-    handles = [Line2D([], [], color=c, marker="o", label=p) for p, c in colors.items()]
-    if infusions:
-        handles.append(Line2D([], [], color="0.45", ls="--", label="UC-MSC infusion"))
-    if restarts:
-        handles.append(Line2D([], [], color="k", ls="-.", label="biologic restart"))
+    handles = _trajectory_handles(colors, bool(infusions), bool(restarts))
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
                frameon=False, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 0.93 if nrows == 1 else 0.96))
@@ -597,7 +614,7 @@ def plot_fold_changes(
     ax.axvline(0, color="0.3", lw=0.8)
     ax.set_yticks(range(len(readouts)), readouts, fontsize=8)
     ax.set_xlabel("log2 fold change from baseline")
-    handles = [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colors.items()]
+    handles: list[Artist] = [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colors.items()]
     handles += [Line2D([], [], ls="", marker="o", mfc="none", mec="0.3", label="later period"),
                 Line2D([], [], ls="", marker="x", color="0.3", label="below minimum events"),
                 matplotlib.patches.Patch(color="0.85", label="±2 × assay CV")]

@@ -24,14 +24,16 @@ table, :func:`immuneprofile.stats.fits_table`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS
 from immuneprofile.engine.transforms import is_auto
 from immuneprofile.exceptions import GatingError
+from immuneprofile.template.model import with_dims
 from immuneprofile.template.parse import Dim, FitGate, PolygonGate, Population, Template
 
 #: A mixture (cluster) or a line (singlet) is fitted on at most this many of the events it is given
@@ -208,7 +210,7 @@ def _auto_specs(template: Template) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for p in template.populations:
         for d in p.dims:
-            if is_auto(d.transform):
+            if d.transform is not None and is_auto(d.transform):
                 out.setdefault(d.marker, dict(d.transform))
     return out
 
@@ -231,7 +233,7 @@ def _with_transforms(template: Template, specs: Mapping[str, dict[str, Any]]) ->
     def fix(d: Dim) -> Dim:
         return replace(d, transform=specs[d.marker]) if is_auto(d.transform) and d.marker in specs else d
 
-    pops = [replace(p, gate=replace(p.gate, dims=tuple(fix(d) for d in p.dims))) if p.dims else p
+    pops = [replace(p, gate=with_dims(p.gate, tuple(fix(d) for d in p.dims))) if p.dims else p
             for p in template.populations]
     tr = dict(template.transforms)
     tr["channels"] = {**(tr.get("channels") or {}), **specs}
@@ -260,8 +262,8 @@ def _parent_points(data, template: Template, pop: Population, thresholds) -> tup
         idx = gate_sample(data, sub, thresholds=thresholds or None, threads=1).indices[pop.parent]
     idx = idx[:: max(1, -(-idx.size // MAX_FIT_EVENTS))]
     cols = EventValues(data, template)
-    comp = next((d.compensated for d in pop.gate.dims if d.compensated), False)
-    x, y = (cols.transformed(d, idx, comp, pop.name) for d in pop.gate.dims)
+    comp = next((d.compensated for d in pop.dims if d.compensated), False)
+    x, y = (cols.transformed(d, idx, comp, pop.name) for d in pop.dims)
     return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
 
@@ -272,10 +274,18 @@ def _fit_gate(pop: Population, x: np.ndarray, y: np.ndarray, scope: str = "sampl
         return _fit_gate_1(pop, x, y, scope, note)
 
 
+def _fit_gate_of(pop: Population) -> FitGate:
+    """``pop``'s data-driven 2-D gate."""
+    if not isinstance(pop.gate, FitGate):
+        raise TypeError(f"population {pop.name!r} has no data-driven gate")
+    return pop.gate
+
+
 def _fit_gate_1(pop: Population, x: np.ndarray, y: np.ndarray, scope: str, note: str) -> Fit:
-    g = pop.gate
+    g = _fit_gate_of(pop)
     o = g.opts
     dims = tuple(d.marker for d in g.dims)
+    params: dict[str, Any]
     if g.kind == "singlet":
         params = {"vertices": fit_singlet(x, y, float(o.get("k", 4.0)))}
     else:
@@ -312,7 +322,7 @@ def _fit_qc(data, template: Template) -> tuple[Template, Fit]:
     """The template with acquisition QC's populations (:func:`immuneprofile.qc.acquisition.qc_populations`)."""
     from immuneprofile.qc.acquisition import QC_POPULATION, qc_populations
 
-    out, res = qc_populations(data, template, template.qc)
+    out, res = qc_populations(data, template, template.qc or {})
     params = {"removed": res.removed, "removed_time": res.removed_time, "removed_margin": res.removed_margin,
               "segments": [list(s) for s in res.segments], "margins": res.margins, "bins": res.n_bins,
               "bin_events": res.bin_events}
@@ -380,11 +390,11 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
     out = _with_transforms(template, specs) if specs else template
     for pop in template.populations:
         if isinstance(pop.gate, FitGate):
-            fit = _gate_fit(data, out, pop.name, given, thresholds, collect, shared)
-            if not isinstance(fit, Fit):  # the values collected for a batch fit
-                return fit
-            out = _set_gate(out, pop.name, gate_of(fit, pop.gate))
-            fits.append(fit)
+            gate_fit = _gate_fit(data, out, pop.name, given, thresholds, collect, shared)
+            if not isinstance(gate_fit, Fit):  # the values collected for a batch fit
+                return gate_fit
+            out = _set_gate(out, pop.name, gate_of(gate_fit, pop.gate))
+            fits.append(gate_fit)
     return out, fits
 
 
@@ -403,7 +413,7 @@ def _gate_fit(data, out: Template, name: str, given, thresholds, collect, shared
         fit = _fit_gate(out[name], x, y)
     except ValueError as exc:
         raise GatingError(f"{data.path}: template {out.path}: population {name!r}: "
-                          f"{out[name].gate.kind} gate: {exc}") from None
+                          f"{_fit_gate_of(out[name]).kind} gate: {exc}") from None
     if key is not None:
         shared[key] = fit
     return fit
@@ -462,6 +472,6 @@ def fit_batch(datas: Iterable, template: Template, thresholds=None) -> dict[tupl
                 fits[item] = _fit_gate(template[item[1]], x, y, "batch", note)
             except ValueError as exc:
                 raise GatingError(f"template {template.path}: population {item[1]!r}: batch "
-                                  f"{template[item[1]].gate.kind} gate: {exc}") from None
+                                  f"{_fit_gate_of(template[item[1]]).kind} gate: {exc}") from None
     return fits
 

@@ -42,12 +42,13 @@ class EventValues:
         The loaded sample.
     template
         The template whose dimensions are read (its compensation matrices, for
-        Gating-ML ``spectrumMatrix`` ids).
+        Gating-ML ``spectrumMatrix`` ids); ``None`` for the file's own columns only.
     """
 
-    def __init__(self, data: FCSData, template: Template):
+    def __init__(self, data: FCSData, template: Template | None):
         self.data = data
-        self.template = template
+        # no template: only the file's own columns (raw or file-compensated) are read
+        self.template = template if template is not None else Template(name="", populations=[])
         self._raw_cols: dict[int, np.ndarray] = {}
         self._xf: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._xform_obj: dict[str, Any] = {}

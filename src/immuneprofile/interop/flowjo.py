@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from immuneprofile.exceptions import FlowJoError
-from immuneprofile.template.model import BooleanGate, RectGate, Template
+from immuneprofile.template.model import BooleanGate, RectGate, Template, with_dims
 
 __all__ = ["FlowJoError", "add_flowjo_counts", "convert_workspace", "flowjo_counts", "flowjo_groups", "read_flowjo",
            "workspace_templates", "write_flowjo"]
@@ -92,8 +92,7 @@ def _renamed(tmpl: Template, markers: Mapping[str, str]) -> Template:
     for p in tmpl.populations:
         g = p.gate
         if not isinstance(g, BooleanGate):
-            dims = tuple(replace(d, marker=markers.get(d.marker, d.marker)) for d in g.dims)
-            g = replace(g, dims=dims)  # type: ignore[arg-type]
+            g = with_dims(g, tuple(replace(d, marker=markers.get(d.marker, d.marker)) for d in p.dims))
         pops.append(replace(p, gate=g))
     return replace(tmpl, populations=pops)
 

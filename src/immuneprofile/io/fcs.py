@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ class FCSData:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FCSWarning)  # said once, when the file was loaded
-            return read_fcs(self.path, self.dataset).events
+            return read_fcs(self.path, self.dataset).require_events()
 
     @property
     def n_events(self) -> int:
@@ -402,7 +403,8 @@ def _resolve_spill(path: str, compensation: Any, channels: list[str], text: dict
             warnings.warn(f"{path}: cannot compensate with its $SPILLOVER keyword: {exc}. Events left "
                           f"uncompensated; pass a matrix with compensation=...", FCSWarning, stacklevel=3)
             return None, None
-    what, make = f"compensation {compensation!r}", _spill_from_csv
+    make: Callable[[Any, list[str]], _Spill] = _spill_from_csv
+    what = f"compensation {compensation!r}"
     if isinstance(compensation, pd.DataFrame):
         what, make = "the compensation DataFrame", _spill_from_frame
     elif isinstance(compensation, np.ndarray):
@@ -429,8 +431,8 @@ def compensate_inplace(events: np.ndarray, matrix: np.ndarray, idx: list[int]) -
     """
     mt = np.ascontiguousarray(matrix.T)
     cols: list[int] | slice = list(idx)
-    if cols and cols == list(range(cols[0], cols[-1] + 1)):
-        cols = slice(cols[0], cols[-1] + 1)  # adjacent channels: a view, not a gathered copy
+    if idx and list(idx) == list(range(idx[0], idx[-1] + 1)):
+        cols = slice(idx[0], idx[-1] + 1)  # adjacent channels: a view, not a gathered copy
     for r0 in range(0, events.shape[0], _COMP_ROWS):
         block = events[r0:r0 + _COMP_ROWS, cols]
         events[r0:r0 + _COMP_ROWS, cols] = np.linalg.solve(mt, block.T).T
@@ -489,7 +491,7 @@ def load_fcs(
 
     raw = read_fcs(path, dataset, finish=finish)
     spill, mode = chosen["spill"], chosen["mode"]
-    events = raw.events
+    events = raw.require_events()
     compensated = list(spill.detectors) if spill is not None else []
     return FCSData(
         path=path,

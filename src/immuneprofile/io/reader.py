@@ -74,6 +74,12 @@ class RawFCS:
     def n_events(self) -> int:
         return int(self.text["tot"])
 
+    def require_events(self) -> np.ndarray:
+        """The events (an :class:`FCSError` when only HEADER and TEXT were read)."""
+        if self.events is None:
+            raise _fail(self.path, "events not read (only_text=True)")
+        return self.events
+
 
 def _fail(path: str, problem: str) -> FCSError:
     return FCSError(f"{path}: {problem}")
@@ -176,7 +182,7 @@ def _datasets(fh, path: str, size: int) -> list[tuple[int, dict, dict[str, str]]
 
 
 def _data_offsets(path: str, header: dict, text: dict[str, str]) -> tuple[int, int, list[str]]:
-    notes = []
+    notes: list[str] = []
     h0, h1 = header["data_start"], header["data_stop"]
     if "begindata" not in text or "enddata" not in text:
         if h0 == 0 and h1 == 0:

@@ -40,6 +40,7 @@ published series has 3) a :class:`UserWarning` is emitted and every row's
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -347,10 +348,8 @@ def mixed_model(
     out["p_value"] = float(res.pvalues.get(x, np.nan))
     out["statistic"] = float(res.tvalues.get(x, np.nan))
     out["converged"] = bool(getattr(res, "converged", False))
-    try:
+    with contextlib.suppress(Exception):
         out["group_var"] = float(np.asarray(res.cov_re)[0, 0])
-    except Exception:  # noqa: BLE001
-        pass
     if np.isfinite(out["group_var"]) and out["group_var"] <= 1e-8 * max(res.scale, 1e-300):
         messages.append("random-intercept variance ~0 (boundary fit)")
     sx, sy = float(d[x].std(ddof=1)), float(d[y].std(ddof=1))
@@ -602,8 +601,8 @@ def correlate(
     if readouts is None:
         from immuneprofile.study.readouts import declared_readouts
 
-        readouts = declared_readouts(pops)
-        readouts = None if readouts.empty else readouts
+        declared_tbl = declared_readouts(pops)
+        readouts = None if declared_tbl.empty else declared_tbl
     if readouts is not None and populations_subset is None:
         declared = read_readouts(readouts)
         populations_subset = sorted(set(declared.get("population", declared["readout"])) & set(pops["population"]))

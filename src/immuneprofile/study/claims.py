@@ -59,7 +59,7 @@ def _infusions(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, 
 
 def _doses(clin: pd.DataFrame, patients: pd.DataFrame | None) -> tuple[str, bool | None]:
     cols = [c for c in ("dose1_cells_per_kg", "dose2_cells_per_kg") if patients is not None and c in patients]
-    if not cols:
+    if patients is None or not cols:
         return "doses not recorded", None
     d = patients[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float).ravel()
     d = np.where(d > 1000, d / 1e6, d)  # cells/kg or 10^6 cells/kg

@@ -33,7 +33,6 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -59,7 +58,7 @@ __all__ = [
     "subset_changes",
 ]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 #: Maximum possible PASI score.
 PASI_MAX: float = 72.0
@@ -466,6 +465,31 @@ def _fcs_keyword(text: dict, key: str) -> str | None:
     return None
 
 
+def _fcs_metadata_row(f: Path, patient_key: str, week_key: str, panel_key: str | None) -> dict[str, object]:
+    """``sample_id, patient, week, file[, panel]`` of one FCS file, from its TEXT keywords."""
+    import flowio
+
+    try:
+        text = flowio.FlowData(str(f), only_text=True).text
+    except Exception as exc:  # flowio raises a variety of exceptions
+        raise ClinicalDataError(f"{f}: cannot read FCS TEXT segment: {exc}") from exc
+    patient = _fcs_keyword(text, patient_key)
+    week = _fcs_keyword(text, week_key)
+    missing = [k for k, v in ((patient_key, patient), (week_key, week)) if not v]
+    if missing:
+        raise ClinicalDataError(
+            f"{f}: FCS keyword(s) {missing} missing or empty; cannot assign sample "
+            "metadata (use a sample sheet instead)."
+        )
+    wk = _parse_week_value(week)
+    if not np.isfinite(wk) or wk < 0:
+        raise ClinicalDataError(f"{f}: FCS keyword {week_key}={week!r} is not a valid week.")
+    row: dict[str, object] = {"sample_id": f.stem, "patient": patient, "week": wk, "file": str(f)}
+    if panel_key:
+        row["panel"] = _fcs_keyword(text, panel_key)
+    return row
+
+
 def sample_metadata_from_fcs(
     paths: PathLike | Iterable[PathLike],
     patient_key: str = "PATIENT",
@@ -497,8 +521,6 @@ def sample_metadata_from_fcs(
         If a file lacks the patient or week keyword, cannot be read, or the
         week is not numeric.
     """
-    import flowio
-
     if isinstance(paths, (str, Path)):
         p = Path(paths)
         files = sorted(p.glob("*.fcs")) + sorted(p.glob("*.FCS")) if p.is_dir() else [p]
@@ -507,27 +529,7 @@ def sample_metadata_from_fcs(
     if not files:
         raise ClinicalDataError(f"{paths}: no FCS files given.")
 
-    rows = []
-    for f in files:
-        try:
-            text = flowio.FlowData(str(f), only_text=True).text
-        except Exception as exc:  # flowio raises a variety of exceptions
-            raise ClinicalDataError(f"{f}: cannot read FCS TEXT segment: {exc}") from exc
-        patient = _fcs_keyword(text, patient_key)
-        week = _fcs_keyword(text, week_key)
-        missing = [k for k, v in ((patient_key, patient), (week_key, week)) if not v]
-        if missing:
-            raise ClinicalDataError(
-                f"{f}: FCS keyword(s) {missing} missing or empty; cannot assign sample "
-                "metadata (use a sample sheet instead)."
-            )
-        wk = _parse_week_value(week)
-        if not np.isfinite(wk) or wk < 0:
-            raise ClinicalDataError(f"{f}: FCS keyword {week_key}={week!r} is not a valid week.")
-        row = {"sample_id": f.stem, "patient": patient, "week": wk, "file": str(f)}
-        if panel_key:
-            row["panel"] = _fcs_keyword(text, panel_key)
-        rows.append(row)
+    rows = [_fcs_metadata_row(f, patient_key, week_key, panel_key) for f in files]
 
     df = pd.DataFrame(rows)
     if "panel" in df.columns and df["panel"].isna().all():
@@ -591,6 +593,49 @@ def read_populations(populations: pd.DataFrame | PathLike) -> pd.DataFrame:
 # --------------------------------------------------------------------------- joining
 
 
+def _split_sample_meta(pops: pd.DataFrame, samples: pd.DataFrame | PathLike | Iterable[PathLike] | None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The population table without sample metadata, the metadata (sample sheet) and where it came from.
+
+    With ``samples=None`` the metadata are the population table's own ``patient``/``week``
+    (``panel``) columns; they are never guessed from file names.
+    """
+    if samples is None:
+        missing = [c for c in SAMPLE_REQUIRED if c not in pops.columns]
+        if missing:
+            raise ClinicalDataError(
+                f"population table has no {missing} column(s) and no sample sheet / FCS "
+                "metadata was given; sample metadata is never guessed from file names."
+            )
+        meta_cols = ["patient", "week"] + (["panel"] if "panel" in pops.columns else [])
+        meta = validate_sample_sheet(
+            pops[["sample_id", *meta_cols]].drop_duplicates("sample_id")
+        )
+        return pops.drop(columns=meta_cols), meta, "population table"
+    meta = _as_samples(samples)
+    samp_src = _source_name(samples) if isinstance(samples, (str, Path)) else "sample metadata"
+    overlap = [c for c in ("patient", "week", "panel", "file") if c in pops.columns]
+    return pops.drop(columns=overlap), meta, samp_src
+
+
+def _check_patients(pop_patients: set, clin_patients: set, clin_src: str) -> None:
+    """Every patient of the population table must be in the clinical table; extra clinical ones warn."""
+    not_in_clin = sorted(pop_patients - clin_patients)
+    not_in_pops = sorted(clin_patients - pop_patients)
+    if not_in_clin:
+        raise ClinicalDataError(
+            f"{clin_src}: patient(s) {not_in_clin} present in the population table are "
+            f"absent from the clinical table (clinical patients: {sorted(clin_patients)})."
+        )
+    if not_in_pops:
+        warnings.warn(
+            f"{clin_src}: patient(s) {not_in_pops} in the clinical table have no samples "
+            "in the population table; they are ignored.",
+            UserWarning,
+            stacklevel=3,  # the caller of join_clinical
+        )
+
+
 def join_clinical(
     populations: pd.DataFrame | PathLike,
     samples: pd.DataFrame | PathLike | Iterable[PathLike] | None,
@@ -631,25 +676,7 @@ def join_clinical(
     pops = read_populations(populations)
     clin = _as_clinical(clinical)
     clin_src = _source_name(clinical)
-
-    if samples is None:
-        missing = [c for c in SAMPLE_REQUIRED if c not in pops.columns]
-        if missing:
-            raise ClinicalDataError(
-                f"population table has no {missing} column(s) and no sample sheet / FCS "
-                "metadata was given; sample metadata is never guessed from file names."
-            )
-        meta_cols = ["patient", "week"] + (["panel"] if "panel" in pops.columns else [])
-        meta = validate_sample_sheet(
-            pops[["sample_id", *meta_cols]].drop_duplicates("sample_id")
-        )
-        pops = pops.drop(columns=meta_cols)
-        samp_src = "population table"
-    else:
-        meta = _as_samples(samples)
-        samp_src = _source_name(samples) if isinstance(samples, (str, Path)) else "sample metadata"
-        overlap = [c for c in ("patient", "week", "panel", "file") if c in pops.columns]
-        pops = pops.drop(columns=overlap)
+    pops, meta, samp_src = _split_sample_meta(pops, samples)
 
     unknown = sorted(set(pops["sample_id"]) - set(meta["sample_id"]))
     if unknown:
@@ -662,23 +689,7 @@ def join_clinical(
 
     meta_cols = [c for c in ("sample_id", "patient", "week", "panel") if c in meta.columns]
     joined = pops.merge(meta[meta_cols], on="sample_id", how="left", validate="many_to_one")
-
-    pop_patients = set(joined["patient"])
-    clin_patients = set(clin["patient"])
-    not_in_clin = sorted(pop_patients - clin_patients)
-    not_in_pops = sorted(clin_patients - pop_patients)
-    if not_in_clin:
-        raise ClinicalDataError(
-            f"{clin_src}: patient(s) {not_in_clin} present in the population table are "
-            f"absent from the clinical table (clinical patients: {sorted(clin_patients)})."
-        )
-    if not_in_pops:
-        warnings.warn(
-            f"{clin_src}: patient(s) {not_in_pops} in the clinical table have no samples "
-            "in the population table; they are ignored.",
-            UserWarning,
-            stacklevel=2,
-        )
+    _check_patients(set(joined["patient"]), set(clin["patient"]), clin_src)
 
     baseline = clin.loc[clin["week"] == 0, ["patient", "pasi"]].rename(
         columns={"pasi": "baseline_pasi"}

@@ -16,8 +16,9 @@ sample is recorded, not the cells in it (the truth labels stay valid):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

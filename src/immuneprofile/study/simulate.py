@@ -34,12 +34,16 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from immuneprofile.template.shipped import PANEL_TEMPLATES
+
+if TYPE_CHECKING:  # pandas is imported lazily where it is used
+    import pandas as pd
 
 __all__ = [
     "MARKERS",
@@ -551,6 +555,39 @@ def _singlets(types: np.ndarray, f: dict[str, float], rng: np.random.Generator):
     return sig, sc, lab
 
 
+def _true_labels(kind: np.ndarray, sub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Population name -> true membership, from the event kinds and the lymphocyte subset labels."""
+    live = kind < 100
+    labels: dict[str, np.ndarray] = {
+        "debris": kind == _DEBRIS,
+        "doublets": kind == _DOUBLET,
+        "dead": kind >= 100,
+    }
+    for code, name in _TYPE_LABELS.items():
+        labels[name] = kind == code
+    labels["live lymphocytes"] = np.isin(kind, [_T, _B, _NK])
+    labels["live cells"] = np.isin(kind, [_T, _B, _NK, _MONO, _DC, _GRAN])
+    labels["CD3+"] = kind == _T
+    labels["HLA-DR+"] = np.isin(kind, [_MONO, _DC])
+    for key, arr in sub.items():
+        labels[key] = arr & live
+    return labels
+
+
+def _panel_columns(chans: Sequence[tuple[str, str]], scatter: np.ndarray, time: np.ndarray,
+                   fluorescence: np.ndarray, dets: list[str]) -> np.ndarray:
+    """The (unmixed) events in the panel's channel order: scatter, Time and fluorescence columns."""
+    cols = []
+    for pnn, _ in chans:
+        if pnn in SCATTER_CHANNELS:
+            cols.append(scatter[:, SCATTER_CHANNELS.index(pnn)])
+        elif pnn == "Time":
+            cols.append(time)
+        else:
+            cols.append(fluorescence[:, dets.index(pnn)])
+    return np.column_stack(cols)
+
+
 def simulate_sample(
     panel: str,
     n_events: int,
@@ -674,33 +711,9 @@ def simulate_sample(
         sub[key] = full[order]
     time = np.sort(rng.uniform(0, n / 2500.0 / 0.01, n))  # $TIMESTEP 0.01 s
 
-    # labels
-    live = kind < 100
-    labels: dict[str, np.ndarray] = {
-        "debris": kind == _DEBRIS,
-        "doublets": kind == _DOUBLET,
-        "dead": kind >= 100,
-    }
-    for code, name in _TYPE_LABELS.items():
-        labels[name] = kind == code
-    labels["live lymphocytes"] = np.isin(kind, [_T, _B, _NK])
-    labels["live cells"] = np.isin(kind, [_T, _B, _NK, _MONO, _DC, _GRAN])
-    labels["CD3+"] = kind == _T
-    labels["HLA-DR+"] = np.isin(kind, [_MONO, _DC])
-    for key, arr in sub.items():
-        labels[key] = arr & live
-
-    # assemble the panel
+    labels = _true_labels(kind, sub)
     chans = PANELS[panel]
-    cols = []
-    for pnn, _ in chans:
-        if pnn in SCATTER_CHANNELS:
-            cols.append(sc_all[:, SCATTER_CHANNELS.index(pnn)])
-        elif pnn == "Time":
-            cols.append(time)
-        else:
-            cols.append(true[:, dets.index(pnn)])
-    unmixed = np.column_stack(cols)
+    unmixed = _panel_columns(chans, sc_all, time, true, dets)
     fl = [i for i, (pnn, _) in enumerate(chans) if pnn not in SCATTER_CHANNELS and pnn != "Time"]
     spill = spillover_matrix([chans[i][0] for i in fl])
     raw = unmixed.copy()
@@ -708,7 +721,7 @@ def simulate_sample(
     return SimulatedSample(_quantize(raw, chans), labels, unmixed, spill, list(chans), panel)
 
 
-def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None) -> list[dict[str, object]]:
+def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """True value of every readout declared by the panel's templates, counted from the event labels.
 
     Parameters
@@ -736,6 +749,7 @@ def truth_table(sample: SimulatedSample, templates: Sequence[str] | None = None)
         t = load_template(name)
         for r in t.readouts.values():
             parent = t[r.population].parent
+            assert parent is not None  # a readout's `of` is an ancestor (parse_readouts): never a root population
             k, d, pk = (int(sample.labels[x].sum()) for x in (r.population, r.of, parent))
             rows.append({"template": name, "readout": r.name, "population": r.population, "of": r.of,
                          "count": k, "of_count": d, "pct": pct(k, d),
@@ -817,7 +831,7 @@ def write_fcs(
 #: and P3 resume their last failed biologic at W9 on relapse, P2 switches to a new biologic at
 #: W24; P1 and P2 then hold PASI 0-2. Ages, doses per patient, PASI values and drug names are
 #: invented within those facts. ``change`` = (week, event kind, drug).
-COURSE: dict[str, dict[str, object]] = {
+COURSE: dict[str, dict[str, Any]] = {
     "P1": {"sex": "F", "age": 46, "dose1": 2.46, "dose2": 2.31, "cotherapy": "",
            "prior": "adalimumab; secukinumab", "change": (9, "resumed", "secukinumab"),
            "pasi": {0: 18.6, 1: 14.9, 4: 2.4, 9: 9.6, 24: 1.4, 52: 0.8, 104: 1.2}},
@@ -874,7 +888,7 @@ def has_true_effect(readout: str) -> bool:
     return any(src in EFFECTS for src in READOUT_SOURCES[readout])
 
 
-def _course(pi: int, rng: np.random.Generator) -> dict[str, object]:
+def _course(pi: int, rng: np.random.Generator) -> dict[str, Any]:
     """Course of patient ``pi``: the case series' for 0-2, a rescaled copy beyond."""
     names = list(COURSE)
     c = dict(COURSE[names[pi % len(names)]])
@@ -903,7 +917,7 @@ def _improvement(pasi: Mapping[int, float], week: float) -> float:
     return float(1.0 - np.interp(max(week, 0.0), xs, ys) / ys[0])
 
 
-def _periods(course: Mapping[str, object]) -> dict[int, tuple[str, str, str]]:
+def _periods(course: Mapping[str, Any]) -> dict[int, tuple[str, str, str]]:
     """Week -> (treatment period, cotherapy, event) of every visit of a course."""
     cweek, kind, drug = course["change"]
     out = {}
@@ -916,7 +930,7 @@ def _periods(course: Mapping[str, object]) -> dict[int, tuple[str, str, str]]:
     return out
 
 
-def _design(course: Mapping[str, object], base: Mapping[str, float], mult: float,
+def _design(course: Mapping[str, Any], base: Mapping[str, float], mult: float,
             week: int, period: str) -> dict[str, float]:
     """True subset frequencies of one visit (before visit and assay noise)."""
     f = dict(base)
@@ -1036,7 +1050,7 @@ TRUTH_COLUMNS = ["sample_id", "patient", "week", "panel", "role", "template", "r
                  "count", "of_count", "pct", "design_pct", "true_effect"]
 
 
-def _truth_rows(sim: SimulatedSample, smp: Mapping[str, object], sid: str) -> list[dict[str, object]]:
+def _truth_rows(sim: SimulatedSample, smp: Mapping[str, Any], sid: str) -> list[dict[str, object]]:
     """Rows of truth.csv for one written file."""
     return [{**smp, **row, "sample_id": sid, "panel": sim.panel, "pct": f"{row['pct']:.4f}",
              "design_pct": f"{design_pct(smp['design'], row['readout']):.4f}",

@@ -16,6 +16,7 @@ from immuneprofile.engine.transforms import DEFAULT_FLUORESCENCE, normalize_spec
 
 __all__ = [
     "AbsoluteBasis",
+    "with_dims",
     "Bound",
     "BooleanGate",
     "Dim",
@@ -172,6 +173,15 @@ class Population:
     @property
     def dims(self) -> tuple[Dim, ...]:
         return getattr(self.gate, "dims", ())
+
+
+def with_dims(gate: Gate, dims: tuple[Dim, ...]) -> Gate:
+    """``gate`` with its dimensions replaced by ``dims`` (a gate without dimensions is returned as is)."""
+    if isinstance(gate, RectGate | EllipseGate):
+        return replace(gate, dims=dims)
+    if isinstance(gate, PolygonGate | FitGate):
+        return replace(gate, dims=(dims[0], dims[1]))
+    return gate
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ carry a transform per dimension). Spillover matrices go under ``compensation``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from immuneprofile.exceptions import TemplateError
@@ -87,26 +88,34 @@ class _Doc:
         return {"type": "quadrant", "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]), "x_cut": cuts[0],
                 "y_cut": cuts[1], "names": {s: name for name, s in signs}}
 
-    def gate(self, p: Population) -> dict[str, Any]:
-        g = p.gate
-        if isinstance(g, RectGate):
-            return self.rect(p, g)
-        if isinstance(g, PolygonGate):
-            out = {"type": "polygon", "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]),
-                   "vertices": [[float(x), float(y)] for x, y in g.vertices]}
-            return {**out, "complement": True} if g.complement else out
-        if isinstance(g, EllipseGate):
-            return {"type": "ellipse", "dims": [self.dim(d) for d in g.dims], "center": [float(c) for c in g.center],
-                    "covariance": [[float(v) for v in row] for row in g.covariance],
-                    "distance_square": float(g.distance_square)}
-        if isinstance(g, BooleanGate):
-            return {"type": "boolean", "op": g.op, "of": [("!" if c else "") + r for r, c in g.refs]}
-        if isinstance(g, FitGate):  # data-driven: written as the rule, refitted on each sample
-            opts = {k: list(v) if isinstance(v, tuple) else v for k, v in g.options}
-            out = {"type": g.kind, "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]), **opts}
-            return {**out, "scope": g.scope} if g.scope != "sample" else out
-        raise TemplateError(f"template {self.t.path}: population {p.name!r}: unsupported gate {g!r}")
+    def polygon(self, p: Population, g: PolygonGate) -> dict[str, Any]:
+        out = {"type": "polygon", "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]),
+               "vertices": [[float(x), float(y)] for x, y in g.vertices]}
+        return {**out, "complement": True} if g.complement else out
 
+    def ellipse(self, p: Population, g: EllipseGate) -> dict[str, Any]:
+        return {"type": "ellipse", "dims": [self.dim(d) for d in g.dims], "center": [float(c) for c in g.center],
+                "covariance": [[float(v) for v in row] for row in g.covariance],
+                "distance_square": float(g.distance_square)}
+
+    def boolean(self, p: Population, g: BooleanGate) -> dict[str, Any]:
+        return {"type": "boolean", "op": g.op, "of": [("!" if c else "") + r for r, c in g.refs]}
+
+    def fit(self, p: Population, g: FitGate) -> dict[str, Any]:
+        """A data-driven gate: written as the rule, refitted on each sample."""
+        opts = {k: list(v) if isinstance(v, tuple) else v for k, v in g.options}
+        out = {"type": g.kind, "x": self.dim(g.dims[0]), "y": self.dim(g.dims[1]), **opts}
+        return {**out, "scope": g.scope} if g.scope != "sample" else out
+
+    #: gate type -> the method writing it (one per gate type)
+    _WRITERS: dict[type, Callable[..., dict[str, Any]]] = {
+        RectGate: rect, PolygonGate: polygon, EllipseGate: ellipse, BooleanGate: boolean, FitGate: fit}
+
+    def gate(self, p: Population) -> dict[str, Any]:
+        write = self._WRITERS.get(type(p.gate))
+        if write is None:
+            raise TemplateError(f"template {self.t.path}: population {p.name!r}: unsupported gate {p.gate!r}")
+        return write(self, p, p.gate)
     def populations(self) -> list[dict[str, Any]]:
         out, done = [], set()
         for p in self.t.populations:
