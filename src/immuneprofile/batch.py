@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from immuneprofile._atomic import atomic_write
 from immuneprofile.engine.gating import (
     GatingResult,
     ThresholdFit,
     _gate_templates,
     gate_sample,
 )
-from immuneprofile._atomic import atomic_write
 from immuneprofile.engine.transforms import density_transform
 from immuneprofile.engine.values import EventValues
 from immuneprofile.exceptions import ImmuneProfileError, ResumeError, TemplateError
@@ -250,11 +250,11 @@ class _Parts:
         atomic_write(f"{base}.populations.parquet", lambda p: fr.table.to_parquet(p, index=False))
 
 
-def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[dict, str | None, Population, Dim]]:
+def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[Mapping, str | None, Population, Dim]]:
     """``{(marker, cut): (rule, fitted-on population or None, first user, its dim)}`` of ``scope: batch`` rules."""
     rules = {(m, c): spec for m, cuts in template.thresholds.items() for c, spec in cuts.items()
              if isinstance(spec, Mapping) and spec.get("scope") == "batch"}
-    out: dict[tuple[str, str], tuple[dict, str | None, Population, Dim]] = {}
+    out: dict[tuple[str, str], tuple[Mapping, str | None, Population, Dim]] = {}
     for pop in template.populations:
         g = pop.gate
         if not isinstance(g, RectGate):
@@ -306,7 +306,7 @@ def _batch_values(path: str, sub: Template, template: Template, compensation: An
 def _ready_rounds(template: Template, pending: Mapping) -> tuple[list, set[str]]:
     """The batch thresholds fittable now (their fitted-on population needs no pending one) and what to gate."""
     ready, need_all = [], set()
-    for key, (rule, on, pop, dim) in pending.items():
+    for key, (_rule, on, _pop, _dim) in pending.items():
         need = _closure(template, [on])
         uses = {(b.marker, b.cut) for n in need for bs in getattr(template[n].gate, "bounds", ())
                 for b in bs if isinstance(b, ThresholdRef)}
@@ -410,7 +410,7 @@ def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any
             parts.save(fr)
         if progress:
             progress(paths[i], error)
-    return outs
+    return [o if o is not None else FileResult(p, error="not gated") for p, o in zip(paths, outs)]
 
 
 def gate_files(
@@ -478,24 +478,24 @@ def gate_files(
         ``resume`` with parts written with other templates or options.
     """
     templates = [template] if isinstance(template, Template) else list(template)
-    paths = [os.fspath(p) for p in paths]
+    files: list[str] = [str(os.fspath(p)) for p in paths]
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     failed: dict[str, str] = {}
-    with _executor(jobs if len(paths) > 1 else 1, scheduler) as ex:
+    with _executor(jobs if len(files) > 1 else 1, scheduler) as ex:
         try:
-            fixed = [_fit_batch(paths, t, compensation, ex, failed) for t in templates]
+            fixed = [_fit_batch(files, t, compensation, ex, failed) for t in templates]
         except ImmuneProfileError as exc:  # a fit that failed fails every file
-            failed = dict.fromkeys(paths, str(exc))
+            failed = dict.fromkeys(files, str(exc))
             fixed = None
         store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
                                                                     resume)
-        todo = [p for p in paths if p not in failed]
+        todo = [p for p in files if p not in failed]
         outs = (_gate_all(todo, templates, compensation, ex, fixed, store, progress, keep_data)
                 if fixed is not None else [])
     for p, msg in failed.items():
         if progress:
             progress(p, msg)
-    return _combine(paths, outs, failed)
+    return _combine(files, outs, failed)
 
 
 def _combine(paths: list[str], outs: list[FileResult], failed: dict[str, str]) -> Batch:

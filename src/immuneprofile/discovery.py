@@ -7,8 +7,9 @@ this module only chains them and writes a run's files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 from immuneprofile.exceptions import DiscoveryError
 
@@ -63,7 +64,7 @@ def run_discovery(files: Sequence[PathLike], template, out_dir: PathLike, *, on:
                   method: str = "leiden", n_per_sample: int = 2000, seed: int = 0,
                   markers: Sequence[str] | None = None, samples=None, resolution: float = 0.5,
                   n_clusters: int = 10, compensation: str = "auto",
-                  progress: Callable[[str, str | None], None] | None = None) -> dict[str, object]:
+                  progress: Callable[[str, str | None], None] | None = None) -> dict[str, Any]:
     """Gate ``files``, subsample population ``on``, embed, cluster, and write the results to ``out_dir``.
 
     Parameters

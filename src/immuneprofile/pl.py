@@ -10,27 +10,26 @@ association heatmap) are re-exported here. Every function returns the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
-
-import numpy as np
-import pandas as pd
-
-from immuneprofile import plotting as _plotting
-from immuneprofile.plotting import *  # noqa: F401,F403  (the clinical plots, one namespace)
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plotting, which picks a headless backend)
+import numpy as np
+import pandas as pd
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from immuneprofile import plotting as _plotting
 from immuneprofile.exceptions import DiscoveryError  # noqa: E402
+from immuneprofile.plotting import *  # noqa: F401,F403  (the clinical plots, one namespace)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 __all__ = ["umap", "cluster_heatmap", *_plotting.__all__]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 #: Colour of events outside a gated population (a population is drawn on top, in red).
 OUTSIDE = "#d0d0d0"
 

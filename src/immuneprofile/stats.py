@@ -7,7 +7,7 @@ marker the template gates on.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -97,7 +97,7 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
                 "pct_parent": _pct(n, pc),
                 "pct_total": _pct(n, res.n_events),
             }
-            if chans:
+            if chans and cache is not None:
                 row.update(zip((f"median_{m}" for m in chans), cache(res.bits[pop.name], list(chans.values()))))
             rows.append(row)
     df = pd.DataFrame(rows)
@@ -324,6 +324,32 @@ def _column_spec(template, label: str, scatter: bool, col: np.ndarray):
     return fitted_logicle(col, spec)[0] if is_auto(spec) else spec
 
 
+def _sample_anndata(res: GatingResult):
+    """One sample's events: transformed intensities, channel/marker names, a boolean column per population."""
+    import anndata as ad
+
+    from immuneprofile.engine.transforms import exact_transform
+
+    if res.data is None:
+        raise ValueError(f"{res.path}: result carries no event data (gated in a worker process)")
+    d = res.data
+    cols = []
+    for j, ch in enumerate(d.channels):
+        scatter = j in d.scatter
+        col = d.column(j)
+        spec = _column_spec(res.template, ch if scatter else d.marker_label(j), scatter, col)
+        if spec is not None:
+            col = np.asarray(exact_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
+        cols.append(col.astype(np.float32))
+    obs = pd.DataFrame({"sample_id": pd.Categorical([res.sample_id] * res.n_events)})
+    for name in res.indices:
+        obs[name] = res.mask(name)
+    obs.index = [f"{res.sample_id}:{i}" for i in range(res.n_events)]
+    labels = [d.marker_label(j) for j in range(len(d.channels))]
+    var = pd.DataFrame({"channel": d.channels, "marker": labels}, index=pd.Index(labels).astype(str))
+    return ad.AnnData(X=np.column_stack(cols), obs=obs, var=var)
+
+
 def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """Events as an :class:`anndata.AnnData` for scanpy users.
 
@@ -336,34 +362,11 @@ def to_anndata(results: Sequence[GatingResult] | GatingResult):
     """
     import anndata as ad
 
-    from immuneprofile.engine.transforms import exact_transform
-
     if isinstance(results, GatingResult):
         results = [results]
     if not results:
         raise ValueError("to_anndata needs at least one gating result")
-    adatas = []
-    for res in results:
-        if res.data is None:
-            raise ValueError(f"{res.path}: result carries no event data (gated in a worker process)")
-        d = res.data
-        cols = []
-        for j, ch in enumerate(d.channels):
-            scatter = j in d.scatter
-            col = d.column(j)
-            spec = _column_spec(res.template, ch if scatter else d.marker_label(j), scatter, col)
-            if spec is not None:
-                col = np.asarray(exact_transform(spec).apply(col.reshape(-1, 1))).reshape(-1)
-            cols.append(col.astype(np.float32))
-        X = np.column_stack(cols)
-        obs = pd.DataFrame({"sample_id": pd.Categorical([res.sample_id] * res.n_events)})
-        for name in res.indices:
-            obs[name] = res.mask(name)
-        obs.index = [f"{res.sample_id}:{i}" for i in range(res.n_events)]
-        var = pd.DataFrame({"channel": d.channels, "marker": [d.marker_label(j) for j in range(len(d.channels))]},
-                           index=[d.marker_label(j) for j in range(len(d.channels))])
-        var.index = pd.Index(var.index).astype(str)
-        adatas.append(ad.AnnData(X=X, obs=obs, var=var))
+    adatas = [_sample_anndata(res) for res in results]
     if len(adatas) == 1:
         return adatas[0]
     first = list(adatas[0].var["channel"])

@@ -22,12 +22,13 @@ scanpy, igraph/leidenalg and flowsom are imported only when a function needs the
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from immuneprofile.exceptions import DiscoveryError, MarkerError
+from immuneprofile.exceptions import DiscoveryError
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData

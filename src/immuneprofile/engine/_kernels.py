@@ -268,29 +268,37 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
         counts[i] += 1
 
 
-#: Populations of at least this many events get :func:`_median_of`'s radix pass; smaller ones a selection.
+#: Populations of at least this many events get :func:`_radix_median`; smaller ones a selection.
 _RADIX_FROM = 1 << 13
 
 
-def _medians_with(members, median_of):
-    """The ``medians`` kernel from its compiled halves (a loop over the few channels, in Python).
+def _medians_with(members, gather, radix_median):
+    """The ``medians`` kernel from its compiled parts (a loop over the few channels, in Python).
 
     ``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if
     none, or any NaN): :func:`_members` lists the members' indices once into ``idx``
-    (int64 scratch, one per event), :func:`_median_of` finds one channel's median.
+    (int64 scratch, one per event), :func:`_gather` copies one channel's values into
+    ``buf``; under :data:`_RADIX_FROM` members the median is a selection (``np.median``),
+    above it :func:`_radix_median`.
     """
 
     def medians(ev, chans, bits, idx, buf, hist, out):
         m = members(bits, ev.shape[0], idx)
         for c in range(chans.shape[0]):
-            out[c] = median_of(ev[:, chans[c]], idx, m, buf, hist)
+            nan = gather(ev[:, chans[c]], idx, m, buf)
+            if m == 0 or nan:
+                out[c] = np.nan
+            elif m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
+                out[c] = np.median(buf[:m])
+            else:
+                out[c] = radix_median(buf, m, hist)
 
     return medians
 
 
 def _members(bits, n, idx):  # pragma: no cover - compiled
     """List the indices of the events in the bit set into ``idx``; return how many."""
-    m = 0
+    m = np.int64(0)
     for w in range(bits.shape[0]):
         word = bits[w]
         if word == 0:
@@ -302,24 +310,24 @@ def _members(bits, n, idx):  # pragma: no cover - compiled
     return m
 
 
-def _median_of(col, idx, m, buf, hist):  # pragma: no cover - compiled
-    """``np.median(col[idx[:m]])`` (NaN if ``m == 0`` or any NaN), using ``buf`` as scratch.
-
-    Under :data:`_RADIX_FROM` members the median is a selection (``np.median``),
-    else the two middle order statistics are found by one radix pass (``hist``:
-    65,536 bins of the top 16 bits of an order-preserving integer key, i.e. 1/16
-    of an octave) and a sort of the values in their bins only: ``np.median``'s
-    result, the middle value or the mean of the two middle values.
-    """
+def _gather(col, idx, m, buf):  # pragma: no cover - compiled
+    """Copy ``col[idx[:m]]`` into ``buf``; whether any of the values is NaN."""
     nan = False
     for i in range(m):
         x = col[idx[i]]
         buf[i] = x
         nan |= x != x
-    if m == 0 or nan:
-        return np.nan
-    if m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
-        return np.median(buf[:m])
+    return nan
+
+
+def _radix_median(buf, m, hist):  # pragma: no cover - compiled
+    """``np.median(buf[:m])`` (no NaN), reordering ``buf``.
+
+    The two middle order statistics are found by one radix pass (``hist``: 65,536
+    bins of the top 16 bits of an order-preserving integer key, i.e. 1/16 of an
+    octave) and a sort of the values in their bins only: ``np.median``'s result,
+    the middle value or the mean of the two middle values.
+    """
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
@@ -471,7 +479,7 @@ def kernels(compiled: bool = True):
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
                                         convex_bits=jit(_convex_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
-                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_members), jit(_median_of)),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_members), jit(_gather), jit(_radix_median)),
                                         compiled=True)
     if compiled and _COMPILED:
         return _COMPILED

@@ -376,6 +376,7 @@ class _Engine:
             return (pk, "rect", dims, bounds, g.complement)
         if isinstance(g, PolygonGate):
             return (pk, "polygon", dims, tuple(map(tuple, g.vertices)), g.complement)
+        assert isinstance(g, EllipseGate), g  # data-driven gates are fitted into ordinary ones before gating
         return (pk, "ellipse", dims, g.center, g.covariance, g.distance_square)
 
     # -- gates
@@ -608,7 +609,7 @@ class _Engine:
     def qc(self, pop: Population, g: QCGate, parent) -> np.ndarray:
         """Events kept by acquisition QC: outside its Time segments and below its margins (raw values)."""
         keep = np.ones(self.n, dtype=bool)
-        if g.segments:
+        if g.segments and g.time_channel is not None:
             t = self.cols.base(self.cols.channel(g.time_channel, pop.name), False)
             for a, b in g.segments:
                 keep &= ~((t >= a) & (t <= b))
@@ -754,7 +755,8 @@ def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence
     """
     from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
 
-    out_t, out_fx, out_fits, shared = [], [], [], {}
+    out_t, out_fx, out_fits = [], [], []
+    shared: dict[Any, Any] = {}
     for t, fx in zip(templates, fixed):
         fx = dict(fx or {})
         given = {k: v for k, v in fx.items() if isinstance(v, Fit)}

@@ -62,16 +62,25 @@ def normalize_spec(spec: Any) -> dict[str, Any] | None:
         return None
     if kind not in _PARAMS:
         raise TransformError(f"unknown transform type {kind!r}; use one of {sorted(_PARAMS)} or 'none'")
-    out: dict[str, Any] = {"type": kind}
     if kind == "asinh" and "cofactor" in spec:
-        c = float(spec["cofactor"])
-        if c <= 0:
-            raise TransformError(f"asinh cofactor must be > 0, got {c}")
-        t = float(spec.get("T", 262144.0))
-        out.update(T=t, M=math.asinh(t / c) / math.log(10), A=0.0)
-        return out
+        return _asinh_cofactor(spec)
     if kind == "logicle" and _is_auto_width(spec):
         return _auto_logicle(spec)
+    return _with_params(kind, spec)
+
+
+def _asinh_cofactor(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``{type: asinh, cofactor: c}`` as Gating-ML's ``T, M, A``."""
+    c = float(spec["cofactor"])
+    if c <= 0:
+        raise TransformError(f"asinh cofactor must be > 0, got {c}")
+    t = float(spec.get("T", 262144.0))
+    return {"type": "asinh", "T": t, "M": math.asinh(t / c) / math.log(10), "A": 0.0}
+
+
+def _with_params(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec of ``kind`` with each of its parameters as a float (defaults filled in), checked."""
+    out: dict[str, Any] = {"type": kind}
     unknown = set(spec) - {"type", *_PARAMS[kind]}
     if unknown:
         raise TransformError(f"{kind} transform takes {list(_PARAMS[kind])}, not {sorted(unknown)}")
