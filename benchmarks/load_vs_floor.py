@@ -54,7 +54,10 @@ def floor_read(path: str) -> np.ndarray:
 
     raw = read_fcs(path, only_text=True)
     n, p = raw.n_events, len(raw.channels)
-    values = np.fromfile(path, dtype="<f4", count=n * p, offset=int(raw.text["begindata"]))
+    kind = {"F": "f", "D": "f", "I": "u"}[raw.text["datatype"].upper()]  # the file's stored type, as written
+    width = int(raw.text["p1b"]) // 8
+    order = "<" if raw.text.get("byteord", "1,2").startswith("1") else ">"
+    values = np.fromfile(path, dtype=f"{order}{kind}{width}", count=n * p, offset=int(raw.text["begindata"]))
     out = np.empty((n, p), dtype=np.float64, order="F")
     out[...] = values.reshape(n, p)
     return out

@@ -34,7 +34,7 @@ from immuneprofile.engine.gating import (
 from immuneprofile.engine.transforms import density_transform
 from immuneprofile.engine.values import EventValues
 from immuneprofile.exceptions import ImmuneProfileError, ResumeError, TemplateError
-from immuneprofile.template.parse import Dim, Population, RectGate, Template, ThresholdRef
+from immuneprofile.template.model import Dim, Population, RectGate, Template, ThresholdRef
 
 __all__ = ["Batch", "FileResult", "gate_files"]
 
@@ -269,20 +269,6 @@ def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[Mapping, str
     return out
 
 
-def _closure(template: Template, names: Iterable[str | None]) -> set[str]:
-    """The populations needed to gate ``names``: themselves, their ancestors and boolean operands."""
-    need: set[str] = set()
-    todo = [n for n in names if n is not None]
-    while todo:
-        n = todo.pop()
-        if n in need:
-            continue
-        need.add(n)
-        p = template[n]
-        todo += ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
-    return need
-
-
 def _batch_values(path: str, sub: Template, template: Template, compensation: Any,
                   known: Mapping[tuple[str, str], Any], targets: list) -> dict:
     """Pass 1 for one file: the transformed values each batch threshold is fitted on (raises if the file fails)."""
@@ -307,7 +293,7 @@ def _ready_rounds(template: Template, pending: Mapping) -> tuple[list, set[str]]
     """The batch thresholds fittable now (their fitted-on population needs no pending one) and what to gate."""
     ready, need_all = [], set()
     for key, (_rule, on, _pop, _dim) in pending.items():
-        need = _closure(template, [on])
+        need = template.closure([on])
         uses = {(b.marker, b.cut) for n in need for bs in getattr(template[n].gate, "bounds", ())
                 for b in bs if isinstance(b, ThresholdRef)}
         if key in uses:
@@ -337,7 +323,7 @@ def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -
 
     if not batch_items(template):
         return {}
-    return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template)
+    return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template, gate=gate_sample)
 
 
 def _fit_batch(paths: list[str], template: Template, compensation: Any, ex: Any,

@@ -103,7 +103,8 @@ def run_discovery(files: Sequence[PathLike], template, out_dir: PathLike, *, on:
     """
     from immuneprofile import tl
     from immuneprofile.stats import write_tables
-    from immuneprofile.template.parse import Template, load_template
+    from immuneprofile.template.model import Template
+    from immuneprofile.template.parse import load_template
 
     template = template if isinstance(template, Template) else load_template(template)
     out = Path(out_dir)

@@ -184,7 +184,7 @@ def readout_table(results_or_table, templates, *, cell_counts: pd.DataFrame | No
     pandas.DataFrame
         :data:`READOUT_COLUMNS` (+ ``per_uL``); pct = 100 count / of_count.
     """
-    from immuneprofile.template.parse import Template
+    from immuneprofile.template.model import Template
 
     table = results_or_table if isinstance(results_or_table, pd.DataFrame) else \
         population_table(list(results_or_table), medians=False)

@@ -24,7 +24,7 @@ table, :func:`immuneprofile.stats.fits_table`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,8 +33,7 @@ import numpy as np
 from immuneprofile.engine.thresholds import MAX_FIT_EVENTS
 from immuneprofile.engine.transforms import is_auto
 from immuneprofile.exceptions import GatingError
-from immuneprofile.template.model import with_dims
-from immuneprofile.template.parse import Dim, FitGate, PolygonGate, Population, Template
+from immuneprofile.template.model import Dim, FitGate, PolygonGate, Population, Template, with_dims
 
 #: A mixture (cluster) or a line (singlet) is fitted on at most this many of the events it is given
 #: (every k-th): a handful of parameters, well determined by a few thousand events.
@@ -240,26 +239,21 @@ def _with_transforms(template: Template, specs: Mapping[str, dict[str, Any]]) ->
     return replace(template, populations=pops, transforms=tr)
 
 
-def _closure(template: Template, name: str | None) -> set[str]:
-    from immuneprofile.batch import _closure as closure
-
-    return closure(template, [name])
-
-
-def _parent_points(data, template: Template, pop: Population, thresholds) -> tuple[np.ndarray, np.ndarray]:
+def _parent_points(data, template: Template, pop: Population, thresholds,
+                   gate: Callable) -> tuple[np.ndarray, np.ndarray]:
     """The parent's values on the gate's two axes (transformed as the dims say), at most ``MAX_FIT_EVENTS``.
 
-    A systematic subsample (every k-th event of the parent): deterministic.
+    A systematic subsample (every k-th event of the parent): deterministic. ``gate`` is
+    :func:`immuneprofile.gate_sample` (passed in: the engine calls this module first).
     """
-    from immuneprofile.engine.gating import gate_sample
     from immuneprofile.engine.values import EventValues
 
     if pop.parent is None:
         idx = np.arange(data.n_events)
     else:
-        need = _closure(template, pop.parent)
+        need = template.closure([pop.parent])
         sub = replace(template, populations=[p for p in template.populations if p.name in need])
-        idx = gate_sample(data, sub, thresholds=thresholds or None, threads=1).indices[pop.parent]
+        idx = gate(data, sub, thresholds=thresholds or None, threads=1).indices[pop.parent]
     idx = idx[:: max(1, -(-idx.size // MAX_FIT_EVENTS))]
     cols = EventValues(data, template)
     comp = next((d.compensated for d in pop.dims if d.compensated), False)
@@ -333,7 +327,7 @@ def _fit_qc(data, template: Template) -> tuple[Template, Fit]:
 
 def _share_key(template: Template, name: str, thresholds) -> str:
     """What a data-driven gate's fit depends on: its gate and the (fitted) populations and thresholds above it."""
-    need = _closure(template, template[name].parent)
+    need = template.closure([template[name].parent])
     pops = [repr(p) for p in template.populations if p.name in need]
     used = {str(r) for p in template.populations if p.name in need for bs in getattr(p.gate, "bounds", ())
             for r in bs if r is not None and not isinstance(r, float)}
@@ -343,7 +337,7 @@ def _share_key(template: Template, name: str, thresholds) -> str:
 
 def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] | None = None,
                  thresholds: Mapping[tuple[str, str], Any] | None = None, *,
-                 collect: tuple[str, str] | None = None, shared: dict | None = None):
+                 gate: Callable, collect: tuple[str, str] | None = None, shared: dict | None = None):
     """Fit a template's data-driven transforms and 2-D gates on one sample.
 
     Parameters
@@ -390,7 +384,7 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
     out = _with_transforms(template, specs) if specs else template
     for pop in template.populations:
         if isinstance(pop.gate, FitGate):
-            gate_fit = _gate_fit(data, out, pop.name, given, thresholds, collect, shared)
+            gate_fit = _gate_fit(data, out, pop.name, given, thresholds, collect, shared, gate)
             if not isinstance(gate_fit, Fit):  # the values collected for a batch fit
                 return gate_fit
             out = _set_gate(out, pop.name, gate_of(gate_fit, pop.gate))
@@ -398,7 +392,7 @@ def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] 
     return out, fits
 
 
-def _gate_fit(data, out: Template, name: str, given, thresholds, collect, shared) -> Fit | tuple:
+def _gate_fit(data, out: Template, name: str, given, thresholds, collect, shared, gate: Callable) -> Fit | tuple:
     """The fit of data-driven gate ``name`` of ``out`` (given, shared, or fitted now), or its values (collect)."""
     fit = given.get(("gate", name))
     if fit is not None:
@@ -406,7 +400,7 @@ def _gate_fit(data, out: Template, name: str, given, thresholds, collect, shared
     key = _share_key(out, name, thresholds) if shared is not None and collect is None else None
     if key is not None and key in shared:
         return replace(shared[key], name=name)
-    x, y = _parent_points(data, out, out[name], thresholds)
+    x, y = _parent_points(data, out, out[name], thresholds, gate)
     if collect == ("gate", name):
         return x, y
     try:
@@ -426,17 +420,17 @@ def batch_items(template: Template) -> list[tuple[str, str]]:
                     if isinstance(p.gate, FitGate) and p.gate.scope == "batch"]
 
 
-def _collect(d, template: Template, fits, thresholds, item):
+def _collect(d, template: Template, fits, thresholds, item, gate: Callable):
     """The values one sample contributes to a batch fit (``None``: the sample fails; gating reports it)."""
     from immuneprofile.exceptions import ImmuneProfileError
 
     try:
-        return fit_template(d() if callable(d) else d, template, fits, thresholds, collect=item)
+        return fit_template(d() if callable(d) else d, template, fits, thresholds, gate=gate, collect=item)
     except ImmuneProfileError:
         return None
 
 
-def fit_batch(datas: Iterable, template: Template, thresholds=None) -> dict[tuple[str, str], Fit]:
+def fit_batch(datas: Iterable, template: Template, thresholds=None, *, gate: Callable) -> dict[tuple[str, str], Fit]:
     """Fit the ``scope: batch`` transforms and gates of ``template`` on values pooled over samples.
 
     Parameters
@@ -457,7 +451,7 @@ def fit_batch(datas: Iterable, template: Template, thresholds=None) -> dict[tupl
     fits: dict[tuple[str, str], Fit] = {}
     specs = _auto_specs(template)
     for item in batch_items(template):
-        pooled = [v for v in (_collect(d, template, fits, thresholds, item) for d in datas) if v is not None]
+        pooled = [v for v in (_collect(d, template, fits, thresholds, item, gate) for d in datas) if v is not None]
         note = f"scope: batch, pooled over {len(pooled)} sample(s)"
         if item[0] == "logicle":
             fitted, n_neg = fitted_logicle(np.concatenate(pooled) if pooled else np.empty(0), specs[item[1]])

@@ -48,7 +48,7 @@ from immuneprofile.engine.transforms import density_transform
 from immuneprofile.engine.values import Compensation, EventValues, gate_compensation
 from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData, MarkerError
-from immuneprofile.template.parse import (
+from immuneprofile.template.model import (
     BooleanGate,
     Dim,
     EllipseGate,
@@ -763,7 +763,7 @@ def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence
         th = {k: v for k, v in fx.items() if not isinstance(v, Fit)}
         fits: list = []
         if needs_fitting(t):
-            t, fits = fit_template(data, t, given, th, shared=shared)
+            t, fits = fit_template(data, t, given, th, gate=gate_sample, shared=shared)
         out_t.append(t)
         out_fx.append(th or None)
         out_fits.append(fits)

@@ -10,7 +10,7 @@ import numpy as np
 from immuneprofile.engine.transforms import MONOTONE, exact_transform, inverse_bound, transform_key
 from immuneprofile.exceptions import GatingError
 from immuneprofile.io.fcs import FCSData
-from immuneprofile.template.parse import Dim, Template
+from immuneprofile.template.model import Dim, Template
 
 __all__ = ["Compensation", "EventValues", "gate_compensation"]
 

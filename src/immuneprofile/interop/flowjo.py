@@ -271,7 +271,7 @@ class _SampleWriter:
         return self.data.channels[self.data.find_channel(marker, context=f"template {self.t.path}, population {pop!r}")]
 
     def value(self, b: Any, pop: str) -> float | None:
-        from immuneprofile.template.parse import ThresholdRef
+        from immuneprofile.template.model import ThresholdRef
 
         if b is None or not isinstance(b, ThresholdRef):
             return None if b is None else float(b)

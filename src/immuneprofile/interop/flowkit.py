@@ -114,7 +114,9 @@ def to_gating_strategy(
     from immuneprofile.engine.fit2d import fit_template, needs_fitting
 
     if needs_fitting(template):
-        template = fit_template(data, template, thresholds=thresholds)[0]
+        from immuneprofile.engine.gating import gate_sample
+
+        template = fit_template(data, template, thresholds=thresholds, gate=gate_sample)[0]
     return _StrategyBuilder(template, data, thresholds).build()
 
 

@@ -786,7 +786,9 @@ def write_gatingml(template: Template, path: str | os.PathLike, data: Any = None
             raise GatingMLError(f"template {template.path}: data-driven transforms or gates (W: auto, singlet, "
                                 f"cluster, qc) are fitted per sample; pass `data`, or write a result's fitted "
                                 f"template (GatingResult.template)")
-        template = fit_template(data, template, thresholds=thresholds)[0]
+        from immuneprofile.engine.gating import gate_sample
+
+        template = fit_template(data, template, thresholds=thresholds, gate=gate_sample)[0]
     values = _threshold_values(template, data, thresholds)
     tree = _Writer(template, data, values).build()
     try:  # FlowKit's public reader validates against the Gating-ML 2.0 schema

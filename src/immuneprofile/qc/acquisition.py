@@ -309,7 +309,7 @@ def qc_populations(data, template, options: Mapping[str, Any]):
     """
     from dataclasses import replace
 
-    from immuneprofile.template.parse import BooleanGate, Population, QCGate
+    from immuneprofile.template.model import BooleanGate, Population, QCGate
 
     opts = {k: v for k, v in options.items() if k in QC_OPTIONS}
     res = acquisition_qc(data, **opts)

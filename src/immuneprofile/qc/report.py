@@ -36,7 +36,7 @@ from immuneprofile._pyplot import pyplot
 from immuneprofile.batch import Batch
 from immuneprofile.engine.gating import GatingResult
 from immuneprofile.engine.values import EventValues, gate_compensation
-from immuneprofile.template.parse import (
+from immuneprofile.template.model import (
     BooleanGate,
     Dim,
     EllipseGate,

@@ -56,6 +56,10 @@ class Recorded(NamedTuple):
     spillover: np.ndarray
     ranges: list[int]
 
+    def write(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write as FCS 3.1 (:func:`write_recorded`)."""
+        return write_recorded(path, self, metadata)
+
 
 def _as_recorded(sample: SimulatedSample | Recorded) -> Recorded:
     if isinstance(sample, Recorded):

@@ -18,7 +18,8 @@ import pandas as pd
 from immuneprofile.batch import gate_files
 from immuneprofile.exceptions import ClinicalDataError
 from immuneprofile.stats import readout_table, to_anndata, write_tables
-from immuneprofile.template.parse import Template, TemplateError, load_template
+from immuneprofile.template.model import Template
+from immuneprofile.template.parse import TemplateError, load_template
 from immuneprofile.template.shipped import PANEL_TEMPLATES
 
 __all__ = ["DEFAULT_TEMPLATES", "run_study"]

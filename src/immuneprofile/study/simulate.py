@@ -1061,9 +1061,7 @@ def _write_sample(path: Path, sim: SimulatedSample, meta: Mapping[str, str], ins
     """Write one simulated sample: as this simulator's cytometer records it, or through ``instrument``."""
     if instrument is None:
         return write_fcs(path, sim, meta)
-    from immuneprofile.study.instrument import write_recorded
-
-    return write_recorded(path, instrument(sim, rng), meta)
+    return instrument(sim, rng).write(path, meta)  # a study.instrument.Recorded
 
 
 def simulate_study(

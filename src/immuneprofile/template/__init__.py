@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from immuneprofile.template.parse import (
-    THRESHOLD_METHODS,
+from immuneprofile.template.model import (
     BooleanGate,
     Dim,
     EllipseGate,
@@ -11,11 +10,9 @@ from immuneprofile.template.parse import (
     Population,
     RectGate,
     Template,
-    TemplateError,
     ThresholdRef,
-    load_template,
-    parse_template,
 )
+from immuneprofile.template.parse import THRESHOLD_METHODS, TemplateError, load_template, parse_template
 from immuneprofile.template.shipped import (
     PANEL_TEMPLATES,
     resolve_template,

@@ -253,6 +253,19 @@ class Template:
     def children(self, name: str | None) -> list[Population]:
         return [p for p in self.populations if p.parent == name]
 
+    def closure(self, names: Iterable[str | None]) -> set[str]:
+        """The populations needed to gate ``names``: themselves, their ancestors and boolean operands."""
+        need: set[str] = set()
+        todo = [n for n in names if n is not None]
+        while todo:
+            n = todo.pop()
+            if n in need:
+                continue
+            need.add(n)
+            p = self._by_name[n]
+            todo += ([p.parent] if p.parent else []) + [r for r, _ in getattr(p.gate, "refs", ())]
+        return need
+
     def path_of(self, name: str) -> tuple[str, ...]:
         """Ancestors of ``name`` from the root, excluding ``name`` itself."""
         out: list[str] = []
