@@ -411,3 +411,22 @@ def test_simulate_readouts_matches_the_fcs_study():
     assert abs(z.mean()) < 0.3 and 0.6 < z.std() < 1.5
     big = sim.simulate_readouts(12, seed=1)
     assert big.patient.nunique() == 13 and big.pasi[big.role == "patient"].notna().all()
+
+
+def test_large_files_take_their_data_offsets_from_text(tmp_path):
+    """A file over 99,999,999 bytes cannot hold its DATA offsets in the 8-character HEADER fields:
+    the HEADER says 0 and TEXT's $BEGINDATA/$ENDDATA give them (FCS 3.0), which the reader follows."""
+    from immuneprofile.io.reader import read_fcs
+    from immuneprofile.study.simulate import fcs_header
+
+    head = fcs_header(58, 2000, 2001, 190_002_406)
+    assert len(head) == 58 and head[26:42] == f"{0:>8}{0:>8}"
+    assert fcs_header(58, 2000, 2001, 99_999_999)[26:42] == f"{2001:>8}{99_999_999:>8}"
+    # a real file written with the large-file HEADER reads back the same events
+    small = sim.write_fcs(tmp_path / "small.fcs", simulate_sample("treg", 500, rng=3))
+    raw = bytearray(small.read_bytes())
+    raw[26:42] = f"{0:>8}{0:>8}".encode()  # as a >100 MB file's HEADER would say
+    big = tmp_path / "large_convention.fcs"
+    big.write_bytes(bytes(raw))
+    a, b = read_fcs(str(small)), read_fcs(str(big))
+    np.testing.assert_array_equal(a.events, b.events)

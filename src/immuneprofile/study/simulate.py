@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pandas is imported lazily where it is used
     import pandas as pd
 
 __all__ = [
+    "fcs_header",
     "MARKERS",
     "DETECTORS",
     "SCATTER_CHANNELS",
@@ -767,6 +768,18 @@ def _fcs_text(keywords: Mapping[str, str], delim: str = "|") -> bytes:
     return (delim + "".join(f"{k}{delim}{v}{delim}" for k, v in keywords.items())).encode("ascii")
 
 
+def fcs_header(text_start: int, text_end: int, data_start: int, data_end: int) -> str:
+    """The 58-character FCS 3.1 HEADER for these byte offsets (no ANALYSIS segment).
+
+    A HEADER field holds 8 characters: offsets beyond 99,999,999 are written as 0 there, and
+    readers take them from ``$BEGINDATA``/``$ENDDATA`` in TEXT (the FCS 3.0 large-file rule).
+    """
+    fit = [v if v <= 99_999_999 else 0 for v in (text_start, text_end, data_start, data_end)]
+    if fit[2] == 0 or fit[3] == 0:  # both DATA offsets come from TEXT then
+        fit[2] = fit[3] = 0
+    return "FCS3.1    " + "".join(f"{v:>8}" for v in (*fit, 0, 0))
+
+
 def write_fcs(
     path: str | os.PathLike,
     sample: SimulatedSample,
@@ -818,7 +831,7 @@ def write_fcs(
     begin = text_start + text_len
     offsets["$BEGINDATA"], offsets["$ENDDATA"] = f"{begin:012d}", f"{begin + len(data) - 1:012d}"
     text = _fcs_text({**offsets, **kw})
-    header = "FCS3.1    " + "".join(f"{v:>8}" for v in (text_start, begin - 1, begin, begin + len(data) - 1, 0, 0))
+    header = fcs_header(text_start, begin - 1, begin, begin + len(data) - 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header.encode("ascii") + text + data)
     return path
