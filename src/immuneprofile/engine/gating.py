@@ -746,6 +746,16 @@ def gate_sample(data, template, *, thresholds=None, threads=0):
     return _gate_templates(data, templates, [thresholds] * len(templates), threads)
 
 
+def fitted_template(data: FCSData, template: Template,
+                    thresholds: Mapping[tuple[str, str], Any] | None = None) -> Template:
+    """``template`` with its data-driven transforms and 2-D gates fitted on ``data``, as :func:`gate_sample`
+    fits them (unchanged when it has none): the template to convert to FlowKit or Gating-ML."""
+    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+
+    return fit_template(data, template, thresholds=thresholds, gate=gate_sample)[0] if needs_fitting(template) \
+        else template
+
+
 def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None]):
     """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
 

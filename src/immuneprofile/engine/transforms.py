@@ -202,6 +202,10 @@ def inverse_bound(spec: Mapping[str, Any], xform: Any, t: float) -> float | None
     return v if np.isfinite(v) else None
 
 
+#: FlowJo's transforms (FlowKit's WSPBiexTransform, WSPLogTransform): evaluated by FlowKit's objects.
+_FLOWJO = {"biex", "flowjo_log"}
+
+
 class ExactTransform:
     """A transform computed exactly as FlowKit's transform class of the same spec computes it.
 
@@ -247,8 +251,6 @@ def exact_transform(spec: Mapping[str, Any] | None) -> Any:
     return ExactTransform(spec)
 
 
-#: FlowJo's transforms (FlowKit's WSPBiexTransform, WSPLogTransform): evaluated by FlowKit's objects.
-_FLOWJO = {"biex", "flowjo_log"}
 #: Transforms FlowKit evaluates by root finding per value (slow); the others are closed-form.
 _ITERATIVE = {"logicle", "hyperlog"}
 #: Table of :func:`density_transform`: knots per octave, and the octaves (powers of two) covered.

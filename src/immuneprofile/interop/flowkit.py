@@ -111,12 +111,9 @@ def to_gating_strategy(
     on ``data`` first (:func:`~immuneprofile.engine.fit2d.fit_template`), as the engine fits
     them; or pass the fitted template of a result (``GatingResult.template``).
     """
-    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+    from immuneprofile.engine.gating import fitted_template
 
-    if needs_fitting(template):
-        from immuneprofile.engine.gating import gate_sample
-
-        template = fit_template(data, template, thresholds=thresholds, gate=gate_sample)[0]
+    template = fitted_template(data, template, thresholds)
     return _StrategyBuilder(template, data, thresholds).build()
 
 

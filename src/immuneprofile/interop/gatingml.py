@@ -779,16 +779,15 @@ def write_gatingml(template: Template, path: str | os.PathLike, data: Any = None
     import flowkit as fk
     from lxml import etree
 
-    from immuneprofile.engine.fit2d import fit_template, needs_fitting
+    from immuneprofile.engine.fit2d import needs_fitting
+    from immuneprofile.engine.gating import fitted_template
 
     if needs_fitting(template):
         if data is None:
             raise GatingMLError(f"template {template.path}: data-driven transforms or gates (W: auto, singlet, "
                                 f"cluster, qc) are fitted per sample; pass `data`, or write a result's fitted "
                                 f"template (GatingResult.template)")
-        from immuneprofile.engine.gating import gate_sample
-
-        template = fit_template(data, template, thresholds=thresholds, gate=gate_sample)[0]
+        template = fitted_template(data, template, thresholds)
     values = _threshold_values(template, data, thresholds)
     tree = _Writer(template, data, values).build()
     try:  # FlowKit's public reader validates against the Gating-ML 2.0 schema
