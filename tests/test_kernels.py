@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import flowutils.gating as flowutils_gating
 import numpy as np
+import pandas as pd
 import pytest
 
 from immuneprofile import gate_sample, load_fcs, parse_template
@@ -314,3 +315,24 @@ def test_population_table_medians_with_populations_shared_by_templates(tmp_path)
         for marker in res.template.markers:
             want = np.median(data.events[m, data.find_channel(marker)]) if m.any() else np.nan
             np.testing.assert_array_equal(table.loc[row.Index, f"median_{marker}"], want)
+
+
+def test_population_table_medians_on_threads_are_numpy_medians(tmp_path):
+    """Above the threading size the medians are split between threads; each is still np.median of its population."""
+    from conftest import GATING
+    from immuneprofile import load_template, population_table
+    from immuneprofile.engine.gating import _THREADS_FROM
+    from immuneprofile.study import simulate
+
+    n = _THREADS_FROM + 10_000
+    data = load_fcs(simulate.write_fcs(tmp_path / "big.fcs", simulate.simulate_sample("full", n, rng=9)))
+    results = gate_sample(data, [load_template(GATING / f"{t}.yaml") for t in ("tcell_skin_homing", "monocytes")])
+    threaded, serial = population_table(results, threads=2), population_table(results, threads=1)
+    pd.testing.assert_frame_equal(threaded, serial)
+    pops = [(r, p) for r in results for p in r.template.populations]
+    for i in range(0, len(pops), 5):  # every fifth population, each marker
+        res, pop = pops[i]
+        m = res.mask(pop.name)
+        for marker in res.template.markers:
+            want = np.median(data.events[m, data.find_channel(marker)]) if m.any() else np.nan
+            np.testing.assert_array_equal(threaded.loc[i, f"median_{marker}"], want)
