@@ -318,15 +318,17 @@ def test_population_table_medians_with_populations_shared_by_templates(tmp_path)
 
 
 def test_population_table_medians_on_threads_are_numpy_medians(tmp_path):
-    """Above the threading size the medians are split between threads; each is still np.median of its population."""
+    """A large population's medians are split between threads; each is still np.median of its population."""
     from conftest import GATING
     from immuneprofile import load_template, population_table
-    from immuneprofile.engine.gating import _THREADS_FROM
+    from immuneprofile.stats import _THREADED_MEDIANS_FROM
     from immuneprofile.study import simulate
 
-    n = _THREADS_FROM + 10_000
+    n = 8 * _THREADED_MEDIANS_FROM
     data = load_fcs(simulate.write_fcs(tmp_path / "big.fcs", simulate.simulate_sample("full", n, rng=9)))
     results = gate_sample(data, [load_template(GATING / f"{t}.yaml") for t in ("tcell_skin_homing", "monocytes")])
+    sizes = [r.count(p.name) for r in results for p in r.template.populations]
+    assert max(sizes) >= _THREADED_MEDIANS_FROM > min(sizes)  # both paths
     threaded, serial = population_table(results, threads=2), population_table(results, threads=1)
     pd.testing.assert_frame_equal(threaded, serial)
     pops = [(r, p) for r in results for p in r.template.populations]

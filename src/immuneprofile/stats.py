@@ -27,45 +27,50 @@ def _pct(num: int, den: int) -> float:
     return 100.0 * num / den if den else float("nan")
 
 
+#: Populations from which their medians are split between threads (a few milliseconds of work).
+_THREADED_MEDIANS_FROM = 1 << 14
+
+
 class _Medians:
     """Medians of one sample's populations; a (population, channel) that several templates share is computed once.
 
     Each population's members are listed once, then its channels not yet known
     are split between the threads of ``pool`` (the compiled kernels release the
     GIL; :func:`immuneprofile.engine._kernels.kernels_for`), each with its own
-    scratch. Samples under the engine's threading size use one thread.
+    scratch; populations under :data:`_THREADED_MEDIANS_FROM` events use one thread.
     """
 
     def __init__(self, data, pool: Executor | None = None, threads: int = 1) -> None:
         from immuneprofile.engine._kernels import kernels_for
-        from immuneprofile.engine.gating import _THREADS_FROM
 
         ev = data.events
         if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
             ev = np.asfortranarray(ev, dtype=np.float64)
         n = data.n_events
         self.data, self.ev, self.K = data, ev, kernels_for(n)
-        big = pool is not None and self.K.compiled and n >= _THREADS_FROM
-        self.pool, self.threads = (pool, threads) if big and threads > 1 else (None, 1)
+        self.pool: Executor | None = pool if self.K.compiled and threads > 1 else None
+        self.threads = threads if self.pool is not None else 1
         self.members = np.empty(n, dtype=np.int64)
         self.scratch = [(np.empty(n), np.zeros(1 << 16, dtype=np.int64)) for _ in range(self.threads)]
         self.known: dict[tuple[int, int], float] = {}
 
     def _some(self, k: int, chans: list[int], m: int) -> list[float]:
-        """Medians of ``chans`` (every ``threads``-th channel from the ``k``-th) with scratch ``k``."""
+        """Medians of ``chans`` with scratch ``k``."""
         buf, hist = self.scratch[k]
-        return [self.K.median_of(self.ev[:, c], self.members, m, buf, hist) for c in chans[k::self.threads]]
+        return [self.K.median_of(self.ev[:, c], self.members, m, buf, hist) for c in chans]
 
     def __call__(self, bits: np.ndarray, chans: list[int]) -> list[float]:
         todo = [c for c in dict.fromkeys(chans) if (id(bits), c) not in self.known]
         if todo:
             m = self.K.members(bits, self.data.n_events, self.members)
-            if self.pool is not None and len(todo) > 1:
-                parts = list(self.pool.map(lambda k: self._some(k, todo, m), range(self.threads)))
+            split = self.threads if self.pool is not None and m >= _THREADED_MEDIANS_FROM else 1
+            shares = [todo[k::split] for k in range(split)]  # thread k: every split-th channel from the k-th
+            if self.pool is not None and split > 1:
+                parts = list(self.pool.map(self._some, range(split), shares, [m] * split))
             else:
                 parts = [self._some(0, todo, m)]
-            for k, part in enumerate(parts):
-                self.known.update(((id(bits), c), v) for c, v in zip(todo[k::self.threads], part))
+            for share, part in zip(shares, parts):
+                self.known.update(((id(bits), c), v) for c, v in zip(share, part))
         return [self.known[id(bits), c] for c in chans]
 
 
@@ -81,8 +86,8 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True, t
         intensity of each marker the template gates on, within the population
         (``NaN`` for an empty population).
     threads
-        Threads for the medians (``0``: all cores; ``1``: none; samples under
-        200,000 events always use one). The table does not depend on it.
+        Threads for the medians (``0``: all cores; ``1``: none; populations under
+        16,384 events always use one). The table does not depend on it.
 
     Returns
     -------
