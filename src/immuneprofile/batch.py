@@ -106,8 +106,9 @@ def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep
     from immuneprofile.io.fcs import load_fcs
     from immuneprofile.stats import population_table, thresholds_table
 
-    results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)
-    table, th = population_table(results), thresholds_table(results)
+    results = _gate_templates(load_fcs(path, compensation, threads=threads), templates, [f or None for f in fixed],
+                              threads)
+    table, th = population_table(results, threads=threads), thresholds_table(results)
     if not keep_data:
         for res in results:
             res.data = None
