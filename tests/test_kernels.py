@@ -282,11 +282,20 @@ def test_convex_edges_rejects_what_is_not_strictly_convex():
     assert _kernels.convex_edges(tuple(star)) is None
 
 
-@pytest.mark.parametrize("n", [0, 1, 700, _kernels._RADIX_FROM - 1, _kernels._RADIX_FROM * 3])
-def test_medians_kernel_is_numpy_median(n):
-    """Both paths (selection below _RADIX_FROM members, radix pass above) and the twin give np.median."""
+@pytest.mark.parametrize("tight", [False, True], ids=["wide", "tight-with-ties"])
+@pytest.mark.parametrize("n", [0, 1, 700, _kernels._RADIX_FROM - 1, _kernels._RADIX_FROM * 3,
+                               _kernels._RADIX_FROM * 3 + 1])
+def test_medians_kernel_is_numpy_median(n, tight):
+    """Both paths (selection below _RADIX_FROM members, radix pass above) and the twin give np.median.
+
+    ``tight``: integer values in a narrow range (a scatter channel of 16-bit data), so that the
+    middle bins hold most of the values and many of them are equal.
+    """
     rng = np.random.default_rng(n)
-    ev = np.asfortranarray(rng.lognormal(5, 2, (n + 50, 4)) * rng.choice([-1.0, 1.0], (n + 50, 4)))
+    if tight:
+        ev = np.asfortranarray(np.round(rng.normal(50000, 800, (n + 50, 4))))
+    else:
+        ev = np.asfortranarray(rng.lognormal(5, 2, (n + 50, 4)) * rng.choice([-1.0, 1.0], (n + 50, 4)))
     ev[rng.integers(0, n + 50, 5), 3] = np.nan
     mask = np.zeros(n + 50, dtype=bool)
     mask[rng.choice(n + 50, n, replace=False)] = True

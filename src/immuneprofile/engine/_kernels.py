@@ -338,8 +338,8 @@ def _radix_median(buf, m, hist):  # pragma: no cover - compiled
 
     The two middle order statistics are found by one radix pass (``hist``: 65,536
     bins of the top 16 bits of an order-preserving integer key, i.e. 1/16 of an
-    octave) and a sort of the values in their bins only: ``np.median``'s result,
-    the middle value or the mean of the two middle values.
+    octave) and a selection among the values in their bins only: ``np.median``'s
+    result, the middle value or the mean of the two middle values.
     """
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
@@ -364,16 +364,17 @@ def _radix_median(buf, m, hist):  # pragma: no cover - compiled
             b2 = b
             break
         cum += h
+    first = np.uint64(b1)
+    span = np.uint64(b2 - b1)
     kept = 0
-    for i in range(m):
-        key = u[i] ^ (ones if u[i] & sign else sign)
-        b = np.int64(key >> sh)  # type: ignore[assignment]  # numba: a signed bin index
-        if b >= b1 and b <= b2:
-            buf[kept] = buf[i]  # kept <= i: compacts in place
-            u[kept] = u[i]
-            kept += 1
-    part = np.sort(buf[:kept])
-    return (part[k1 - base1] + part[k2 - base1]) / 2.0 if k1 != k2 else part[k1 - base1]
+    for i in range(m):  # branch-free: every value is written, the kept ones advance (kept <= i: in place)
+        x = u[i]
+        u[kept] = x
+        kept += ((x ^ (ones if x & sign else sign)) >> sh) - first <= span
+    # a selection, not a sort: a tight population puts a large share of its events in the middle bins
+    part = np.partition(buf[:kept], k1 - base1)
+    lower = part[k1 - base1]
+    return (lower + part[k1 - base1 + 1:].min()) / 2.0 if k1 != k2 else lower
 
 
 # ----------------------------------------------------------------------------- NumPy twins
