@@ -277,18 +277,15 @@ def _median_with(gather, radix_median):
 
     ``median_of(col, idx, m, buf, hist)`` is ``np.median(col[idx[:m]])`` (NaN if
     ``m == 0`` or any value is NaN): :func:`_gather` copies the values into
-    ``buf`` (float64 scratch, one per event); under :data:`_RADIX_FROM` values the
-    median is a selection (``np.median``), above it :func:`_radix_median` (``hist``:
-    int64 scratch of 65,536 bins). It holds no state, so threads may call it at once,
-    each with its own ``buf`` and ``hist``.
+    ``buf`` (float64 scratch, one per event), :func:`_radix_median` takes the median
+    (``hist``: int64 scratch of 65,536 bins). It holds no state, so threads may call it
+    at once, each with its own ``buf`` and ``hist``.
     """
 
     def median_of(col, idx, m, buf, hist):
         nan = gather(col, idx, m, buf)
         if m == 0 or nan:
             return np.nan
-        if m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
-            return float(np.median(buf[:m]))
         return float(radix_median(buf, m, hist))
 
     return median_of
@@ -334,13 +331,18 @@ def _gather(col, idx, m, buf):  # pragma: no cover - compiled
 
 
 def _radix_median(buf, m, hist):  # pragma: no cover - compiled
-    """``np.median(buf[:m])`` (no NaN), reordering ``buf``.
+    """``np.median(buf[:m])`` (no NaN, ``m > 0``), reordering ``buf``.
 
-    The two middle order statistics are found by one radix pass (``hist``: 65,536
-    bins of the top 16 bits of an order-preserving integer key, i.e. 1/16 of an
-    octave) and a selection among the values in their bins only: ``np.median``'s
-    result, the middle value or the mean of the two middle values.
+    Under :data:`_RADIX_FROM` values, a selection (``np.partition``). Above, the two
+    middle order statistics are found by one radix pass (``hist``: 65,536 bins of the
+    top 16 bits of an order-preserving integer key, i.e. 1/16 of an octave) and a
+    selection among the values in their bins only: ``np.median``'s result, the middle
+    value or the mean of the two middle values.
     """
+    k1 = (m - 1) // 2
+    if m < _RADIX_FROM:  # small populations: a selection beats clearing and scanning 65,536 bins
+        part = np.partition(buf[:m], k1)
+        return (part[k1] + part[k1 + 1:].min()) / 2.0 if m % 2 == 0 else part[k1]
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
@@ -349,7 +351,6 @@ def _radix_median(buf, m, hist):  # pragma: no cover - compiled
     for i in range(m):
         key = u[i] ^ (ones if u[i] & sign else sign)  # order-preserving: negatives flipped, positives offset
         hist[key >> sh] += 1
-    k1 = (m - 1) // 2
     k2 = m // 2
     cum = 0
     b1 = -1
