@@ -84,14 +84,15 @@ def test_gating_a_small_file_imports_only_what_its_fits_need(tmp_path):
     """``gate --no-anndata`` on a small file: the fits' narrow modules, none of the heavy stacks.
 
     The treg template fits a cluster (scikit-learn), a singlet band (statsmodels' RLM) and
-    valley thresholds; ``statsmodels.api`` would also import statsmodels' time-series and
-    graphics stacks, FlowKit its plotting stack, and none of them is needed to gate.
+    valley thresholds (their peaks without scipy.signal); ``statsmodels.api`` would also import
+    statsmodels' time-series and graphics stacks, FlowKit its plotting stack, and none of them
+    is needed to gate.
     """
     import subprocess
     import sys
 
-    heavy = ("statsmodels.api", "statsmodels.tsa", "statsmodels.graphics.api", "flowkit", "bokeh", "matplotlib",
-             "anndata", "scanpy", "dask", "distributed", "numba")
+    heavy = ("statsmodels.api", "statsmodels.tsa", "statsmodels.graphics.api", "scipy.signal", "flowkit", "bokeh",
+             "matplotlib", "anndata", "scanpy", "dask", "distributed", "numba")
     used = ("sklearn.mixture", "statsmodels.robust.robust_linear_model")  # the fits did run
     code = ("import runpy, sys\n"
             "sys.argv = ['immuneprofile', *sys.argv[1:]]\n"
