@@ -191,3 +191,20 @@ def test_cluster_ellipse_quantile_is_scipy_stats_chi2():
     ours = np.array([chi2_ppf_2df(q) for q in qs])
     assert np.array_equal(ours, chi2.ppf(qs, 2))  # bit for bit
     assert not np.array_equal(ours, -2 * np.log1p(-qs))  # (the closed form differs in the last bits)
+
+
+def test_a_fitted_gates_parent_is_gated_once_and_as_when_gated_alone(files, monkeypatch):
+    """The singlet band is fitted on the lymphocytes: they are gated once per sample, for the fit and the result."""
+    import immuneprofile.engine.gating as engine
+    from immuneprofile.engine.gating import fitted_template
+
+    data, tmpl = _load(files[0]), parse_template(DOC, "adaptive")
+    gated: list[str] = []
+    population = engine._Engine.population
+    monkeypatch.setattr(engine._Engine, "population", lambda self, pop: gated.append(pop.name) or population(self, pop))
+    res = gate_sample(data, tmpl)
+    assert gated.count("lymphocytes") == 1 and gated.count("singlets") == 1
+    monkeypatch.setattr(engine._Engine, "population", population)
+    again = gate_sample(data, fitted_template(data, tmpl))  # the fitted template, gated on its own
+    assert res.counts == again.counts
+    assert all(np.array_equal(res.bits[k], again.bits[k]) for k in res.bits)

@@ -400,6 +400,13 @@ class _Engine:
                                   f"{type(exc).__name__}: {exc}") from exc
         return self.bits
 
+    def result(self, fits: list | None = None) -> GatingResult:
+        """Gate the template (:meth:`run`): its :class:`GatingResult`, with the data-driven ``fits`` made for it."""
+        bits = self.run()
+        return GatingResult(sample_id=self.data.sample_id, path=self.data.path, template=self.template,
+                            n_events=self.n, bits=dict(bits), thresholds=list(self.fits.values()), data=self.data,
+                            counts=dict(self.counts), fits=list(fits or []))
+
     def full(self) -> np.ndarray:
         if self._full is None:
             self._full = full_bits(self.n)
@@ -795,9 +802,7 @@ def _gate_shared(data: FCSData, template: Template, *, thresholds: Mapping[tuple
         return gate_sample(data, template, thresholds=thresholds, threads=threads)
     eng = _Engine(data, template, thresholds, shared)
     eng.prefetch()
-    bits = eng.run()
-    return GatingResult(sample_id=data.sample_id, path=data.path, template=template, n_events=data.n_events,
-                        bits=dict(bits), thresholds=list(eng.fits.values()), data=data, counts=dict(eng.counts))
+    return eng.result()
 
 
 def _gate_templates(data: FCSData, templates: Sequence[Template],
@@ -818,11 +823,7 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
             engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            for eng, fits in zip(engines, fitted):
-                bits = eng.run()
-                out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.template,
-                                        n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
-                                        data=data, counts=dict(eng.counts), fits=fits))
+            out = [eng.result(fits) for eng, fits in zip(engines, fitted)]
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
