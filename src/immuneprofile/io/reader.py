@@ -342,6 +342,7 @@ def _preprocessor(path: str, text: dict[str, str], channels: list[str]):
     time_index = next((i for i, c in enumerate(channels) if c.lower() == "time"), None)
     step = _number(path, text, "timestep", 1.0) if time_index is not None and "timestep" in text else None
     ops = []
+    gains = np.ones(len(channels))
     for i in range(len(channels)):
         n = i + 1
         pne = text.get(f"p{n}e", "0,0").split(",")
@@ -352,17 +353,19 @@ def _preprocessor(path: str, text: dict[str, str], channels: list[str]):
             log0 = 1.0
         gain = _number(path, text, f"p{n}g", 1.0) if i != time_index else 1.0
         rng = _number(path, text, f"p{n}r") if decades > 0 else 0.0
-        if decades > 0 or (gain != 1.0 and gain != 0):
-            ops.append((i, decades, log0, rng, gain))
+        if decades > 0:
+            ops.append((i, decades, log0, rng))
+        if gain != 1.0 and gain != 0:
+            gains[i] = gain
+    divide = bool((gains != 1.0).any())
 
     def prepare(block: np.ndarray) -> None:
         if step is not None:
             block[:, time_index] = block[:, time_index] * step
-        for i, decades, log0, rng, gain in ops:
-            if decades > 0:
-                block[:, i] = (10 ** (decades * block[:, i] / rng)) * log0
-            if gain != 1.0 and gain != 0:
-                block[:, i] = block[:, i] / gain
+        for i, decades, log0, rng in ops:
+            block[:, i] = (10 ** (decades * block[:, i] / rng)) * log0
+        if divide:  # every channel at once, along the rows (x / 1.0 is x: the others are unchanged)
+            np.divide(block, gains, out=block)
 
     return prepare
 
