@@ -100,13 +100,81 @@ def _message(path: str, exc: BaseException) -> str:
     return f"{path}: unexpected {type(exc).__name__}: {msg}"
 
 
-def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep_data: bool,
+# ----------------------------------------------------------------------------- reading each file once
+def _event_bytes(data: Any) -> int:
+    """Bytes of a loaded sample's events (and of any column copies made from them)."""
+    return int(data.events.nbytes) + sum(int(c.nbytes) for c in data._columns.values())
+
+
+def _default_budget() -> int:
+    """A quarter of the memory available now (2 GiB if psutil cannot say)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available // 4)
+    except Exception:  # noqa: BLE001 - psutil missing or unable to read the system: a fixed budget
+        return 2 << 30
+
+
+class _Reads:
+    """Loads files, keeping them between the batch fits (pass 1) and gating (pass 2) within a budget.
+
+    Pass 1 (:meth:`load`) keeps each sample it loads while the kept event bytes
+    stay within ``budget``, so that the batch fits (every ``scope: batch``
+    transform, 2-D gate and threshold round, of every template) and pass 2
+    (:meth:`take`) read each kept file once; files beyond the budget are read
+    again when needed. The warnings of a kept file's load are shown when pass 2
+    takes it, as they would be had it read the file again. Sent to another
+    process (a Dask worker), a ``_Reads`` arrives empty, with a zero budget.
+    """
+
+    def __init__(self, compensation: Any, budget: int) -> None:
+        self.compensation, self.budget, self.used = compensation, max(0, int(budget)), 0
+        self.kept: dict[str, tuple[Any, list[warnings.WarningMessage]]] = {}
+
+    def __reduce__(self) -> tuple:
+        return _Reads, (self.compensation, 0)
+
+    def load(self, path: str) -> Any:
+        """The sample (kept, or read now and kept if it fits), its warnings held back for :meth:`take`."""
+        from immuneprofile.io.fcs import load_fcs
+
+        if path in self.kept:
+            return self.kept[path][0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = load_fcs(path, self.compensation)
+        size = _event_bytes(data)
+        if self.used + size <= self.budget:
+            self.kept[path] = (data, caught)
+            self.used += size
+        return data
+
+    def take(self, path: str) -> Any:
+        """The sample for gating: the kept one (released from the store, its warnings shown) or read now."""
+        from immuneprofile.io.fcs import load_fcs
+
+        if path not in self.kept:
+            return load_fcs(path, self.compensation)
+        data, caught = self.kept.pop(path)
+        self.used -= _event_bytes(data)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return data
+
+    def forget(self, paths: Iterable[str] | None = None) -> None:
+        """Release the kept samples of ``paths`` (``None``: all of them)."""
+        for p in list(self.kept) if paths is None else paths:
+            if p in self.kept:
+                self.used -= _event_bytes(self.kept.pop(p)[0])
+
+
+def _gate_path(path: str, templates: Sequence[Template], reads: _Reads, keep_data: bool,
                fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int) -> FileResult:
-    """Load one file, gate it with every template and tabulate it (raises on failure)."""
-    from immuneprofile.io.fcs import load_fcs
+    """Load one file (or take it from ``reads``), gate it with every template and tabulate it (raises on failure)."""
     from immuneprofile.stats import population_table, thresholds_table
 
-    results = _gate_templates(load_fcs(path, compensation), templates, [f or None for f in fixed], threads)
+    results = _gate_templates(reads.take(path), templates, [f or None for f in fixed], threads)
     table, th = population_table(results), thresholds_table(results)
     if not keep_data:
         for res in results:
@@ -269,14 +337,12 @@ def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[Mapping, str
     return out
 
 
-def _batch_values(path: str, sub: Template, template: Template, compensation: Any,
+def _batch_values(path: str, sub: Template, template: Template, reads: _Reads,
                   known: Mapping[tuple[str, str], Any], targets: list) -> dict:
     """Pass 1 for one file: the transformed values each batch threshold is fitted on (raises if the file fails)."""
-    from immuneprofile.io.fcs import load_fcs
-
+    data = reads.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_fcs(path, compensation)
         res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
     cols = EventValues(data, template)
     out = {}
@@ -307,40 +373,34 @@ def _ready_rounds(template: Template, pending: Mapping) -> tuple[list, set[str]]
     return ready, need_all
 
 
-def _load_quiet(path: str, compensation: Any):
-    from immuneprofile.io.fcs import load_fcs
+def _fit_batch_shapes(paths: list[str], template: Template, reads: _Reads) -> dict:
+    """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_fcs(path, compensation)
-
-
-def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -> dict:
-    """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`)."""
+    They are fitted in this process, the samples loaded (and kept) by ``reads``.
+    """
     from functools import partial
 
     from immuneprofile.engine.fit2d import batch_items, fit_batch
 
     if not batch_items(template):
         return {}
-    return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template, gate=gate_sample)
+    return fit_batch([partial(reads.load, p) for p in paths], template, gate=gate_sample)
 
 
-def _fit_batch(paths: list[str], template: Template, compensation: Any, ex: Any,
+def _fit_batch(paths: list[str], template: Template, reads: _Reads, ex: Any,
                failed: dict[str, str]) -> dict[tuple[str, str], Any]:
     """Every ``scope: batch`` fit of a template: its transforms and 2-D gates, then its thresholds."""
-    return _fit_batch_thresholds(paths, template, compensation, ex, failed,
-                                 _fit_batch_shapes(paths, template, compensation))
+    return _fit_batch_thresholds(paths, template, reads, ex, failed, _fit_batch_shapes(paths, template, reads))
 
 
-def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any, ex: Any,
+def _fit_batch_thresholds(paths: list[str], template: Template, reads: _Reads, ex: Any,
                           failed: dict[str, str], given: Mapping[tuple[str, str], Any] | None = None,
                           ) -> dict[tuple[str, str], Any]:
     """Fit every ``scope: batch`` threshold once on the pooled values of all files (pass 1).
 
     A batch threshold whose fitted-on population needs another batch threshold is
-    fitted in a later round, after that one; each round reads every file once
-    (``ex`` runs the reads). Files that fail are added to ``failed`` (``{path:
+    fitted in a later round, after that one; each round visits every file (``ex``
+    runs the visits; in-process, ``reads`` keeps the samples between rounds). Files that fail are added to ``failed`` (``{path:
     message}``) and left out of the pool.
 
     Raises
@@ -360,7 +420,7 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
         targets = [(k, pending[k][1], pending[k][2].name, pending[k][3], pending[k][0]["method"]) for k in ready]
         todo = [p for p in paths if p not in failed]
         per_file: list[dict | None] = [None] * len(todo)
-        for i, values, error in _run(ex, _batch_values, todo, sub, template, compensation, fits, targets):
+        for i, values, error in _run(ex, _batch_values, todo, sub, template, reads, fits, targets):
             per_file[i] = values
             if error is not None:
                 failed[todo[i]] = error
@@ -382,13 +442,14 @@ def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: lis
     return ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root", int(pooled.size), fallback, note)
 
 
-def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any, ex: Any,
+def _gate_all(paths: list[str], templates: Sequence[Template], reads: _Reads, ex: Any,
               fixed: list, parts: _Parts | None, progress: Callable | None, keep_data: bool) -> list[FileResult]:
     """Pass 2: gate every file not already done (``parts``), saving each one's tables as it finishes."""
     outs: list[FileResult | None] = [parts.load(p) if parts is not None else None for p in paths]
     todo = [i for i, o in enumerate(outs) if o is None]
+    reads.forget(p for p, o in zip(paths, outs) if o is not None)  # resumed: not gated again
     in_process = isinstance(ex, _InProcess)
-    for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, compensation,
+    for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, reads,
                              in_process and keep_data, fixed, 0 if in_process else 1):
         i = todo[k]
         outs[i] = fr if error is None else FileResult(paths[i], error=error)
@@ -410,6 +471,7 @@ def gate_files(
     resume: bool = False,
     keep_data: bool = True,
     progress: Callable[[str, str | None], None] | None = None,
+    cache_bytes: int | None = None,
 ) -> Batch:
     """Gate a batch of FCS files with a template (or several); bad files are reported, not fatal.
 
@@ -446,6 +508,13 @@ def gate_files(
         its tables are made.
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
+    cache_bytes
+        With ``scope: batch`` fits: how many bytes of event data this process may
+        keep between the fits (pass 1) and gating (pass 2), so that each file is
+        read once (``None``: a quarter of the memory available when called; ``0``:
+        each pass reads the files again). Files beyond it are read again when
+        needed; the results do not depend on it. Dask workers (``jobs > 1``,
+        ``scheduler``) read each file again in each pass.
 
     Thresholds with ``scope: batch`` are fitted once on the fitted-on population's
     values pooled over all files (pass 1), then every file is gated with that value
@@ -467,16 +536,18 @@ def gate_files(
     files: list[str] = [str(os.fspath(p)) for p in paths]
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
     failed: dict[str, str] = {}
+    reads = _Reads(compensation, _default_budget() if cache_bytes is None else cache_bytes)
     with _executor(jobs if len(files) > 1 else 1, scheduler) as ex:
         try:
-            fixed = [_fit_batch(files, t, compensation, ex, failed) for t in templates]
+            fixed = [_fit_batch(files, t, reads, ex, failed) for t in templates]
         except ImmuneProfileError as exc:  # a fit that failed fails every file
             failed = dict.fromkeys(files, str(exc))
             fixed = None
+        reads.forget(None if fixed is None or not isinstance(ex, _InProcess) else failed)  # not gated here
         store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
                                                                     resume)
         todo = [p for p in files if p not in failed]
-        outs = (_gate_all(todo, templates, compensation, ex, fixed, store, progress, keep_data)
+        outs = (_gate_all(todo, templates, reads, ex, fixed, store, progress, keep_data)
                 if fixed is not None else [])
     for p, msg in failed.items():
         if progress:
