@@ -123,14 +123,15 @@ class _Reads:
     stay within ``budget``, so that the batch fits (every ``scope: batch``
     transform, 2-D gate and threshold round, of every template) and pass 2
     (:meth:`take`) read each kept file once; files beyond the budget are read
-    again when needed. The warnings of a kept file's load are shown when pass 2
+    again when needed. With a kept sample go the 2-D gates already fitted on it
+    (:meth:`fitted`), so that pass 2 does not fit them again. The warnings of a kept file's load are shown when pass 2
     takes it, as they would be had it read the file again. Sent to another
     process (a Dask worker), a ``_Reads`` arrives empty, with a zero budget.
     """
 
     def __init__(self, compensation: Any, budget: int) -> None:
         self.compensation, self.budget, self.used = compensation, max(0, int(budget)), 0
-        self.kept: dict[str, tuple[Any, list[warnings.WarningMessage]]] = {}
+        self.kept: dict[str, tuple[Any, list[warnings.WarningMessage], dict]] = {}
 
     def __reduce__(self) -> tuple:
         return _Reads, (self.compensation, 0)
@@ -146,21 +147,25 @@ class _Reads:
             data = load_fcs(path, self.compensation)
         size = _event_bytes(data)
         if self.used + size <= self.budget:
-            self.kept[path] = (data, caught)
+            self.kept[path] = (data, caught, {})
             self.used += size
         return data
 
-    def take(self, path: str) -> Any:
-        """The sample for gating: the kept one (released from the store, its warnings shown) or read now."""
+    def fitted(self, path: str) -> dict | None:
+        """The 2-D gates fitted so far on the kept sample of ``path`` (``None`` if it is not kept)."""
+        return self.kept[path][2] if path in self.kept else None
+
+    def take(self, path: str) -> tuple[Any, dict | None]:
+        """The sample for gating and its fitted 2-D gates: the kept ones (released, warnings shown) or read now."""
         from immuneprofile.io.fcs import load_fcs
 
         if path not in self.kept:
-            return load_fcs(path, self.compensation)
-        data, caught = self.kept.pop(path)
+            return load_fcs(path, self.compensation), None
+        data, caught, fitted = self.kept.pop(path)
         self.used -= _event_bytes(data)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return data
+        return data, fitted
 
     def forget(self, paths: Iterable[str] | None = None) -> None:
         """Release the kept samples of ``paths`` (``None``: all of them)."""
@@ -174,7 +179,8 @@ def _gate_path(path: str, templates: Sequence[Template], reads: _Reads, keep_dat
     """Load one file (or take it from ``reads``), gate it with every template and tabulate it (raises on failure)."""
     from immuneprofile.stats import population_table, thresholds_table
 
-    results = _gate_templates(reads.take(path), templates, [f or None for f in fixed], threads)
+    data, fitted = reads.take(path)
+    results = _gate_templates(data, templates, [f or None for f in fixed], threads, fitted)
     table, th = population_table(results), thresholds_table(results)
     if not keep_data:
         for res in results:
@@ -343,7 +349,7 @@ def _batch_values(path: str, sub: Template, template: Template, reads: _Reads,
     data = reads.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
+        res = _gate_templates(data, [sub], [dict(known) or None], 1, reads.fitted(path))[0]
     cols = EventValues(data, template)
     out = {}
     for key, on, pop_name, dim, method in targets:

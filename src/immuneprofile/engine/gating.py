@@ -756,17 +756,19 @@ def fitted_template(data: FCSData, template: Template,
         else template
 
 
-def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None]):
+def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None],
+                   shared: dict[Any, Any] | None = None):
     """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
 
     ``fixed`` may carry batch fits (:class:`~immuneprofile.engine.fit2d.Fit`, keyed by
     ``Fit.key``) besides threshold values; returns the templates, the thresholds alone,
-    and each template's fits.
+    and each template's fits. ``shared``: the 2-D gates already fitted on ``data``
+    (by an earlier call, e.g. a batch's first pass), filled as gates are fitted.
     """
     from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
 
     out_t, out_fx, out_fits = [], [], []
-    shared: dict[Any, Any] = {}
+    shared = {} if shared is None else shared
     for t, fx in zip(templates, fixed):
         fx = dict(fx or {})
         given = {k: v for k, v in fx.items() if isinstance(v, Fit)}
@@ -781,7 +783,8 @@ def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence
 
 
 def _gate_templates(data: FCSData, templates: Sequence[Template],
-                    fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0) -> list[GatingResult]:
+                    fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0,
+                    fitted: dict[Any, Any] | None = None) -> list[GatingResult]:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -793,11 +796,11 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            templates, fixed, fitted = _fit_templates(data, templates, fixed)
+            templates, fixed, fits_of = _fit_templates(data, templates, fixed, fitted)
             engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            for eng, fits in zip(engines, fitted):
+            for eng, fits in zip(engines, fits_of):
                 bits = eng.run()
                 out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.template,
                                         n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
