@@ -150,3 +150,27 @@ def test_study_batches_by_patient_read_each_file_once(tmp_path, reads):
     assert not res["errors"] and len(res["table"]) > 0
     listed = pd.read_csv(sheet)["file"]
     assert len(reads) == len(listed) and set(reads.values()) == {1}, reads
+
+
+def test_each_2d_gate_fitted_once_per_file(files, monkeypatch):
+    """Pass 2 reuses the gates pass 1 fitted on a kept sample, and templates share identical gates even when
+    given different batch thresholds (tcell_skin_homing's CLA/CD103 cuts are not above its lymphocyte gates)."""
+    from immuneprofile.engine import fit2d
+
+    real, calls = fit2d._fit_gate, Counter()
+
+    def spy(pop, *args, **kwargs):
+        calls[pop.name] += 1
+        return real(pop, *args, **kwargs)
+
+    monkeypatch.setattr(fit2d, "_fit_gate", spy)
+    shipped = [load_template(n) for n in ("tcell_skin_homing", "treg", "monocytes")]
+    once = gate_files(files, shipped, keep_data=False)
+    n = len(once.gated)
+    # tcell_skin_homing and treg define the same lymphocytes and singlets gates; monocytes its own singlets
+    assert n == 4 and calls == Counter({"lymphocytes": n, "singlets": 2 * n}), calls
+    calls.clear()
+    again = gate_files(files, shipped, keep_data=False, cache_bytes=0)
+    assert calls["lymphocytes"] == 2 * n  # pass 1 (tcell_skin_homing's CD4 memory cells), then pass 2
+    pd.testing.assert_frame_equal(once.table, again.table)
+    pd.testing.assert_frame_equal(once.thresholds, again.thresholds)
