@@ -174,3 +174,49 @@ def test_each_2d_gate_fitted_once_per_file(files, monkeypatch):
     assert calls["lymphocytes"] == 2 * n  # pass 1 (tcell_skin_homing's CD4 memory cells), then pass 2
     pd.testing.assert_frame_equal(once.table, again.table)
     pd.testing.assert_frame_equal(once.thresholds, again.thresholds)
+
+
+def test_dask_workers_keep_what_they_read_for_gating(files, reread):
+    """On Dask, a file's gating task goes to the worker that read it for the batch fits, which kept it:
+    one read per file over all workers; the same tables as the re-reading path; nothing left on the workers."""
+    from distributed import Client, LocalCluster
+
+    def spy_on_loader():
+        from collections import Counter
+
+        import immuneprofile.io.fcs as fcs
+
+        if not hasattr(fcs, "_test_reads"):
+            real, fcs._test_reads = fcs.load_fcs, Counter()
+
+            def spy(path, *args, **kwargs):
+                fcs._test_reads[str(path)] += 1
+                return real(path, *args, **kwargs)
+
+            fcs.load_fcs = spy
+        fcs._test_reads.clear()
+
+    def worker_state():
+        import immuneprofile.batch as b
+        import immuneprofile.io.fcs as fcs
+
+        return dict(fcs._test_reads), len(b._WORKER_READS)
+
+    ok = [f for f in files if "broken" not in f]
+    skin = load_template("tcell_skin_homing")  # scope: batch CLA and CD103 cuts: a pass 1 on the workers
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(spy_on_loader)
+        batch = gate_files(ok, skin, scheduler=client)
+        state = client.run(worker_state)
+        client.run(spy_on_loader)
+        again = gate_files(ok, skin, scheduler=client, cache_bytes=0)
+        state0 = client.run(worker_state)
+    total = sum((Counter(r) for r, _ in state.values()), Counter())
+    assert total == Counter(dict.fromkeys(ok, 1)), state
+    assert all(n == 0 for _, n in state.values())  # released at the end of the batch
+    assert sum((Counter(r) for r, _ in state0.values()), Counter()) == Counter(dict.fromkeys(ok, 2))
+    truth = gate_files(ok, skin, cache_bytes=0)
+    for b in (batch, again):
+        pd.testing.assert_frame_equal(b.table, truth.table)
+        pd.testing.assert_frame_equal(b.thresholds, truth.thresholds)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,38 @@ def _event_bytes(data: Any) -> int:
 
 
 def _default_budget() -> int:
-    """A quarter of the memory available now (2 GiB if psutil cannot say)."""
+    """A quarter of the memory available now, or of a Dask worker's memory limit if lower (2 GiB if unknown)."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available // 4)
+        budget = int(psutil.virtual_memory().available // 4)
     except Exception:  # noqa: BLE001 - psutil missing or unable to read the system: a fixed budget
-        return 2 << 30
+        budget = 2 << 30
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not on a Dask worker, or a worker without a limit
+        limit = None
+    return min(budget, int(limit) // 4) if limit else budget
+
+
+_WORKER_READS: dict[str, _Reads] = {}  # on a Dask worker: each batch's kept samples, by batch token
+
+
+def _worker_reads(token: str | None, compensation: Any, cache_bytes: int | None) -> _Reads:
+    """A ``_Reads`` sent to a worker: the worker's own store for that batch (an empty one without a token)."""
+    if token is None:
+        return _Reads(compensation, 0)
+    if token not in _WORKER_READS:
+        _WORKER_READS[token] = _Reads(compensation, _default_budget() if cache_bytes is None else cache_bytes,
+                                      token, cache_bytes)
+    return _WORKER_READS[token]
+
+
+def _drop_worker_reads(token: str) -> None:
+    """Release a finished batch's samples kept on this worker."""
+    _WORKER_READS.pop(token, None)
 
 
 class _Reads:
@@ -125,16 +151,20 @@ class _Reads:
     (:meth:`take`) read each kept file once; files beyond the budget are read
     again when needed. With a kept sample go the 2-D gates already fitted on it
     (:meth:`fitted`), so that pass 2 does not fit them again. The warnings of a kept file's load are shown when pass 2
-    takes it, as they would be had it read the file again. Sent to another
-    process (a Dask worker), a ``_Reads`` arrives empty, with a zero budget.
+    takes it, as they would be had it read the file again. Sent to a Dask worker,
+    a ``_Reads`` with a ``token`` becomes that worker's own store for the batch
+    (its budget ``cache_bytes``, or a quarter of the worker's memory limit); one
+    without arrives empty, with a zero budget.
     """
 
-    def __init__(self, compensation: Any, budget: int) -> None:
+    def __init__(self, compensation: Any, budget: int, token: str | None = None,
+                 cache_bytes: int | None = None) -> None:
         self.compensation, self.budget, self.used = compensation, max(0, int(budget)), 0
+        self.token, self.cache_bytes = token, cache_bytes
         self.kept: dict[str, tuple[Any, list[warnings.WarningMessage], dict]] = {}
 
     def __reduce__(self) -> tuple:
-        return _Reads, (self.compensation, 0)
+        return _worker_reads, (self.token, self.compensation, self.cache_bytes)
 
     def load(self, path: str) -> Any:
         """The sample (kept, or read now and kept if it fits), its warnings held back for :meth:`take`."""
@@ -202,28 +232,60 @@ class _Now:
 class _InProcess:
     """Runs each task in this process when it is collected (files one after the other)."""
 
-    def submit(self, fn: Callable, *args: Any) -> _Now:
-        return _Now(fn, args)
+    def submit(self, fn: Callable, path: str, *args: Any) -> _Now:
+        return _Now(fn, (path, *args))
+
+    @staticmethod
+    def result(fut: _Now, path: str) -> Any:
+        return fut.result()
 
     @staticmethod
     def as_completed(futures: list) -> Iterator:
         return iter(futures)
 
+    def release(self, reads: _Reads) -> None:
+        reads.forget()
+
+
+def _placed(fn: Callable, *args: Any) -> tuple[Any, str | None]:
+    """``fn(*args)`` on a Dask worker, and that worker's address."""
+    from distributed import get_worker
+
+    return fn(*args), get_worker().address
+
 
 class _OnDask:
-    """Runs each task on a Dask distributed cluster, one task per file."""
+    """Runs each task on a Dask distributed cluster, one task per file.
+
+    A file's next task goes preferably to the worker that ran its last one
+    (which may keep the sample it loaded, see :class:`_Reads`); any worker runs
+    it if that one is gone.
+    """
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.placed: dict[str, str] = {}
 
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False)
+    def submit(self, fn: Callable, path: str, *args: Any) -> Any:
+        near = self.placed.get(path)
+        return self.client.submit(_placed, fn, path, *args, pure=False, workers=[near] if near else None,
+                                  allow_other_workers=near is not None)
+
+    def result(self, fut: Any, path: str) -> Any:
+        value, self.placed[path] = fut.result()
+        return value
 
     @staticmethod
     def as_completed(futures: list) -> Iterator:
         from distributed import as_completed
 
         return iter(as_completed(futures))
+
+    def release(self, reads: _Reads) -> None:
+        """Release what the workers keep for this batch."""
+        if reads.token is not None:
+            with suppress(Exception):  # a worker gone or a cluster closing: nothing left to release there
+                self.client.run(_drop_worker_reads, reads.token)
 
 
 @contextmanager
@@ -262,7 +324,7 @@ def _run(ex: Any, fn: Callable, paths: Sequence[str], *args: Any) -> Iterator[tu
     for fut in ex.as_completed(list(futures)):
         i = futures.pop(fut)
         try:
-            yield i, fut.result(), None
+            yield i, ex.result(fut, paths[i]), None
         except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
             yield i, None, _message(paths[i], exc)
 
@@ -541,24 +603,32 @@ def gate_files(
     templates = [template] if isinstance(template, Template) else list(template)
     files: list[str] = [str(os.fspath(p)) for p in paths]
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
-    failed: dict[str, str] = {}
     reads = _Reads(compensation, _default_budget() if cache_bytes is None else cache_bytes)
     with _executor(jobs if len(files) > 1 else 1, scheduler) as ex:
+        if not isinstance(ex, _InProcess):  # the workers keep what they load, each within its own budget
+            reads.token, reads.cache_bytes = uuid.uuid4().hex, cache_bytes
         try:
-            fixed = [_fit_batch(files, t, reads, ex, failed) for t in templates]
-        except ImmuneProfileError as exc:  # a fit that failed fails every file
-            failed = dict.fromkeys(files, str(exc))
-            fixed = None
-        reads.forget(None if fixed is None or not isinstance(ex, _InProcess) else failed)  # not gated here
-        store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
-                                                                    resume)
-        todo = [p for p in files if p not in failed]
-        outs = (_gate_all(todo, templates, reads, ex, fixed, store, progress, keep_data)
-                if fixed is not None else [])
+            outs, failed = _two_passes(files, templates, reads, ex, parts, resume, progress, keep_data)
+        finally:
+            ex.release(reads)
     for p, msg in failed.items():
         if progress:
             progress(p, msg)
     return _combine(files, outs, failed)
+
+
+def _two_passes(files: list[str], templates: list[Template], reads: _Reads, ex: Any, parts: Any, resume: bool,
+                progress: Callable | None, keep_data: bool) -> tuple[list[FileResult], dict[str, str]]:
+    """The batch fits (pass 1) then gating (pass 2): the files' results and ``{path: error}`` of pass 1."""
+    failed: dict[str, str] = {}
+    try:
+        fixed = [_fit_batch(files, t, reads, ex, failed) for t in templates]
+    except ImmuneProfileError as exc:  # a fit that failed fails every file
+        return [], dict.fromkeys(files, str(exc))
+    reads.forget(failed if isinstance(ex, _InProcess) else None)  # what is not gated (here)
+    store = None if parts is None else _Parts(parts, _fingerprint(templates, reads.compensation, fixed), resume)
+    todo = [p for p in files if p not in failed]
+    return _gate_all(todo, templates, reads, ex, fixed, store, progress, keep_data), failed
 
 
 def _combine(paths: list[str], outs: list[FileResult], failed: dict[str, str]) -> Batch:
