@@ -39,11 +39,8 @@ DOC = {
 def files(tmp_path_factory):
     """Four simulated full-panel files (different seeds and sizes) and one broken file."""
     d = tmp_path_factory.mktemp("read_once")
-    paths = []
-    for i in range(4):
-        p = d / f"R{i}.fcs"
-        simulate.write_fcs(p, simulate.simulate_sample("full", 6_000 + 1_500 * i, rng=300 + i))
-        paths.append(str(p))
+    paths = [str(simulate.write_fcs(d / f"R{i}.fcs", simulate.simulate_sample("full", 6_000 + 1_500 * i, rng=300 + i)))
+             for i in range(4)]
     bad = d / "broken.fcs"
     bad.write_bytes(Path(paths[0]).read_bytes()[:2_000])
     return paths[:2] + [str(bad)] + paths[2:]

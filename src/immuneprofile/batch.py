@@ -510,12 +510,18 @@ def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: lis
     return ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root", int(pooled.size), fallback, note)
 
 
+def _taken_over(paths: list[str], parts: _Parts | None, reads: _Reads) -> list[FileResult | None]:
+    """The files an earlier run already gated (``parts``, else ``None``); their kept samples are released."""
+    outs = [parts.load(p) if parts is not None else None for p in paths]
+    reads.forget(p for p, o in zip(paths, outs) if o is not None)
+    return outs
+
+
 def _gate_all(paths: list[str], templates: Sequence[Template], reads: _Reads, ex: Any,
               fixed: list, parts: _Parts | None, progress: Callable | None, keep_data: bool) -> list[FileResult]:
     """Pass 2: gate every file not already done (``parts``), saving each one's tables as it finishes."""
-    outs: list[FileResult | None] = [parts.load(p) if parts is not None else None for p in paths]
+    outs = _taken_over(paths, parts, reads)
     todo = [i for i, o in enumerate(outs) if o is None]
-    reads.forget(p for p, o in zip(paths, outs) if o is not None)  # resumed: not gated again
     in_process = isinstance(ex, _InProcess)
     for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, reads,
                              in_process and keep_data, fixed, 0 if in_process else 1):
