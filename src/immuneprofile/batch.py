@@ -2,7 +2,8 @@
 
 :func:`gate_files` reads each file once and gates it with every template
 (:func:`immuneprofile.gate_sample`); ``scope: batch`` thresholds are fitted
-first on values pooled over every file. Files are gated in this process
+first on values pooled over every file, the samples loaded for those fits kept
+for gating within a memory budget (:class:`_Reads`). Files are gated in this process
 (``jobs=1``), on a local Dask cluster (``jobs=N``) or on an existing Dask
 deployment (``scheduler=``: an address or a :class:`distributed.Client`), one
 task per file. With ``parts=`` each file's tables are written (atomically) as
