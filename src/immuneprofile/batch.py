@@ -584,12 +584,13 @@ def gate_files(
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
     cache_bytes
-        With ``scope: batch`` fits: how many bytes of event data this process may
-        keep between the fits (pass 1) and gating (pass 2), so that each file is
-        read once (``None``: a quarter of the memory available when called; ``0``:
-        each pass reads the files again). Files beyond it are read again when
-        needed; the results do not depend on it. Dask workers (``jobs > 1``,
-        ``scheduler``) read each file again in each pass.
+        With ``scope: batch`` fits: how many bytes of event data this process
+        (or each Dask worker) may keep between the fits (pass 1) and gating (pass
+        2), so that each file is read once (``None``: a quarter of the memory
+        available, or of a worker's memory limit; ``0``: each pass reads the files
+        again). Files beyond it are read again when needed; the results do not
+        depend on it. On Dask a file's gating task goes preferably to the worker
+        that read it.
 
     Thresholds with ``scope: batch`` are fitted once on the fitted-on population's
     values pooled over all files (pass 1), then every file is gated with that value
