@@ -209,6 +209,14 @@ def test_dask_workers_keep_what_they_read_for_gating(files, reread):
         client.run(spy_on_loader)
         again = gate_files(ok, skin, scheduler=client, cache_bytes=0)
         state0 = client.run(worker_state)
+        # a worker's budget is a quarter of its memory limit, known once a task runs (not when its
+        # arguments are unpickled, outside any task)
+        from immuneprofile.batch import _drop_worker_reads, _Reads
+
+        budget = client.submit(lambda r, p: (r.load(p), r.budget)[1], _Reads("auto", None, "t-budget"), ok[0],
+                               pure=False).result()
+        client.run(_drop_worker_reads, "t-budget")
+    assert budget == 2**30 // 4
     total = sum((Counter(r) for r, _ in state.values()), Counter())
     assert total == Counter(dict.fromkeys(ok, 1)), state
     assert all(n == 0 for _, n in state.values())  # released at the end of the batch

@@ -132,9 +132,8 @@ def _worker_reads(token: str | None, compensation: Any, cache_bytes: int | None)
     """A ``_Reads`` sent to a worker: the worker's own store for that batch (an empty one without a token)."""
     if token is None:
         return _Reads(compensation, 0)
-    if token not in _WORKER_READS:
-        _WORKER_READS[token] = _Reads(compensation, _default_budget() if cache_bytes is None else cache_bytes,
-                                      token, cache_bytes)
+    if token not in _WORKER_READS:  # its budget known once a task runs (the worker's memory limit)
+        _WORKER_READS[token] = _Reads(compensation, cache_bytes, token, cache_bytes)
     return _WORKER_READS[token]
 
 
@@ -158,9 +157,10 @@ class _Reads:
     without arrives empty, with a zero budget.
     """
 
-    def __init__(self, compensation: Any, budget: int, token: str | None = None,
+    def __init__(self, compensation: Any, budget: int | None, token: str | None = None,
                  cache_bytes: int | None = None) -> None:
-        self.compensation, self.budget, self.used = compensation, max(0, int(budget)), 0
+        self.compensation, self.used = compensation, 0
+        self.budget = None if budget is None else max(0, int(budget))  # None: the default, on first load
         self.token, self.cache_bytes = token, cache_bytes
         self.kept: dict[str, tuple[Any, list[warnings.WarningMessage], dict]] = {}
 
@@ -177,6 +177,8 @@ class _Reads:
             warnings.simplefilter("always")
             data = load_fcs(path, self.compensation)
         size = _event_bytes(data)
+        if self.budget is None:
+            self.budget = _default_budget()
         if self.used + size <= self.budget:
             self.kept[path] = (data, caught, {})
             self.used += size
@@ -611,7 +613,7 @@ def gate_files(
     templates = [template] if isinstance(template, Template) else list(template)
     files: list[str] = [str(os.fspath(p)) for p in paths]
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
-    reads = _Reads(compensation, _default_budget() if cache_bytes is None else cache_bytes)
+    reads = _Reads(compensation, cache_bytes)
     with _executor(jobs if len(files) > 1 else 1, scheduler) as ex:
         if not isinstance(ex, _InProcess):  # the workers keep what they load, each within its own budget
             reads.token, reads.cache_bytes = uuid.uuid4().hex, cache_bytes
