@@ -71,7 +71,7 @@ def main() -> int:
         ip.gate_sample(data, fitted)
         t2 = time.perf_counter()
         for t in fitted:
-            fit_template(data, t)
+            fit_template(data, t, gate=ip.gate_sample)
         t3 = time.perf_counter()
         t_fixed.append(t1 - t0), t_fitted.append(t2 - t1), t_fit.append(t3 - t2)
     fits = [f for r in ip.gate_sample(data, fitted) for f in r.fits]

@@ -78,3 +78,29 @@ def test_every_immuneprofile_error_is_one_red_line_and_exit_2(tmp_path):
     t.write_text("populations:\n  - {name: a, parent: nowhere, gate: {type: range, marker: CD3, min: 0.4}}\n")
     r = CliRunner().invoke(main, ["gate", "-t", str(t), str(GOOD), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "typo [x].yaml" in r.output and r.output.startswith("error: ")
+
+
+def test_gating_a_small_file_imports_only_what_its_fits_need(tmp_path):
+    """``gate --no-anndata`` on a small file: the fits' narrow modules, none of the heavy stacks.
+
+    The treg template fits a cluster (scikit-learn), a singlet band (statsmodels' RLM) and
+    valley thresholds (their peaks without scipy.signal); ``statsmodels.api`` would also import
+    statsmodels' time-series and graphics stacks, FlowKit its plotting stack, and none of them
+    is needed to gate.
+    """
+    import subprocess
+    import sys
+
+    heavy = ("statsmodels.api", "statsmodels.tsa", "statsmodels.graphics.api", "scipy.signal", "flowkit", "bokeh",
+             "matplotlib", "anndata", "scanpy", "dask", "distributed", "numba")
+    used = ("sklearn.mixture", "statsmodels.robust.robust_linear_model")  # the fits did run
+    code = ("import runpy, sys\n"
+            "sys.argv = ['immuneprofile', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('immuneprofile.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print(sorted(m for m in {heavy + used!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "gate", "-t", "treg", str(GOOD), "-o", str(tmp_path),
+                          "--no-anndata"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == str(sorted(used))
+    assert (tmp_path / "populations.csv").exists()

@@ -179,3 +179,32 @@ def test_too_few_events_to_fit_is_a_clear_error(files, tmp_path):
         gate_sample(_load(files[0]), parse_template(doc))
     batch = gate_files(list(files), [parse_template(doc), parse_template(DOC)])
     assert set(batch.errors) == {str(files[0]), str(files[1])}  # every file fails the same way, reported
+
+
+def test_cluster_ellipse_quantile_is_scipy_stats_chi2():
+    """The ellipse's chi-square quantile, computed without importing scipy.stats, is scipy.stats' number."""
+    from scipy.stats import chi2
+
+    from immuneprofile.engine.fit2d import chi2_ppf_2df
+
+    qs = np.concatenate([np.linspace(1e-6, 1 - 1e-6, 20_001), [0.5, 0.9, 0.95, 0.99, 0.999]])
+    ours = np.array([chi2_ppf_2df(q) for q in qs])
+    assert np.array_equal(ours, chi2.ppf(qs, 2))  # bit for bit
+    assert not np.array_equal(ours, -2 * np.log1p(-qs))  # (the closed form differs in the last bits)
+
+
+def test_a_fitted_gates_parent_is_gated_once_and_as_when_gated_alone(files, monkeypatch):
+    """The singlet band is fitted on the lymphocytes: they are gated once per sample, for the fit and the result."""
+    import immuneprofile.engine.gating as engine
+    from immuneprofile.engine.gating import fitted_template
+
+    data, tmpl = _load(files[0]), parse_template(DOC, "adaptive")
+    gated: list[str] = []
+    population = engine._Engine.population
+    monkeypatch.setattr(engine._Engine, "population", lambda self, pop: gated.append(pop.name) or population(self, pop))
+    res = gate_sample(data, tmpl)
+    assert gated.count("lymphocytes") == 1 and gated.count("singlets") == 1
+    monkeypatch.setattr(engine._Engine, "population", population)
+    again = gate_sample(data, fitted_template(data, tmpl))  # the fitted template, gated on its own
+    assert res.counts == again.counts
+    assert all(np.array_equal(res.bits[k], again.bits[k]) for k in res.bits)

@@ -45,16 +45,23 @@ def test_the_instrument_zoo_is_there():
     assert len(ALL_FILES) == 17
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["serial", "threaded"])
 @pytest.mark.parametrize("path", ALL_FILES, ids=_rel)
-def test_every_instrument_file_loads_or_fails_specifically(path):
+def test_every_instrument_file_loads_or_fails_specifically(path, threads, monkeypatch):
+    """Serial, and on two threads in small blocks (every file, whatever its size): FlowKit's events."""
+    from immuneprofile.io import reader
+
+    if threads > 1:
+        monkeypatch.setattr(reader, "_THREADS_FROM", 0)
+        monkeypatch.setattr(reader, "_BLOCK_BYTES", 1 << 12)
     rel = _rel(path)
     if rel in BROKEN:
         with pytest.raises(FCSError, match=BROKEN[rel]):
-            load_fcs(path)
+            load_fcs(path, threads=threads)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FCSWarning)
-        data = load_fcs(path)
+        data = load_fcs(path, threads=threads)
     assert data.events.flags.f_contiguous and data.events.dtype == np.float64
     assert data.n_events == int(data.metadata["tot"]) > 0
     if rel in NOT_FLOWKIT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import flowutils.gating as flowutils_gating
 import numpy as np
+import pandas as pd
 import pytest
 
 from immuneprofile import gate_sample, load_fcs, parse_template
@@ -281,11 +282,20 @@ def test_convex_edges_rejects_what_is_not_strictly_convex():
     assert _kernels.convex_edges(tuple(star)) is None
 
 
-@pytest.mark.parametrize("n", [0, 1, 700, _kernels._RADIX_FROM - 1, _kernels._RADIX_FROM * 3])
-def test_medians_kernel_is_numpy_median(n):
-    """Both paths (selection below _RADIX_FROM members, radix pass above) and the twin give np.median."""
+@pytest.mark.parametrize("tight", [False, True], ids=["wide", "tight-with-ties"])
+@pytest.mark.parametrize("n", [0, 1, 700, _kernels._RADIX_FROM - 1, _kernels._RADIX_FROM * 3,
+                               _kernels._RADIX_FROM * 3 + 1])
+def test_medians_kernel_is_numpy_median(n, tight):
+    """Both paths (selection below _RADIX_FROM members, radix pass above) and the twin give np.median.
+
+    ``tight``: integer values in a narrow range (a scatter channel of 16-bit data), so that the
+    middle bins hold most of the values and many of them are equal.
+    """
     rng = np.random.default_rng(n)
-    ev = np.asfortranarray(rng.lognormal(5, 2, (n + 50, 4)) * rng.choice([-1.0, 1.0], (n + 50, 4)))
+    if tight:
+        ev = np.asfortranarray(np.round(rng.normal(50000, 800, (n + 50, 4))))
+    else:
+        ev = np.asfortranarray(rng.lognormal(5, 2, (n + 50, 4)) * rng.choice([-1.0, 1.0], (n + 50, 4)))
     ev[rng.integers(0, n + 50, 5), 3] = np.nan
     mask = np.zeros(n + 50, dtype=bool)
     mask[rng.choice(n + 50, n, replace=False)] = True
@@ -314,3 +324,26 @@ def test_population_table_medians_with_populations_shared_by_templates(tmp_path)
         for marker in res.template.markers:
             want = np.median(data.events[m, data.find_channel(marker)]) if m.any() else np.nan
             np.testing.assert_array_equal(table.loc[row.Index, f"median_{marker}"], want)
+
+
+def test_population_table_medians_on_threads_are_numpy_medians(tmp_path):
+    """A large population's medians are split between threads; each is still np.median of its population."""
+    from conftest import GATING
+    from immuneprofile import load_template, population_table
+    from immuneprofile.stats import _THREADED_MEDIANS_FROM
+    from immuneprofile.study import simulate
+
+    n = 8 * _THREADED_MEDIANS_FROM
+    data = load_fcs(simulate.write_fcs(tmp_path / "big.fcs", simulate.simulate_sample("full", n, rng=9)))
+    results = gate_sample(data, [load_template(GATING / f"{t}.yaml") for t in ("tcell_skin_homing", "monocytes")])
+    sizes = [r.count(p.name) for r in results for p in r.template.populations]
+    assert max(sizes) >= _THREADED_MEDIANS_FROM > min(sizes)  # both paths
+    threaded, serial = population_table(results, threads=2), population_table(results, threads=1)
+    pd.testing.assert_frame_equal(threaded, serial)
+    pops = [(r, p) for r in results for p in r.template.populations]
+    for i in range(0, len(pops), 5):  # every fifth population, each marker
+        res, pop = pops[i]
+        m = res.mask(pop.name)
+        for marker in res.template.markers:
+            want = np.median(data.events[m, data.find_channel(marker)]) if m.any() else np.nan
+            np.testing.assert_array_equal(threaded.loc[i, f"median_{marker}"], want)

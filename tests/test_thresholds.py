@@ -314,3 +314,27 @@ def test_case_series_templates_fit_their_thresholds_on_the_data():
         for key in keys:
             row = tab.loc[key]
             assert row["method"] != "fixed" and not row["fallback"] and row["n_events"] > 0, (name, key)
+
+
+def test_peaks_and_prominences_are_scipy_signal_find_peaks():
+    """The density rules' peak finder, without importing scipy.signal, gives scipy's peaks and prominences."""
+    from scipy.signal import find_peaks as scipy_find_peaks
+
+    from immuneprofile.engine.thresholds import _kde, find_peaks
+
+    rng = np.random.default_rng(1)
+    n_peaks = 0
+    for trial in range(4000):
+        m = int(rng.integers(1, 60))
+        x = (rng.integers(0, 4, m).astype(float),  # flat tops, also at the ends
+             rng.normal(size=m),
+             np.repeat(rng.integers(0, 5, m), rng.integers(1, 4, m)).astype(float),
+             _kde(np.concatenate([rng.normal(0.2, 0.05, int(rng.integers(20, 3000))),
+                                  rng.normal(0.7, 0.05, int(rng.integers(0, 500)))]))[1])[trial % 4]
+        height = float(rng.choice([0.0, -1.0, x.max() * rng.uniform(0, 1)]))
+        peaks, prominences = find_peaks(x, height)
+        expected, props = scipy_find_peaks(x, height=height, prominence=0.0)
+        assert np.array_equal(peaks, expected), (x, height)
+        assert np.array_equal(prominences, props["prominences"]), (x, height)  # bit for bit
+        n_peaks += expected.size
+    assert n_peaks > 10_000

@@ -150,8 +150,9 @@ class _Reads:
     transform, 2-D gate and threshold round, of every template) and pass 2
     (:meth:`take`) read each kept file once; files beyond the budget are read
     again when needed. With a kept sample go the 2-D gates already fitted on it
-    (:meth:`fitted`), so that pass 2 does not fit them again. The warnings of a kept file's load are shown when pass 2
-    takes it, as they would be had it read the file again. Sent to a Dask worker,
+    (:meth:`fitted`), so that pass 2 does not fit them again. The warnings of a
+    kept file's load are shown when pass 2 takes it, as they would be had it read
+    the file again. Sent to a Dask worker,
     a ``_Reads`` with a ``token`` becomes that worker's own store for the batch
     (its budget ``cache_bytes``, or a quarter of the worker's memory limit); one
     without arrives empty, with a zero budget.
@@ -188,12 +189,13 @@ class _Reads:
         """The 2-D gates fitted so far on the kept sample of ``path`` (``None`` if it is not kept)."""
         return self.kept[path][2] if path in self.kept else None
 
-    def take(self, path: str) -> tuple[Any, dict | None]:
-        """The sample for gating and its fitted 2-D gates: the kept ones (released, warnings shown) or read now."""
+    def take(self, path: str, threads: int = 0) -> tuple[Any, dict | None]:
+        """The sample for gating and its fitted 2-D gates: the kept ones (released, warnings shown) or read now
+        (on ``threads``, as for :func:`immuneprofile.load_fcs`)."""
         from immuneprofile.io.fcs import load_fcs
 
         if path not in self.kept:
-            return load_fcs(path, self.compensation), None
+            return load_fcs(path, self.compensation, threads=threads), None
         data, caught, fitted = self.kept.pop(path)
         self.used -= _event_bytes(data)
         for w in caught:
@@ -212,9 +214,9 @@ def _gate_path(path: str, templates: Sequence[Template], reads: _Reads, keep_dat
     """Load one file (or take it from ``reads``), gate it with every template and tabulate it (raises on failure)."""
     from immuneprofile.stats import population_table, thresholds_table
 
-    data, fitted = reads.take(path)
+    data, fitted = reads.take(path, threads)
     results = _gate_templates(data, templates, [f or None for f in fixed], threads, fitted)
-    table, th = population_table(results), thresholds_table(results)
+    table, th = population_table(results, threads=threads), thresholds_table(results)
     if not keep_data:
         for res in results:
             res.data = None

@@ -8,6 +8,8 @@ marker the template gates on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -25,34 +27,54 @@ def _pct(num: int, den: int) -> float:
     return 100.0 * num / den if den else float("nan")
 
 
+#: Populations from which their medians are split between threads (a few milliseconds of work).
+_THREADED_MEDIANS_FROM = 1 << 14
+
+
 class _Medians:
     """Medians of one sample's populations; a (population, channel) that several templates share is computed once.
 
-    Each call is one compiled pass over the population's events for all the
-    channels not yet known (:func:`immuneprofile.engine._kernels.kernels_for`).
+    Each population's members are listed once, then its channels not yet known
+    are split between the threads of ``pool`` (the compiled kernels release the
+    GIL; :func:`immuneprofile.engine._kernels.kernels_for`), each with its own
+    scratch; populations under :data:`_THREADED_MEDIANS_FROM` events use one thread.
     """
 
-    def __init__(self, data) -> None:
+    def __init__(self, data, pool: Executor | None = None, threads: int = 1) -> None:
         from immuneprofile.engine._kernels import kernels_for
 
         ev = data.events
         if not (isinstance(ev, np.ndarray) and ev.dtype == np.float64 and ev.flags.f_contiguous):
             ev = np.asfortranarray(ev, dtype=np.float64)
-        self.data, self.ev, self.K = data, ev, kernels_for(data.n_events)
-        self.buf, self.members = np.empty(data.n_events), np.empty(data.n_events, dtype=np.int64)
-        self.hist = np.zeros(1 << 16, dtype=np.int64)
+        n = data.n_events
+        self.data, self.ev, self.K = data, ev, kernels_for(n)
+        self.pool: Executor | None = pool if self.K.compiled and threads > 1 else None
+        self.threads = threads if self.pool is not None else 1
+        self.members = np.empty(n, dtype=np.int64)
+        self.scratch = [(np.empty(n), np.zeros(1 << 16, dtype=np.int64)) for _ in range(self.threads)]
         self.known: dict[tuple[int, int], float] = {}
+
+    def _some(self, k: int, chans: list[int], m: int) -> list[float]:
+        """Medians of ``chans`` with scratch ``k``."""
+        buf, hist = self.scratch[k]
+        return [self.K.median_of(self.ev[:, c], self.members, m, buf, hist) for c in chans]
 
     def __call__(self, bits: np.ndarray, chans: list[int]) -> list[float]:
         todo = [c for c in dict.fromkeys(chans) if (id(bits), c) not in self.known]
         if todo:
-            out = np.empty(len(todo))
-            self.K.medians(self.ev, np.asarray(todo, dtype=np.int64), bits, self.members, self.buf, self.hist, out)
-            self.known.update(((id(bits), c), float(v)) for c, v in zip(todo, out))
+            m = self.K.members(bits, self.data.n_events, self.members)
+            split = self.threads if self.pool is not None and m >= _THREADED_MEDIANS_FROM else 1
+            shares = [todo[k::split] for k in range(split)]  # thread k: every split-th channel from the k-th
+            if self.pool is not None and split > 1:
+                parts = list(self.pool.map(self._some, range(split), shares, [m] * split))
+            else:
+                parts = [self._some(0, todo, m)]
+            for share, part in zip(shares, parts):
+                self.known.update(((id(bits), c), v) for c, v in zip(share, part))
         return [self.known[id(bits), c] for c in chans]
 
 
-def population_table(results: Iterable[GatingResult], *, medians: bool = True) -> pd.DataFrame:
+def population_table(results: Iterable[GatingResult], *, medians: bool = True, threads: int = 0) -> pd.DataFrame:
     """Tidy statistics for every population of every sample.
 
     Parameters
@@ -63,6 +85,9 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         Add ``median_<marker>`` columns: the median compensated (untransformed)
         intensity of each marker the template gates on, within the population
         (``NaN`` for an empty population).
+    threads
+        Threads for the medians (``0``: all cores; ``1``: none; populations under
+        16,384 events always use one). The table does not depend on it.
 
     Returns
     -------
@@ -71,39 +96,57 @@ def population_table(results: Iterable[GatingResult], *, medians: bool = True) -
         pct_parent, pct_total``, then the medians. ``parent`` is ``"root"`` for
         top-level populations; percentages are in percent (0–100).
     """
-    rows = []
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    rows: list[dict] = []
     cache = None
-    for res in results:
-        t = res.template
-        chans: dict[str, int] = {}
-        if medians and res.data is not None:
-            for m in t.markers:
-                try:
-                    chans[m] = res.data.find_channel(m)
-                except MarkerError:
-                    continue
-        if chans and (cache is None or cache.data is not res.data):
-            cache = _Medians(res.data)
-        for pop in t.populations:
-            n = res.count(pop.name)
-            pc = res.parent_count(pop.name)
-            row = {
-                "sample_id": res.sample_id,
-                "template": t.name,
-                "population": pop.name,
-                "parent": pop.parent or "root",
-                "count": n,
-                "parent_count": pc,
-                "pct_parent": _pct(n, pc),
-                "pct_total": _pct(n, res.n_events),
-            }
-            if chans and cache is not None:
-                row.update(zip((f"median_{m}" for m in chans), cache(res.bits[pop.name], list(chans.values()))))
-            rows.append(row)
+    with ThreadPoolExecutor(threads) if medians and threads > 1 else nullcontext() as pool:
+        for res in results:
+            chans = _median_channels(res) if medians else {}
+            if chans and (cache is None or cache.data is not res.data):
+                cache = _Medians(res.data, pool, threads)
+            rows.extend(_rows(res, chans, cache))
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["sample_id", "template", *TABLE_COLUMNS[1:]])
     return df
+
+
+def _median_channels(res: GatingResult) -> dict[str, int]:
+    """``{marker: channel index}`` of the template's markers found in the result's data (none without data)."""
+    chans: dict[str, int] = {}
+    if res.data is not None:
+        for m in res.template.markers:
+            try:
+                chans[m] = res.data.find_channel(m)
+            except MarkerError:
+                continue
+    return chans
+
+
+def _rows(res: GatingResult, chans: dict[str, int], cache: _Medians | None) -> list[dict]:
+    """One sample's rows of :func:`population_table`."""
+    t = res.template
+    rows = []
+    for pop in t.populations:
+        n = res.count(pop.name)
+        pc = res.parent_count(pop.name)
+        row = {
+            "sample_id": res.sample_id,
+            "template": t.name,
+            "population": pop.name,
+            "parent": pop.parent or "root",
+            "count": n,
+            "parent_count": pc,
+            "pct_parent": _pct(n, pc),
+            "pct_total": _pct(n, res.n_events),
+        }
+        if chans and cache is not None:
+            row.update(zip((f"median_{m}" for m in chans), cache(res.bits[pop.name], list(chans.values()))))
+        rows.append(row)
+    return rows
 
 
 def _counts(table: pd.DataFrame) -> pd.DataFrame:

@@ -272,26 +272,36 @@ def _bin_counts(v, edges, counts):  # pragma: no cover - compiled
 _RADIX_FROM = 1 << 13
 
 
-def _medians_with(members, gather, radix_median):
-    """The ``medians`` kernel from its compiled parts (a loop over the few channels, in Python).
+def _median_with(gather, radix_median):
+    """The ``median_of`` kernel from its compiled parts.
 
-    ``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set (NaN if
-    none, or any NaN): :func:`_members` lists the members' indices once into ``idx``
-    (int64 scratch, one per event), :func:`_gather` copies one channel's values into
-    ``buf``; under :data:`_RADIX_FROM` members the median is a selection (``np.median``),
-    above it :func:`_radix_median`.
+    ``median_of(col, idx, m, buf, hist)`` is ``np.median(col[idx[:m]])`` (NaN if
+    ``m == 0`` or any value is NaN): :func:`_gather` copies the values into
+    ``buf`` (float64 scratch, one per event), :func:`_radix_median` takes the median
+    (``hist``: int64 scratch of 65,536 bins). It holds no state, so threads may call it
+    at once, each with its own ``buf`` and ``hist``.
+    """
+
+    def median_of(col, idx, m, buf, hist):
+        nan = gather(col, idx, m, buf)
+        if m == 0 or nan:
+            return np.nan
+        return float(radix_median(buf, m, hist))
+
+    return median_of
+
+
+def _medians_with(members, median_of):
+    """``out[c] = np.median(ev[members, chans[c]])`` for the events in the bit set, one channel after another.
+
+    :func:`_members` lists the members' indices once into ``idx`` (int64 scratch, one
+    per event); ``median_of`` (:func:`_median_with`) takes each channel.
     """
 
     def medians(ev, chans, bits, idx, buf, hist, out):
         m = members(bits, ev.shape[0], idx)
         for c in range(chans.shape[0]):
-            nan = gather(ev[:, chans[c]], idx, m, buf)
-            if m == 0 or nan:
-                out[c] = np.nan
-            elif m < _RADIX_FROM:  # small populations: selection beats clearing and scanning 65,536 bins
-                out[c] = np.median(buf[:m])
-            else:
-                out[c] = radix_median(buf, m, hist)
+            out[c] = median_of(ev[:, chans[c]], idx, m, buf, hist)
 
     return medians
 
@@ -321,13 +331,18 @@ def _gather(col, idx, m, buf):  # pragma: no cover - compiled
 
 
 def _radix_median(buf, m, hist):  # pragma: no cover - compiled
-    """``np.median(buf[:m])`` (no NaN), reordering ``buf``.
+    """``np.median(buf[:m])`` (no NaN, ``m > 0``), reordering ``buf``.
 
-    The two middle order statistics are found by one radix pass (``hist``: 65,536
-    bins of the top 16 bits of an order-preserving integer key, i.e. 1/16 of an
-    octave) and a sort of the values in their bins only: ``np.median``'s result,
-    the middle value or the mean of the two middle values.
+    Under :data:`_RADIX_FROM` values, a selection (``np.partition``). Above, the two
+    middle order statistics are found by one radix pass (``hist``: 65,536 bins of the
+    top 16 bits of an order-preserving integer key, i.e. 1/16 of an octave) and a
+    selection among the values in their bins only: ``np.median``'s result, the middle
+    value or the mean of the two middle values.
     """
+    k1 = (m - 1) // 2
+    if m < _RADIX_FROM:  # small populations: a selection beats clearing and scanning 65,536 bins
+        part = np.partition(buf[:m], k1)
+        return (part[k1] + part[k1 + 1:].min()) / 2.0 if m % 2 == 0 else part[k1]
     u = buf.view(np.uint64)
     sign = np.uint64(1) << np.uint64(63)
     ones = ~np.uint64(0)
@@ -336,7 +351,6 @@ def _radix_median(buf, m, hist):  # pragma: no cover - compiled
     for i in range(m):
         key = u[i] ^ (ones if u[i] & sign else sign)  # order-preserving: negatives flipped, positives offset
         hist[key >> sh] += 1
-    k1 = (m - 1) // 2
     k2 = m // 2
     cum = 0
     b1 = -1
@@ -351,16 +365,17 @@ def _radix_median(buf, m, hist):  # pragma: no cover - compiled
             b2 = b
             break
         cum += h
+    first = np.uint64(b1)
+    span = np.uint64(b2 - b1)
     kept = 0
-    for i in range(m):
-        key = u[i] ^ (ones if u[i] & sign else sign)
-        b = np.int64(key >> sh)  # type: ignore[assignment]  # numba: a signed bin index
-        if b >= b1 and b <= b2:
-            buf[kept] = buf[i]  # kept <= i: compacts in place
-            u[kept] = u[i]
-            kept += 1
-    part = np.sort(buf[:kept])
-    return (part[k1 - base1] + part[k2 - base1]) / 2.0 if k1 != k2 else part[k1 - base1]
+    for i in range(m):  # branch-free: every value is written, the kept ones advance (kept <= i: in place)
+        x = u[i]
+        u[kept] = x
+        kept += ((x ^ (ones if x & sign else sign)) >> sh) - first <= span
+    # a selection, not a sort: a tight population puts a large share of its events in the middle bins
+    part = np.partition(buf[:kept], k1 - base1)
+    lower = part[k1 - base1]
+    return (lower + part[k1 - base1 + 1:].min()) / 2.0 if k1 != k2 else lower
 
 
 # ----------------------------------------------------------------------------- NumPy twins
@@ -454,11 +469,14 @@ def _bin_counts_np(v, edges, counts):
     counts += np.histogram(v, bins=edges.shape[0] - 1, range=(edges[0], edges[-1]))[0]
 
 
-def _medians_np(ev, chans, bits, idx, buf, hist, out):
-    members = unpack(bits, ev.shape[0])
-    for c, ch in enumerate(chans):
-        v = ev[members, ch]
-        out[c] = np.median(v) if v.size else np.nan
+def _members_np(bits, n, idx):
+    where = np.flatnonzero(unpack(bits, n))
+    idx[:where.size] = where
+    return where.size
+
+
+def _median_of_np(col, idx, m, buf, hist):
+    return float(np.median(col[idx[:m]])) if m else np.nan
 
 
 _COMPILED: Any = None
@@ -479,16 +497,18 @@ def kernels(compiled: bool = True):
             _COMPILED = SimpleNamespace(interval_bits=jit(_interval_bits), winding_bits=jit(_winding_bits),
                                         convex_bits=jit(_convex_bits),
                                         strided_values=jit(_strided_values), octave_lookup=jit(_octave_lookup),
-                                        moments=jit(_moments), bin_counts=jit(_bin_counts), medians=_medians_with(jit(_members), jit(_gather), jit(_radix_median)),
+                                        moments=jit(_moments), bin_counts=jit(_bin_counts), members=jit(_members),
+                                        median_of=_median_with(jit(_gather), jit(_radix_median)),
                                         compiled=True)
+            _COMPILED.medians = _medians_with(_COMPILED.members, _COMPILED.median_of)
     if compiled and _COMPILED:
         return _COMPILED
     from types import SimpleNamespace
 
     return SimpleNamespace(interval_bits=_interval_bits_np, winding_bits=_winding_bits_np, convex_bits=_convex_bits_np,
                            strided_values=_strided_values_np, octave_lookup=_octave_lookup_np,
-                           moments=_moments_np, bin_counts=_bin_counts_np, medians=_medians_np,
-                           compiled=False)
+                           moments=_moments_np, bin_counts=_bin_counts_np, members=_members_np,
+                           median_of=_median_of_np, medians=_medians_with(_members_np, _median_of_np), compiled=False)
 
 
 #: Events from which a sample is worth loading the compiled kernels for (about 0.5-1 s once per process,

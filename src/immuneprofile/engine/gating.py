@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, overload
 
 import numpy as np
@@ -399,6 +400,13 @@ class _Engine:
                                   f"{type(exc).__name__}: {exc}") from exc
         return self.bits
 
+    def result(self, fits: list | None = None) -> GatingResult:
+        """Gate the template (:meth:`run`): its :class:`GatingResult`, with the data-driven ``fits`` made for it."""
+        bits = self.run()
+        return GatingResult(sample_id=self.data.sample_id, path=self.data.path, template=self.template,
+                            n_events=self.n, bits=dict(bits), thresholds=list(self.fits.values()), data=self.data,
+                            counts=dict(self.counts), fits=list(fits or []))
+
     def full(self) -> np.ndarray:
         if self._full is None:
             self._full = full_bits(self.n)
@@ -757,13 +765,14 @@ def fitted_template(data: FCSData, template: Template,
 
 
 def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None],
-                   shared: dict[Any, Any] | None = None):
+                   gate: Callable = gate_sample, shared: dict[Any, Any] | None = None):
     """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
 
     ``fixed`` may carry batch fits (:class:`~immuneprofile.engine.fit2d.Fit`, keyed by
-    ``Fit.key``) besides threshold values; returns the templates, the thresholds alone,
-    and each template's fits. ``shared``: the 2-D gates already fitted on ``data``
-    (by an earlier call, e.g. a batch's first pass), filled as gates are fitted.
+    ``Fit.key``) besides threshold values; ``gate`` gates a fit's parent population
+    (:func:`gate_sample`'s signature). Returns the templates, the thresholds alone, and
+    each template's fits. ``shared``: the 2-D gates already fitted on ``data`` (by an
+    earlier call, e.g. a batch's first pass), filled as gates are fitted.
     """
     from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
 
@@ -775,11 +784,26 @@ def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence
         th = {k: v for k, v in fx.items() if not isinstance(v, Fit)}
         fits: list = []
         if needs_fitting(t):
-            t, fits = fit_template(data, t, given, th, gate=gate_sample, shared=shared)
+            t, fits = fit_template(data, t, given, th, gate=gate, shared=shared)
         out_t.append(t)
         out_fx.append(th or None)
         out_fits.append(fits)
     return out_t, out_fx, out_fits
+
+
+def _gate_shared(data: FCSData, template: Template, *, thresholds: Mapping[tuple[str, str], Any] | None = None,
+                 threads: int = 0, shared: _Shared) -> GatingResult:
+    """:func:`gate_sample` of one template on the cache ``shared`` (its populations are kept there).
+
+    ``threads`` is ignored: the passes run in the cache's pool.
+    """
+    from immuneprofile.engine.fit2d import needs_fitting
+
+    if needs_fitting(template):  # not a fit's parent populations (fitted in order): gate it on its own
+        return gate_sample(data, template, thresholds=thresholds, threads=threads)
+    eng = _Engine(data, template, thresholds, shared)
+    eng.prefetch()
+    return eng.result()
 
 
 def _gate_templates(data: FCSData, templates: Sequence[Template],
@@ -796,15 +820,13 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            templates, fixed, fits_of = _fit_templates(data, templates, fixed, fitted)
+            # the fits' parent populations are gated on the shared cache: gated once, not again below
+            templates, fixed, fits_of = _fit_templates(data, templates, fixed, partial(_gate_shared, shared=shared),
+                                                       fitted)
             engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            for eng, fits in zip(engines, fits_of):
-                bits = eng.run()
-                out.append(GatingResult(sample_id=data.sample_id, path=data.path, template=eng.template,
-                                        n_events=data.n_events, bits=dict(bits), thresholds=list(eng.fits.values()),
-                                        data=data, counts=dict(eng.counts), fits=fits))
+            out = [eng.result(fits) for eng, fits in zip(engines, fits_of)]
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

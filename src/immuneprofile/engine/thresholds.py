@@ -16,7 +16,7 @@ import numpy as np
 
 from immuneprofile.exceptions import ThresholdError, ThresholdWarning
 
-__all__ = ["THRESHOLD_METHODS", "fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks"]
+__all__ = ["THRESHOLD_METHODS", "fit_threshold", "ThresholdWarning", "ThresholdError", "density_peaks", "find_peaks"]
 
 #: Density rules are fitted on at most this many events (the engine passes a systematic subsample;
 #: larger inputs are subsampled at random with a fixed seed).
@@ -76,13 +76,35 @@ def density_peaks(values: np.ndarray, *, min_height: float = 0.05, min_depth: fl
     separated positive population however rare it is, and discards the lumps of
     a broad negative population however tall they are.
     """
-    from scipy.signal import find_peaks
-
     v = _subsample(values)
     grid, dens = _kde(v, bw)
-    peaks, props = find_peaks(dens, height=min_height * dens.max(), prominence=0.0)
-    peaks = peaks[props["prominences"] >= min_depth * dens[peaks]]
+    peaks, prominences = find_peaks(dens, min_height * dens.max())
+    peaks = peaks[prominences >= min_depth * dens[peaks]]
     return grid, dens, peaks
+
+
+def find_peaks(x: np.ndarray, height: float) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks of ``x`` at least ``height`` high, and their prominences.
+
+    ``scipy.signal.find_peaks(x, height=height, prominence=0.0)`` (its peaks and
+    ``"prominences"``) without importing :mod:`scipy.signal` and :mod:`scipy.stats`
+    (0.6 s): the same rules, so the same numbers. A peak is a local maximum (the
+    middle of a flat top, rounded down, not at either end); its prominence is its
+    height above the higher of the lowest points on either side before a higher value.
+    """
+    x = np.asarray(x, dtype=float)
+    steps = np.flatnonzero(np.diff(x))  # x[i] != x[i + 1]
+    rise = x[steps + 1] > x[steps]
+    top = rise[:-1] & ~rise[1:]  # a rise followed by a fall: a peak between them
+    peaks = (steps[:-1][top] + 1 + steps[1:][top]) // 2
+    peaks = peaks[x[peaks] >= height]
+    prominences = np.empty(peaks.size)
+    for k, p in enumerate(peaks):
+        higher_left, higher_right = np.flatnonzero(x[:p] > x[p]), np.flatnonzero(x[p + 1:] > x[p])
+        lo = higher_left[-1] + 1 if higher_left.size else 0
+        hi = p + 1 + higher_right[0] if higher_right.size else x.size
+        prominences[k] = x[p] - max(x[lo:p + 1].min(), x[p:hi].min())
+    return peaks, prominences
 
 
 def fit_threshold(values: np.ndarray, rule: Mapping[str, Any], *, label: str = "threshold") -> tuple[float, bool, str]:

@@ -254,25 +254,47 @@ def _block_to_float(block: np.ndarray, dtype: str, bits: list[int], order: str, 
     return np.stack(cols, axis=1)
 
 
-def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, prepare) -> np.ndarray:
-    """Read ``n`` events block by block; ``prepare(block)`` finishes each float64 block in place."""
+#: Values (events x channels) from which the DATA segment is converted on several threads.
+_THREADS_FROM = 1 << 21
+
+
+def _read_events(fh, path: str, start: int, n: int, rec: np.dtype, layout, prepare, threads: int = 0) -> np.ndarray:
+    """Read ``n`` events block by block; ``prepare(block)`` finishes each float64 block in place.
+
+    The DATA segment is memory-mapped and its blocks are independent (each is read,
+    converted, prepared and written to its own rows), so from :data:`_THREADS_FROM`
+    values they are spread over ``threads`` threads (``0``: all cores); NumPy and
+    LAPACK release the GIL. The values do not depend on the number of threads.
+    """
     dtype, bits, order, masks = layout
     par = len(bits)
     out = np.empty((n, par), dtype=np.float64, order="F")
     items_per_event = 1 if rec.names else par
     per_block = max(1, _BLOCK_BYTES // (rec.itemsize * items_per_event))
-    fh.seek(start)
-    for r0 in range(0, n, per_block):
+    try:
+        data = np.memmap(fh, dtype=rec, mode="r", offset=start, shape=(n * items_per_event,))
+    except ValueError:
+        raise _fail(path, f"corrupt or truncated FCS file: the DATA segment is shorter than {n} events") from None
+
+    def one(r0: int) -> None:
         rows = min(per_block, n - r0)
-        block = np.fromfile(fh, dtype=rec, count=rows * items_per_event)
-        if block.size != rows * items_per_event:
-            raise _fail(path, f"corrupt or truncated FCS file: the DATA segment ends after "
-                              f"{r0 + block.size // items_per_event} of {n} events")
+        block = data[r0 * items_per_event:(r0 + rows) * items_per_event]
         if rec.names is None:
             block = block.reshape(rows, par)
-        values = np.asarray(_block_to_float(block, dtype, bits, order, masks), dtype=np.float64)
+        values = np.array(_block_to_float(block, dtype, bits, order, masks), dtype=np.float64)
         prepare(values)
         out[r0:r0 + rows] = values
+
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    starts = range(0, n, per_block)
+    if threads > 1 and n * par >= _THREADS_FROM:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, starts))
+    else:
+        for r0 in starts:
+            one(r0)
     return out
 
 
@@ -373,6 +395,7 @@ def read_fcs(
     *,
     only_text: bool = False,
     finish=None,
+    threads: int = 0,
 ) -> RawFCS:
     """Read one data set of an FCS file (events pre-processed exactly as FlowIO does).
 
@@ -389,6 +412,9 @@ def read_fcs(
         ``finish(text, channels)`` may return a function that completes each block of
         pre-processed events in place (``load_fcs`` compensates there, while the block is
         in cache), or ``None``.
+    threads
+        Threads converting the DATA segment of a large file (``0``: all cores; ``1``:
+        none). The events do not depend on it.
 
     Raises
     ------
@@ -424,7 +450,7 @@ def read_fcs(
             if done is not None:
                 prepare = _chain(prepare, done)
             events = _read_events(fh, path, base + start, n, rec, (dtype, bits, order, _masks(path, text, dtype, bits)),
-                                  prepare)
+                                  prepare, threads)
     for note in notes:
         warnings.warn(f"{path}: {note}", FCSWarning, stacklevel=3)
     return RawFCS(path, header["version"], text, channels, markers, events, dtype, bits, index, len(sets), notes)
