@@ -2,7 +2,8 @@
 
 :func:`gate_files` reads each file once and gates it with every template
 (:func:`immuneprofile.gate_sample`); ``scope: batch`` thresholds are fitted
-first on values pooled over every file. Files are gated in this process
+first on values pooled over every file, the samples loaded for those fits kept
+for gating within a memory budget (:class:`_Reads`). Files are gated in this process
 (``jobs=1``), on a local Dask cluster (``jobs=N``) or on an existing Dask
 deployment (``scheduler=``: an address or a :class:`distributed.Client`), one
 task per file. With ``parts=`` each file's tables are written (atomically) as
@@ -15,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,14 +102,120 @@ def _message(path: str, exc: BaseException) -> str:
     return f"{path}: unexpected {type(exc).__name__}: {msg}"
 
 
-def _gate_path(path: str, templates: Sequence[Template], compensation: Any, keep_data: bool,
+# ----------------------------------------------------------------------------- reading each file once
+def _event_bytes(data: Any) -> int:
+    """Bytes of a loaded sample's events (and of any column copies made from them)."""
+    return int(data.events.nbytes) + sum(int(c.nbytes) for c in data._columns.values())
+
+
+def _default_budget() -> int:
+    """A quarter of the memory available now, or of a Dask worker's memory limit if lower (2 GiB if unknown)."""
+    try:
+        import psutil
+
+        budget = int(psutil.virtual_memory().available // 4)
+    except Exception:  # noqa: BLE001 - psutil missing or unable to read the system: a fixed budget
+        budget = 2 << 30
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not on a Dask worker, or a worker without a limit
+        limit = None
+    return min(budget, int(limit) // 4) if limit else budget
+
+
+_WORKER_READS: dict[str, _Reads] = {}  # on a Dask worker: each batch's kept samples, by batch token
+
+
+def _worker_reads(token: str | None, compensation: Any, cache_bytes: int | None) -> _Reads:
+    """A ``_Reads`` sent to a worker: the worker's own store for that batch (an empty one without a token)."""
+    if token is None:
+        return _Reads(compensation, 0)
+    if token not in _WORKER_READS:  # its budget known once a task runs (the worker's memory limit)
+        _WORKER_READS[token] = _Reads(compensation, cache_bytes, token, cache_bytes)
+    return _WORKER_READS[token]
+
+
+def _drop_worker_reads(token: str) -> None:
+    """Release a finished batch's samples kept on this worker."""
+    _WORKER_READS.pop(token, None)
+
+
+class _Reads:
+    """Loads files, keeping them between the batch fits (pass 1) and gating (pass 2) within a budget.
+
+    Pass 1 (:meth:`load`) keeps each sample it loads while the kept event bytes
+    stay within ``budget``, so that the batch fits (every ``scope: batch``
+    transform, 2-D gate and threshold round, of every template) and pass 2
+    (:meth:`take`) read each kept file once; files beyond the budget are read
+    again when needed. With a kept sample go the 2-D gates already fitted on it
+    (:meth:`fitted`), so that pass 2 does not fit them again. The warnings of a
+    kept file's load are shown when pass 2 takes it, as they would be had it read
+    the file again. Sent to a Dask worker,
+    a ``_Reads`` with a ``token`` becomes that worker's own store for the batch
+    (its budget ``cache_bytes``, or a quarter of the worker's memory limit); one
+    without arrives empty, with a zero budget.
+    """
+
+    def __init__(self, compensation: Any, budget: int | None, token: str | None = None,
+                 cache_bytes: int | None = None) -> None:
+        self.compensation, self.used = compensation, 0
+        self.budget = None if budget is None else max(0, int(budget))  # None: the default, on first load
+        self.token, self.cache_bytes = token, cache_bytes
+        self.kept: dict[str, tuple[Any, list[warnings.WarningMessage], dict]] = {}
+
+    def __reduce__(self) -> tuple:
+        return _worker_reads, (self.token, self.compensation, self.cache_bytes)
+
+    def load(self, path: str) -> Any:
+        """The sample (kept, or read now and kept if it fits), its warnings held back for :meth:`take`."""
+        from immuneprofile.io.fcs import load_fcs
+
+        if path in self.kept:
+            return self.kept[path][0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = load_fcs(path, self.compensation)
+        size = _event_bytes(data)
+        if self.budget is None:
+            self.budget = _default_budget()
+        if self.used + size <= self.budget:
+            self.kept[path] = (data, caught, {})
+            self.used += size
+        return data
+
+    def fitted(self, path: str) -> dict | None:
+        """The 2-D gates fitted so far on the kept sample of ``path`` (``None`` if it is not kept)."""
+        return self.kept[path][2] if path in self.kept else None
+
+    def take(self, path: str, threads: int = 0) -> tuple[Any, dict | None]:
+        """The sample for gating and its fitted 2-D gates: the kept ones (released, warnings shown) or read now
+        (on ``threads``, as for :func:`immuneprofile.load_fcs`)."""
+        from immuneprofile.io.fcs import load_fcs
+
+        if path not in self.kept:
+            return load_fcs(path, self.compensation, threads=threads), None
+        data, caught, fitted = self.kept.pop(path)
+        self.used -= _event_bytes(data)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return data, fitted
+
+    def forget(self, paths: Iterable[str] | None = None) -> None:
+        """Release the kept samples of ``paths`` (``None``: all of them)."""
+        for p in list(self.kept) if paths is None else paths:
+            if p in self.kept:
+                self.used -= _event_bytes(self.kept.pop(p)[0])
+
+
+def _gate_path(path: str, templates: Sequence[Template], reads: _Reads, keep_data: bool,
                fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int) -> FileResult:
-    """Load one file, gate it with every template and tabulate it (raises on failure)."""
-    from immuneprofile.io.fcs import load_fcs
+    """Load one file (or take it from ``reads``), gate it with every template and tabulate it (raises on failure)."""
     from immuneprofile.stats import population_table, thresholds_table
 
-    results = _gate_templates(load_fcs(path, compensation, threads=threads), templates, [f or None for f in fixed],
-                              threads)
+    data, fitted = reads.take(path, threads)
+    results = _gate_templates(data, templates, [f or None for f in fixed], threads, fitted)
     table, th = population_table(results, threads=threads), thresholds_table(results)
     if not keep_data:
         for res in results:
@@ -129,28 +237,60 @@ class _Now:
 class _InProcess:
     """Runs each task in this process when it is collected (files one after the other)."""
 
-    def submit(self, fn: Callable, *args: Any) -> _Now:
-        return _Now(fn, args)
+    def submit(self, fn: Callable, path: str, *args: Any) -> _Now:
+        return _Now(fn, (path, *args))
+
+    @staticmethod
+    def result(fut: _Now, path: str) -> Any:
+        return fut.result()
 
     @staticmethod
     def as_completed(futures: list) -> Iterator:
         return iter(futures)
 
+    def release(self, reads: _Reads) -> None:
+        reads.forget()
+
+
+def _placed(fn: Callable, *args: Any) -> tuple[Any, str | None]:
+    """``fn(*args)`` on a Dask worker, and that worker's address."""
+    from distributed import get_worker
+
+    return fn(*args), get_worker().address
+
 
 class _OnDask:
-    """Runs each task on a Dask distributed cluster, one task per file."""
+    """Runs each task on a Dask distributed cluster, one task per file.
+
+    A file's next task goes preferably to the worker that ran its last one
+    (which may keep the sample it loaded, see :class:`_Reads`); any worker runs
+    it if that one is gone.
+    """
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        self.placed: dict[str, str] = {}
 
-    def submit(self, fn: Callable, *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False)
+    def submit(self, fn: Callable, path: str, *args: Any) -> Any:
+        near = self.placed.get(path)
+        return self.client.submit(_placed, fn, path, *args, pure=False, workers=[near] if near else None,
+                                  allow_other_workers=near is not None)
+
+    def result(self, fut: Any, path: str) -> Any:
+        value, self.placed[path] = fut.result()
+        return value
 
     @staticmethod
     def as_completed(futures: list) -> Iterator:
         from distributed import as_completed
 
         return iter(as_completed(futures))
+
+    def release(self, reads: _Reads) -> None:
+        """Release what the workers keep for this batch."""
+        if reads.token is not None:
+            with suppress(Exception):  # a worker gone or a cluster closing: nothing left to release there
+                self.client.run(_drop_worker_reads, reads.token)
 
 
 @contextmanager
@@ -189,7 +329,7 @@ def _run(ex: Any, fn: Callable, paths: Sequence[str], *args: Any) -> Iterator[tu
     for fut in ex.as_completed(list(futures)):
         i = futures.pop(fut)
         try:
-            yield i, fut.result(), None
+            yield i, ex.result(fut, paths[i]), None
         except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
             yield i, None, _message(paths[i], exc)
 
@@ -270,15 +410,13 @@ def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[Mapping, str
     return out
 
 
-def _batch_values(path: str, sub: Template, template: Template, compensation: Any,
+def _batch_values(path: str, sub: Template, template: Template, reads: _Reads,
                   known: Mapping[tuple[str, str], Any], targets: list) -> dict:
     """Pass 1 for one file: the transformed values each batch threshold is fitted on (raises if the file fails)."""
-    from immuneprofile.io.fcs import load_fcs
-
+    data = reads.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_fcs(path, compensation)
-        res = gate_sample(data, sub, thresholds=dict(known) or None, threads=1)
+        res = _gate_templates(data, [sub], [dict(known) or None], 1, reads.fitted(path))[0]
     cols = EventValues(data, template)
     out = {}
     for key, on, pop_name, dim, method in targets:
@@ -308,40 +446,34 @@ def _ready_rounds(template: Template, pending: Mapping) -> tuple[list, set[str]]
     return ready, need_all
 
 
-def _load_quiet(path: str, compensation: Any):
-    from immuneprofile.io.fcs import load_fcs
+def _fit_batch_shapes(paths: list[str], template: Template, reads: _Reads) -> dict:
+    """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_fcs(path, compensation)
-
-
-def _fit_batch_shapes(paths: list[str], template: Template, compensation: Any) -> dict:
-    """Fit the ``scope: batch`` transforms and 2-D gates (:func:`~immuneprofile.engine.fit2d.fit_batch`)."""
+    They are fitted in this process, the samples loaded (and kept) by ``reads``.
+    """
     from functools import partial
 
     from immuneprofile.engine.fit2d import batch_items, fit_batch
 
     if not batch_items(template):
         return {}
-    return fit_batch([partial(_load_quiet, p, compensation) for p in paths], template, gate=gate_sample)
+    return fit_batch([partial(reads.load, p) for p in paths], template, gate=gate_sample)
 
 
-def _fit_batch(paths: list[str], template: Template, compensation: Any, ex: Any,
+def _fit_batch(paths: list[str], template: Template, reads: _Reads, ex: Any,
                failed: dict[str, str]) -> dict[tuple[str, str], Any]:
     """Every ``scope: batch`` fit of a template: its transforms and 2-D gates, then its thresholds."""
-    return _fit_batch_thresholds(paths, template, compensation, ex, failed,
-                                 _fit_batch_shapes(paths, template, compensation))
+    return _fit_batch_thresholds(paths, template, reads, ex, failed, _fit_batch_shapes(paths, template, reads))
 
 
-def _fit_batch_thresholds(paths: list[str], template: Template, compensation: Any, ex: Any,
+def _fit_batch_thresholds(paths: list[str], template: Template, reads: _Reads, ex: Any,
                           failed: dict[str, str], given: Mapping[tuple[str, str], Any] | None = None,
                           ) -> dict[tuple[str, str], Any]:
     """Fit every ``scope: batch`` threshold once on the pooled values of all files (pass 1).
 
     A batch threshold whose fitted-on population needs another batch threshold is
-    fitted in a later round, after that one; each round reads every file once
-    (``ex`` runs the reads). Files that fail are added to ``failed`` (``{path:
+    fitted in a later round, after that one; each round visits every file (``ex``
+    runs the visits; in-process, ``reads`` keeps the samples between rounds). Files that fail are added to ``failed`` (``{path:
     message}``) and left out of the pool.
 
     Raises
@@ -361,7 +493,7 @@ def _fit_batch_thresholds(paths: list[str], template: Template, compensation: An
         targets = [(k, pending[k][1], pending[k][2].name, pending[k][3], pending[k][0]["method"]) for k in ready]
         todo = [p for p in paths if p not in failed]
         per_file: list[dict | None] = [None] * len(todo)
-        for i, values, error in _run(ex, _batch_values, todo, sub, template, compensation, fits, targets):
+        for i, values, error in _run(ex, _batch_values, todo, sub, template, reads, fits, targets):
             per_file[i] = values
             if error is not None:
                 failed[todo[i]] = error
@@ -383,13 +515,20 @@ def _fit_pooled(key: tuple[str, str], rule: Mapping, on: str | None, values: lis
     return ThresholdFit(key[0], key[1], value, str(rule["method"]), on or "root", int(pooled.size), fallback, note)
 
 
-def _gate_all(paths: list[str], templates: Sequence[Template], compensation: Any, ex: Any,
+def _taken_over(paths: list[str], parts: _Parts | None, reads: _Reads) -> list[FileResult | None]:
+    """The files an earlier run already gated (``parts``, else ``None``); their kept samples are released."""
+    outs = [parts.load(p) if parts is not None else None for p in paths]
+    reads.forget(p for p, o in zip(paths, outs) if o is not None)
+    return outs
+
+
+def _gate_all(paths: list[str], templates: Sequence[Template], reads: _Reads, ex: Any,
               fixed: list, parts: _Parts | None, progress: Callable | None, keep_data: bool) -> list[FileResult]:
     """Pass 2: gate every file not already done (``parts``), saving each one's tables as it finishes."""
-    outs: list[FileResult | None] = [parts.load(p) if parts is not None else None for p in paths]
+    outs = _taken_over(paths, parts, reads)
     todo = [i for i, o in enumerate(outs) if o is None]
     in_process = isinstance(ex, _InProcess)
-    for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, compensation,
+    for k, fr, error in _run(ex, _gate_path, [paths[i] for i in todo], templates, reads,
                              in_process and keep_data, fixed, 0 if in_process else 1):
         i = todo[k]
         outs[i] = fr if error is None else FileResult(paths[i], error=error)
@@ -411,6 +550,7 @@ def gate_files(
     resume: bool = False,
     keep_data: bool = True,
     progress: Callable[[str, str | None], None] | None = None,
+    cache_bytes: int | None = None,
 ) -> Batch:
     """Gate a batch of FCS files with a template (or several); bad files are reported, not fatal.
 
@@ -447,6 +587,14 @@ def gate_files(
         its tables are made.
     progress
         Optional callable ``progress(path, error_or_None)`` called after each file.
+    cache_bytes
+        With ``scope: batch`` fits: how many bytes of event data this process
+        (or each Dask worker) may keep between the fits (pass 1) and gating (pass
+        2), so that each file is read once (``None``: a quarter of the memory
+        available, or of a worker's memory limit; ``0``: each pass reads the files
+        again). Files beyond it are read again when needed; the results do not
+        depend on it. On Dask a file's gating task goes preferably to the worker
+        that read it.
 
     Thresholds with ``scope: batch`` are fitted once on the fitted-on population's
     values pooled over all files (pass 1), then every file is gated with that value
@@ -467,22 +615,32 @@ def gate_files(
     templates = [template] if isinstance(template, Template) else list(template)
     files: list[str] = [str(os.fspath(p)) for p in paths]
     jobs = jobs if jobs > 0 else (os.cpu_count() or 1)
-    failed: dict[str, str] = {}
+    reads = _Reads(compensation, cache_bytes)
     with _executor(jobs if len(files) > 1 else 1, scheduler) as ex:
+        if not isinstance(ex, _InProcess):  # the workers keep what they load, each within its own budget
+            reads.token, reads.cache_bytes = uuid.uuid4().hex, cache_bytes
         try:
-            fixed = [_fit_batch(files, t, compensation, ex, failed) for t in templates]
-        except ImmuneProfileError as exc:  # a fit that failed fails every file
-            failed = dict.fromkeys(files, str(exc))
-            fixed = None
-        store = None if parts is None or fixed is None else _Parts(parts, _fingerprint(templates, compensation, fixed),
-                                                                    resume)
-        todo = [p for p in files if p not in failed]
-        outs = (_gate_all(todo, templates, compensation, ex, fixed, store, progress, keep_data)
-                if fixed is not None else [])
+            outs, failed = _two_passes(files, templates, reads, ex, parts, resume, progress, keep_data)
+        finally:
+            ex.release(reads)
     for p, msg in failed.items():
         if progress:
             progress(p, msg)
     return _combine(files, outs, failed)
+
+
+def _two_passes(files: list[str], templates: list[Template], reads: _Reads, ex: Any, parts: Any, resume: bool,
+                progress: Callable | None, keep_data: bool) -> tuple[list[FileResult], dict[str, str]]:
+    """The batch fits (pass 1) then gating (pass 2): the files' results and ``{path: error}`` of pass 1."""
+    failed: dict[str, str] = {}
+    try:
+        fixed = [_fit_batch(files, t, reads, ex, failed) for t in templates]
+    except ImmuneProfileError as exc:  # a fit that failed fails every file
+        return [], dict.fromkeys(files, str(exc))
+    reads.forget(failed if isinstance(ex, _InProcess) else None)  # what is not gated (here)
+    store = None if parts is None else _Parts(parts, _fingerprint(templates, reads.compensation, fixed), resume)
+    todo = [p for p in files if p not in failed]
+    return _gate_all(todo, templates, reads, ex, fixed, store, progress, keep_data), failed
 
 
 def _combine(paths: list[str], outs: list[FileResult], failed: dict[str, str]) -> Batch:

@@ -346,7 +346,8 @@ def _share_key(template: Template, name: str, thresholds) -> str:
     used = {str(r) for p in template.populations if p.name in need for bs in getattr(p.gate, "bounds", ())
             for r in bs if r is not None and not isinstance(r, float)}
     th = {k: v for k, v in template.thresholds.items() if any(u.startswith(f"{k}.") for u in used)}
-    return repr((template[name].gate, pops, th, sorted((thresholds or {}).items())))
+    given = sorted((k, v) for k, v in (thresholds or {}).items() if f"{k[0]}.{k[1]}" in used)  # those above it
+    return repr((template[name].gate, pops, th, given))
 
 
 def fit_template(data, template: Template, given: Mapping[tuple[str, str], Fit] | None = None,

@@ -765,18 +765,19 @@ def fitted_template(data: FCSData, template: Template,
 
 
 def _fit_templates(data: FCSData, templates: Sequence[Template], fixed: Sequence[Mapping | None],
-                   gate: Callable = gate_sample):
+                   gate: Callable = gate_sample, shared: dict[Any, Any] | None = None):
     """Templates with their data-driven transforms and 2-D gates fitted on ``data`` (:mod:`.fit2d`).
 
     ``fixed`` may carry batch fits (:class:`~immuneprofile.engine.fit2d.Fit`, keyed by
     ``Fit.key``) besides threshold values; ``gate`` gates a fit's parent population
     (:func:`gate_sample`'s signature). Returns the templates, the thresholds alone, and
-    each template's fits.
+    each template's fits. ``shared``: the 2-D gates already fitted on ``data`` (by an
+    earlier call, e.g. a batch's first pass), filled as gates are fitted.
     """
     from immuneprofile.engine.fit2d import Fit, fit_template, needs_fitting
 
     out_t, out_fx, out_fits = [], [], []
-    shared: dict[Any, Any] = {}
+    shared = {} if shared is None else shared
     for t, fx in zip(templates, fixed):
         fx = dict(fx or {})
         given = {k: v for k, v in fx.items() if isinstance(v, Fit)}
@@ -806,7 +807,8 @@ def _gate_shared(data: FCSData, template: Template, *, thresholds: Mapping[tuple
 
 
 def _gate_templates(data: FCSData, templates: Sequence[Template],
-                    fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0) -> list[GatingResult]:
+                    fixed: Sequence[Mapping[tuple[str, str], Any] | None], threads: int = 0,
+                    fitted: dict[Any, Any] | None = None) -> list[GatingResult]:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -819,11 +821,12 @@ def _gate_templates(data: FCSData, templates: Sequence[Template],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             # the fits' parent populations are gated on the shared cache: gated once, not again below
-            templates, fixed, fitted = _fit_templates(data, templates, fixed, partial(_gate_shared, shared=shared))
+            templates, fixed, fits_of = _fit_templates(data, templates, fixed, partial(_gate_shared, shared=shared),
+                                                       fitted)
             engines = [_Engine(data, tmpl, fx, shared) for tmpl, fx in zip(templates, fixed)]
             for eng in engines:
                 eng.prefetch()
-            out = [eng.result(fits) for eng, fits in zip(engines, fitted)]
+            out = [eng.result(fits) for eng, fits in zip(engines, fits_of)]
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
