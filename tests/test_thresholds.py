@@ -243,11 +243,47 @@ def test_batch_scope_chained_thresholds(samples):
         assert got["CD3"] == cd3 and got["FoxP3"] == fox
 
 
+def test_batch_threshold_on_a_data_driven_logicle_reads_each_files_fitted_width(tmp_path):
+    """A `scope: batch` cut on a `W: auto` logicle pools each file's values in its own fitted logicle (FlowKit's)."""
+    import flowkit as fk
+
+    from immuneprofile.study import simulate
+
+    files = [simulate.write_fcs(tmp_path / f"s{i}.fcs", simulate.simulate_sample("treg", 20000, rng=100 + i))
+             for i in range(3)]
+    rule = {"method": "quantile", "q": 0.5, "scope": "batch"}
+    t = parse_template({
+        "name": "auto", "transforms": {"default": {"type": "logicle", "W": "auto"}, "scatter": "none"},
+        "thresholds": {"CD3": {"pos": 0.5}, "CD4": {"pos": rule}},
+        "populations": [
+            {"name": "CD3+", "gate": {"type": "threshold", "markers": {"CD3": "+"}}},
+            {"name": "CD4+", "parent": "CD3+", "gate": {"type": "threshold", "markers": {"CD4": "+"}}},
+        ],
+    })
+    batch = gate_files(files, t)
+    assert not batch.errors
+    pooled = []
+    for res in batch.results:
+        w = next(f.params["W"] for f in res.fits if f.kind == "logicle" and f.name == "CD4")
+        d = load_fcs(res.path)
+        raw = d.column(d.find_channel("CD4"))[res.indices["CD3+"]]
+        pooled.append(fk.transforms.LogicleTransform(262144, w, 4.5, 0).apply(raw))
+    want = fit_threshold(np.concatenate(pooled), rule)[0]
+    for res in batch.results:
+        cd4 = next(f for f in res.thresholds if f.marker == "CD4" and f.method == "quantile")
+        assert cd4.value == want and "pooled over 3 file(s)" in cd4.note
+
+
 def test_batch_scope_failure_is_reported_for_every_file(unimodal, tmp_path):
     other = _write_fcs(tmp_path / "U2.fcs", 4_000, np.random.default_rng(9), foxp3_bimodal=False)
     batch = gate_files([unimodal, other], _template({"method": "gmm", "scope": "batch"}))
     assert not batch.results and set(batch.errors) == {str(unimodal), str(other)}
     assert all("batch of 2 file(s): FoxP3.pos" in e for e in batch.errors.values())
+    broken = tmp_path / "broken.fcs"
+    broken.write_bytes(b"FCS3.0    not a real header")
+    batch = gate_files([unimodal, broken, other], _template({"method": "gmm", "scope": "batch"}))
+    assert "batch of 2 file(s)" in batch.errors[str(other)]
+    assert "batch of" not in batch.errors[str(broken)] and "broken.fcs" in batch.errors[str(broken)]  # its own
     with pytest.warns(ThresholdWarning, match="batch of 2 file"):
         ok = gate_files([unimodal, other], _template({"method": "gmm", "scope": "batch", "fallback": 2.2}))
     assert len(ok.results) == 2

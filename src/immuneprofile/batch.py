@@ -413,13 +413,17 @@ def _batch_rules(template: Template) -> dict[tuple[str, str], tuple[Mapping, str
 def _batch_values(path: str, sub: Template, template: Template, reads: _Reads,
                   known: Mapping[tuple[str, str], Any], targets: list) -> dict:
     """Pass 1 for one file: the transformed values each batch threshold is fitted on (raises if the file fails)."""
+    from immuneprofile.engine.fit2d import with_fitted_transforms
+
     data = reads.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = _gate_templates(data, [sub], [dict(known) or None], 1, reads.fitted(path))[0]
-    cols = EventValues(data, template)
+    fitted = with_fitted_transforms(data, template, known)  # a `W: auto` logicle: this file's (or the batch's) W
+    cols = EventValues(data, fitted)
     out = {}
     for key, on, pop_name, dim, method in targets:
+        dim = fitted[pop_name].dims[template[pop_name].dims.index(dim)]
         sel = None if on is None else res.indices[on]
         if method == "quantile":  # read off the values: FlowKit's exact ones
             out[key] = np.asarray(cols.transformed(dim, sel, True, pop_name), dtype=float)
@@ -635,8 +639,8 @@ def _two_passes(files: list[str], templates: list[Template], reads: _Reads, ex: 
     failed: dict[str, str] = {}
     try:
         fixed = [_fit_batch(files, t, reads, ex, failed) for t in templates]
-    except ImmuneProfileError as exc:  # a fit that failed fails every file
-        return [], dict.fromkeys(files, str(exc))
+    except ImmuneProfileError as exc:  # a fit that failed fails every file; a file's own pass-1 error comes first
+        return [], {**dict.fromkeys(files, str(exc)), **failed}
     reads.forget(failed if isinstance(ex, _InProcess) else None)  # what is not gated (here)
     store = None if parts is None else _Parts(parts, _fingerprint(templates, reads.compensation, fixed), resume)
     todo = [p for p in files if p not in failed]

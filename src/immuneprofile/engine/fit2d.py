@@ -241,6 +241,16 @@ def _fit_logicle(data, template: Template, marker: str, spec: Mapping[str, Any])
     return Fit("logicle", marker, (marker,), params, n_neg, "sample", f"{n_neg} negative values")
 
 
+def with_fitted_transforms(data, template: Template, given: Mapping[tuple[str, str], Any] | None = None) -> Template:
+    """``template`` with only its data-driven logicles (``W: auto``) fitted on ``data``, as :func:`fit_template` fits
+    them (a ``scope: batch`` fit in ``given``, keyed by :attr:`Fit.key`, is used as it is): for reading transformed
+    values before the 2-D gates are fitted."""
+    given = given or {}
+    specs = {m: {"type": "logicle", **(given.get(("logicle", m)) or _fit_logicle(data, template, m, spec)).params}
+             for m, spec in _auto_specs(template).items()}
+    return _with_transforms(template, specs) if specs else template
+
+
 def _with_transforms(template: Template, specs: Mapping[str, dict[str, Any]]) -> Template:
     """Copy of ``template`` with the data-driven logicles of ``specs``' markers replaced by the fitted ones."""
     def fix(d: Dim) -> Dim:
