@@ -91,9 +91,11 @@ def declared_readouts(populations: pd.DataFrame, templates: Sequence | None = No
     parts = []
     for tmpl in templates:
         try:
-            parts.append(readout_table(populations, tmpl))
+            part = readout_table(populations, tmpl)
         except TemplateError:  # the table holds another version of this template's tree
             continue
+        if not part.empty:  # pandas would stop ignoring empty frames' dtypes in concat
+            parts.append(part)
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=READOUT_COLUMNS)
     meta = [c for c in ("sample_id", "patient", "week", "panel", "role") if c in populations.columns]
     if len(meta) > 1 and not out.empty:
